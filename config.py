@@ -1,0 +1,350 @@
+"""Configuration: dataclasses with one documented field each, three named presets, and the CLI parser.
+
+Every field can be overridden on the command line (``--beta 0.5 --dpo_steps 200``); the preset chosen with
+``--preset`` supplies the defaults. Values are validated in ``__post_init__``; a bad value raises
+:class:`ConfigError`, which ``main.py`` turns into a one-line message and exit code 2.
+
+The presets:
+
+* ``paper`` (default) -- ``distilgpt2`` policy/reference and the SST-2 DistilBERT judge from the model hub,
+  all 50k reviews. Meant for a GPU with network access.
+* ``offline`` -- the tokenizer, a small GPT-2 and a DistilBERT judge are built from IMDb on this machine
+  (``offline_models.py``), so the whole study runs on a CPU with no network.
+* ``smoke`` -- tiny models and a few hundred reviews; the whole pipeline in well under 90 s. Tests use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, Optional
+
+from transformers import HfArgumentParser
+
+
+class ConfigError(ValueError):
+    """Bad user input (config value, data file, model path). Reported as one line, exit code 2."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field whose help text is its docstring (shown by ``--help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    policy_model: str = _f("distilgpt2", "Hub id or local directory of the base causal LM: the initial policy "
+                           "and the frozen reference.")
+    judge_model: str = _f("distilbert-base-uncased-finetuned-sst-2-english",
+                          "Hub id or local directory of the sentiment judge (evaluation only).")
+    build_offline_models: bool = _f(False, "Build the tokenizer, base GPT-2 and judge from IMDb under "
+                                    "models/offline/ (reused when present) and use them instead of "
+                                    "policy_model/judge_model.")
+    device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cuda, mps or cpu.")
+
+    def __post_init__(self):
+        _check(self.device in ("auto", "cuda", "mps", "cpu"),
+               f"--device {self.device!r} is not one of auto, cuda, mps, cpu")
+
+
+@dataclass
+class OfflineConfig:
+    vocab_size: int = _f(8192, "Byte-level BPE vocabulary size of the self-built tokenizer.")
+    lm_n_layer: int = _f(4, "Transformer blocks of the self-built GPT-2.")
+    lm_n_embd: int = _f(256, "Width of the self-built GPT-2.")
+    lm_n_head: int = _f(4, "Attention heads of the self-built GPT-2.")
+    lm_seq_len: int = _f(64, "Tokens per pre-training sequence (review openings and random windows).")
+    lm_steps: int = _f(1200, "Pre-training steps of the self-built GPT-2.")
+    lm_batch_size: int = _f(32, "Sequences per pre-training step.")
+    lm_lr: float = _f(2e-3, "Peak learning rate of pre-training (one-cycle schedule).")
+    judge_vocab_size: int = _f(16000, "Uncased WordPiece vocabulary of the self-built judge.")
+    judge_n_layers: int = _f(1, "Transformer layers of the self-built DistilBERT judge.")
+    judge_dim: int = _f(128, "Width of the self-built judge.")
+    judge_max_length: int = _f(256, "Judge input length: longer texts are truncated.")
+    judge_steps: int = _f(1500, "Training steps of the judge.")
+    judge_batch_size: int = _f(64, "Reviews per judge training step.")
+    judge_lr: float = _f(2e-3, "Peak learning rate of the judge (one-cycle schedule).")
+    judge_eval_size: int = _f(2000, "Held-out reviews used to report the judge's accuracy.")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "lm_n_layer", "lm_n_embd", "lm_n_head", "lm_seq_len", "lm_steps",
+                     "lm_batch_size", "judge_vocab_size", "judge_n_layers", "judge_dim", "judge_max_length",
+                     "judge_steps", "judge_batch_size", "judge_eval_size"):
+            _check(getattr(self, name) > 0, f"--{name} must be > 0 (got {getattr(self, name)})")
+        _check(self.lm_n_embd % self.lm_n_head == 0,
+               f"--lm_n_embd {self.lm_n_embd} must be divisible by --lm_n_head {self.lm_n_head}")
+        _check(self.lm_lr > 0 and self.judge_lr > 0, "--lm_lr and --judge_lr must be > 0")
+
+
+@dataclass
+class DataConfig:
+    data: Optional[str] = _f(None, "IMDb CSV (review,sentiment) or extracted aclImdb/ folder. Default: "
+                             "data/IMDB Dataset.csv, else the hub dataset stanfordnlp/imdb.")
+    max_reviews: Optional[int] = _f(None, "Use only this many reviews (a seeded sample); None = all.")
+    eval_fraction: float = _f(0.1, "Fraction of reviews held out: evaluation prompts and held-out pairs.")
+    prompt_min_tokens: int = _f(2, "Shortest prompt: a review opening of this many tokens.")
+    prompt_max_tokens: int = _f(8, "Longest prompt (as in the DPO paper's IMDb task: 2-8 tokens).")
+    response_tokens: int = _f(48, "Completion length in tokens: dataset completions are truncated to it "
+                              "and generation samples exactly this many new tokens.")
+    max_length: int = _f(64, "Cap on prompt + completion tokens.")
+    n_pairs: Optional[int] = _f(None, "Training preference pairs; None = as many as the data allows.")
+
+    def __post_init__(self):
+        _check(self.max_reviews is None or self.max_reviews >= 20,
+               f"--max_reviews must be at least 20 (got {self.max_reviews})")
+        _check(0 < self.eval_fraction < 1, f"--eval_fraction must be in (0, 1) (got {self.eval_fraction})")
+        _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens,
+               f"need 1 <= --prompt_min_tokens <= --prompt_max_tokens "
+               f"(got {self.prompt_min_tokens}, {self.prompt_max_tokens})")
+        _check(self.response_tokens >= 1, f"--response_tokens must be >= 1 (got {self.response_tokens})")
+        _check(self.max_length > self.prompt_max_tokens,
+               f"--max_length {self.max_length} leaves no room for a completion after a "
+               f"{self.prompt_max_tokens}-token prompt; raise it above --prompt_max_tokens")
+        _check(self.n_pairs is None or self.n_pairs >= 1, f"--n_pairs must be >= 1 (got {self.n_pairs})")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "DPO temperature beta: strength of the implicit KL constraint (Eq. 7).")
+    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "sigmoid: the DPO loss (Eq. 7); ipo: Azar et al. 2023.")
+    label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is "
+                                "flipped (sigmoid loss only).")
+    pair_source: Literal["dataset", "generated"] = _f(
+        "dataset", "dataset: positive vs negative IMDb review after the same prompt; generated: completions "
+                   "sampled from the reference and ordered by the judge, as in the DPO paper.")
+    n_generated_samples: int = _f(4, "pair_source=generated: completions sampled per prompt; the judge's "
+                                  "best and worst form the pair.")
+    dpo_steps: int = _f(200, "Optimiser steps of DPO.")
+    dpo_batch_size: int = _f(16, "Preference pairs per micro-batch.")
+    dpo_grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
+    dpo_lr: float = _f(1e-4, "Peak learning rate of DPO.")
+    dpo_optimizer: Literal["adamw", "rmsprop"] = _f("adamw", "Optimiser (the reference implementation uses "
+                                                     "RMSprop).")
+    dpo_warmup_steps: int = _f(10, "Linear learning-rate warmup steps (then constant).")
+    dpo_eval_every: int = _f(50, "Evaluate on the held-out prompts every this many steps (and at the end).")
+
+    def __post_init__(self):
+        _check(self.beta > 0, f"--beta must be > 0 (got {self.beta})")
+        _check(0 <= self.label_smoothing < 0.5,
+               f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        _check(self.n_generated_samples >= 2, "--n_generated_samples must be >= 2")
+        for name in ("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        _check(self.dpo_lr > 0, f"--dpo_lr must be > 0 (got {self.dpo_lr})")
+        _check(self.dpo_warmup_steps >= 0, "--dpo_warmup_steps must be >= 0")
+
+
+@dataclass
+class PPOConfig:
+    ppo_reward: Literal["learned", "judge"] = _f(
+        "learned", "learned: a Bradley-Terry reward model trained on the DPO training pairs (RLHF); judge: "
+                   "the oracle judge's POSITIVE logit (PPO-GT in the DPO paper).")
+    rm_steps: int = _f(150, "Training steps of the reward model.")
+    rm_batch_size: int = _f(16, "Preference pairs per reward-model step.")
+    rm_lr: float = _f(1e-4, "Learning rate of the reward model.")
+    ppo_steps: int = _f(40, "PPO iterations (one rollout batch + its updates each).")
+    ppo_batch_size: int = _f(64, "Prompts sampled per rollout.")
+    ppo_mini_batch_size: int = _f(16, "Rollouts per PPO minibatch.")
+    ppo_epochs: int = _f(4, "Passes over each rollout batch.")
+    ppo_lr: float = _f(5e-5, "Learning rate of PPO.")
+    clip_coef: float = _f(0.2, "Policy-ratio clip range epsilon.")
+    vf_clip_coef: float = _f(0.2, "Value clip range.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    gamma: float = _f(1.0, "Discount factor.")
+    gae_lambda: float = _f(0.95, "GAE lambda.")
+    init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the per-token KL penalty.")
+    target_kl: Optional[float] = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
+                                    "al. 2019); None keeps init_kl_coef fixed.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
+    ppo_eval_every: int = _f(10, "Evaluate on the held-out prompts every this many iterations (and at end).")
+
+    def __post_init__(self):
+        for name in ("rm_steps", "rm_batch_size", "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size",
+                     "ppo_epochs", "kl_horizon", "ppo_eval_every"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        _check(self.ppo_batch_size % self.ppo_mini_batch_size == 0,
+               f"--ppo_batch_size {self.ppo_batch_size} must be a multiple of --ppo_mini_batch_size "
+               f"{self.ppo_mini_batch_size}")
+        _check(self.rm_lr > 0 and self.ppo_lr > 0, "--rm_lr and --ppo_lr must be > 0")
+        _check(0 < self.clip_coef < 1 and self.vf_clip_coef > 0, "--clip_coef must be in (0, 1), "
+               "--vf_clip_coef > 0")
+        _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "--gamma and --gae_lambda must be in [0, 1]")
+        _check(self.init_kl_coef >= 0, "--init_kl_coef must be >= 0")
+        _check(self.target_kl is None or self.target_kl > 0, "--target_kl must be > 0 (or None)")
+
+
+@dataclass
+class EvalConfig:
+    n_eval_prompts: int = _f(256, "Held-out prompts used for every evaluation.")
+    eval_batch_size: int = _f(64, "Prompts per generation batch.")
+    eval_temperature: float = _f(1.0, "Sampling temperature of the learning-curve and final evaluations.")
+    temperatures: list[float] = _f([0.25, 0.5, 0.75, 1.0, 1.25], "Temperatures of the win-rate sweep.")
+    n_examples: int = _f(4, "Example completions kept per model in results.json.")
+    sweep_betas: list[float] = _f([0.05, 0.1, 0.5, 1.0], "--sweep: DPO beta values.")
+    sweep_target_kls: list[float] = _f([3.0, 6.0, 9.0, 12.0], "--sweep: PPO target KLs (nats).")
+
+    def __post_init__(self):
+        _check(self.n_eval_prompts >= 1 and self.eval_batch_size >= 1,
+               "--n_eval_prompts and --eval_batch_size must be >= 1")
+        _check(self.eval_temperature > 0 and all(t > 0 for t in self.temperatures),
+               "temperatures must be > 0")
+        _check(len(self.temperatures) >= 1, "--temperatures needs at least one value")
+        _check(all(b > 0 for b in self.sweep_betas), "--sweep_betas must all be > 0")
+        _check(all(k > 0 for k in self.sweep_target_kls), "--sweep_target_kls must all be > 0")
+
+
+@dataclass
+class RunConfig:
+    preset: Literal["paper", "offline", "smoke"] = _f("paper", "Named preset that supplies every default.")
+    dpo_only: bool = _f(False, "Train DPO only (then evaluate).")
+    ppo_only: bool = _f(False, "Train PPO only (then evaluate).")
+    plots_only: bool = _f(False, "Redraw the dashboard from results.json and the metrics files; no training.")
+    sweep: bool = _f(False, "Also train DPO over sweep_betas and PPO over sweep_target_kls for the Pareto plot.")
+    resume: bool = _f(False, "Continue DPO/PPO from the last checkpoint of an interrupted run.")
+    seed: int = _f(0, "Seed of the data split, pairing, sampling and initialisation.")
+    output_dir: str = _f("models", "Where models, metrics and checkpoints are written.")
+    plots_dir: str = _f("evaluation_plots", "Where the dashboard, plots and results.json are written.")
+    log_every: int = _f(10, "One log line every this many steps.")
+    save_every: int = _f(50, "Checkpoint every this many steps.")
+    keep_checkpoints: int = _f(2, "Checkpoints kept per run (oldest deleted).")
+    max_nonfinite_skips: int = _f(5, "Stop after this many consecutive steps with a non-finite loss/grad.")
+    debug_nan_steps: list[int] = _f([], "Testing aid: make the loss NaN at these steps to exercise the "
+                                    "non-finite guard.")
+
+    def __post_init__(self):
+        _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
+        for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite_skips"):
+            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+
+
+SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "dpo": DPOConfig,
+            "ppo": PPOConfig, "eval": EvalConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        # Cross-section checks: a generated completion must fit the cap on prompt + completion.
+        _check(self.data.prompt_max_tokens + self.data.response_tokens <= self.data.max_length,
+               f"--max_length {self.data.max_length} is below prompt + response "
+               f"({self.data.prompt_max_tokens} + {self.data.response_tokens}); raise --max_length or lower "
+               f"--response_tokens")
+        _check(self.run.preset in PRESET_NAMES, f"unknown preset {self.run.preset!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS})
+
+    def replace(self, **sections) -> "Config":
+        """A copy with some fields changed, e.g. ``cfg.replace(dpo={"beta": 0.5})``; re-validated."""
+        d = self.to_dict()
+        for name, changes in sections.items():
+            d[name].update(changes)
+        return Config.from_dict(d)
+
+
+PRESET_NAMES = ("paper", "offline", "smoke")
+
+
+def _preset(name: str) -> Config:
+    if name == "paper":
+        return Config(
+            dpo=DPOConfig(dpo_steps=1000, dpo_batch_size=32, dpo_lr=5e-6, dpo_warmup_steps=100,
+                          dpo_eval_every=100),
+            ppo=PPOConfig(rm_steps=500, rm_batch_size=32, rm_lr=1e-5, ppo_steps=200, ppo_batch_size=128,
+                          ppo_mini_batch_size=32, ppo_lr=1.4e-5, ppo_eval_every=20),
+            eval=EvalConfig(n_eval_prompts=512, eval_batch_size=128),
+            run=RunConfig(preset="paper", save_every=200))
+    if name == "offline":
+        return Config(
+            model=ModelConfig(build_offline_models=True),
+            run=RunConfig(preset="offline"))
+    if name == "smoke":
+        return Config(
+            model=ModelConfig(build_offline_models=True, device="cpu"),
+            offline=OfflineConfig(vocab_size=512, lm_n_layer=1, lm_n_embd=32, lm_n_head=2, lm_steps=30,
+                                  lm_batch_size=16, judge_vocab_size=600, judge_n_layers=1, judge_dim=32,
+                                  judge_max_length=64, judge_steps=30, judge_batch_size=16, judge_eval_size=40),
+            data=DataConfig(max_reviews=400, response_tokens=16, max_length=24),
+            dpo=DPOConfig(dpo_steps=12, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=6),
+            ppo=PPOConfig(rm_steps=10, rm_batch_size=8, rm_lr=1e-3, ppo_steps=4, ppo_batch_size=16,
+                          ppo_mini_batch_size=8, ppo_epochs=2, ppo_lr=1e-3, ppo_eval_every=2),
+            eval=EvalConfig(n_eval_prompts=16, eval_batch_size=16, temperatures=[0.5, 1.0], n_examples=2,
+                            sweep_betas=[0.1, 1.0], sweep_target_kls=[3.0, 12.0]),
+            run=RunConfig(preset="smoke", log_every=4, save_every=4))
+    raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)}")
+
+
+PRESETS = {name: _preset(name) for name in PRESET_NAMES}
+
+
+class _Parser(HfArgumentParser):
+    """argparse reports a bad flag as one line and exit code 2, not a usage dump."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def make_parser() -> _Parser:
+    return _Parser(list(SECTIONS.values()), description="DPO vs PPO on IMDb: train, evaluate, plot.")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse ``argv`` into a validated :class:`Config`: the preset's values, then the flags given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="paper")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {known.preset!r}: choose one of {', '.join(PRESET_NAMES)}")
+    preset = PRESETS[known.preset]
+    parser = make_parser()
+    # The preset's values become argparse defaults, so only the flags actually given override them.
+    parser.set_defaults(**{k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()})
+    try:
+        parts = parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+    return Config(**dict(zip(SECTIONS, parts)))
+
+
+def field_names() -> list[str]:
+    return [f.name for cls in SECTIONS.values() for f in fields(cls)]
+
+
+def sanity_check_unique_fields() -> None:
+    names = field_names()
+    dup = {n for n in names if names.count(n) > 1}
+    assert not dup, f"config field names must be unique across sections: {dup}"
+
+
+sanity_check_unique_fields()
+__all__ = ["Config", "ConfigError", "PRESETS", "parse_config", "make_parser", "dataclasses"]

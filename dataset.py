@@ -1,0 +1,200 @@
+"""IMDb loading and the preference pairs (x, y_w, y_l) that DPO, the reward model and PPO all learn from.
+
+A pair is formed in the policy tokenizer's token space:
+
+* take one positive and one negative training review (random matching, seeded);
+* the prompt x is the opening ``k`` tokens (k uniform in [prompt_min_tokens, prompt_max_tokens], 2-8 as in
+  the DPO paper's IMDb task) of one of the two, picked at random so that prompts come from positive and
+  negative reviews equally often;
+* the winner y_w is the positive review's text after its own first ``k`` tokens, the loser y_l the
+  negative review's text after its first ``k`` tokens, both truncated to ``response_tokens``.
+
+So both completions are real review text that continues the same prompt, and the only systematic
+difference between them is their sentiment -- which is the preference we want the policy to learn. Half
+the time y_w is the prompt's true continuation, half the time y_l is, so the prompt never gives the answer
+away. Evaluation prompts are openings of held-out reviews that no training pair has seen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from config import ConfigError, DataConfig
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CSV = ROOT / "data" / "IMDB Dataset.csv"
+HUB_DATASET = "stanfordnlp/imdb"
+_LABELS = {"positive": 1, "negative": 0, "pos": 1, "neg": 0, "1": 1, "0": 0}
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def clean_review(text: str) -> str:
+    """Strip the ``<br />`` markup of the IMDb dump and surrounding whitespace."""
+    return re.sub(r"\s+", " ", _BR.sub(" ", text)).strip()
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, encoding="utf-8", dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; re-save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{path} is empty; expected a CSV with columns review,sentiment") from None
+    except (pd.errors.ParserError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a valid CSV ({first}); expected columns review,sentiment") from None
+    cols = {c.strip().lower(): c for c in df.columns}
+    missing = [c for c in ("review", "sentiment") if c not in cols]
+    if missing:
+        raise ConfigError(f"{path} lacks column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
+                          f"expected the IMDb layout review,sentiment")
+    return df.rename(columns={cols["review"]: "review", cols["sentiment"]: "sentiment"})[["review", "sentiment"]]
+
+
+def _read_aclimdb(path: Path) -> pd.DataFrame:
+    root = path / "aclImdb" if (path / "aclImdb").is_dir() else path
+    rows = []
+    for split in ("train", "test"):
+        for sub, label in (("pos", "positive"), ("neg", "negative")):
+            for f in sorted((root / split / sub).glob("*.txt")):
+                try:
+                    rows.append((f.read_text(encoding="utf-8"), label))
+                except UnicodeDecodeError:
+                    raise ConfigError(f"{f} is not UTF-8 text; re-extract aclImdb_v1.tar.gz") from None
+    if not rows:
+        raise ConfigError(f"{path} is a folder but holds no aclImdb/{{train,test}}/{{pos,neg}}/*.txt reviews; "
+                          f"pass --data a CSV or an extracted aclImdb/ folder")
+    return pd.DataFrame(rows, columns=["review", "sentiment"])
+
+
+def _read_hub() -> pd.DataFrame:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(HUB_DATASET)
+    except Exception as e:  # offline, no cache, hub down: all the user can do is give a file
+        raise ConfigError(f"no IMDb data: {DEFAULT_CSV.relative_to(ROOT)} is missing and the hub dataset "
+                          f"{HUB_DATASET} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' "
+                          f"in data/ or pass --data PATH") from None
+    frames = [ds[s].to_pandas() for s in ("train", "test") if s in ds]
+    df = pd.concat(frames, ignore_index=True).rename(columns={"text": "review", "label": "sentiment"})
+    df["sentiment"] = df["sentiment"].astype(str)
+    return df
+
+
+def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
+    """Load labelled IMDb reviews as a DataFrame with columns ``review`` (clean text) and ``label`` (1/0).
+
+    Sources in order: ``path`` (CSV or aclImdb folder), ``data/IMDB Dataset.csv``, the hub dataset.
+    Raises :class:`ConfigError` (one line for the user) on any bad input.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"data file {path} does not exist; pass --data a CSV (review,sentiment) or an "
+                              f"extracted aclImdb/ folder")
+        df = _read_aclimdb(p) if p.is_dir() else _read_csv(p)
+        source = str(p)
+    elif DEFAULT_CSV.exists():
+        df, source = _read_csv(DEFAULT_CSV), str(DEFAULT_CSV.relative_to(ROOT))
+    else:
+        df, source = _read_hub(), HUB_DATASET
+
+    labels = df["sentiment"].astype(str).str.strip().str.lower()
+    unknown = labels[~labels.isin(_LABELS)]
+    if len(unknown):
+        shown = ", ".join(repr(v) for v in unknown.value_counts().index[:5])
+        raise ConfigError(f"{source}: {len(unknown)} row(s) have unknown sentiment labels ({shown}); use "
+                          f"positive/negative (or 1/0)")
+    reviews = df["review"].astype(str).map(clean_review)
+    out = pd.DataFrame({"review": reviews, "label": labels.map(_LABELS).astype(int)})
+    empty = out["review"].str.len() == 0
+    if empty.any():
+        if verbose:
+            print(f"data: dropped {int(empty.sum())} empty review(s) from {source}")
+        out = out[~empty].reset_index(drop=True)
+    if verbose:
+        print(f"data: {len(out)} reviews from {source} ({int(out.label.sum())} positive)")
+    return out
+
+
+def split_reviews(df: pd.DataFrame, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Deterministic (by ``seed``) optional subsample, then train / held-out split."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(df))
+    if cfg.max_reviews is not None:
+        order = order[: cfg.max_reviews]
+    n_eval = max(1, int(round(len(order) * cfg.eval_fraction)))
+    return df.iloc[order[n_eval:]].reset_index(drop=True), df.iloc[order[:n_eval]].reset_index(drop=True)
+
+
+def _tokenize(tokenizer, texts, max_tokens: int) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def build_pairs(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n_pairs: int | None = None,
+                what: str = "training") -> list[dict]:
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` (token id lists) as described in the module doc."""
+    rng = np.random.default_rng(seed + 1)
+    ids = _tokenize(tokenizer, df["review"], cfg.prompt_max_tokens + cfg.response_tokens)
+    # A review must have at least one completion token after the longest prompt.
+    ok = np.array([len(t) > cfg.prompt_max_tokens for t in ids])
+    labels = df["label"].to_numpy()
+    pos = rng.permutation(np.flatnonzero(ok & (labels == 1)))
+    neg = rng.permutation(np.flatnonzero(ok & (labels == 0)))
+    possible = min(len(pos), len(neg))
+    if possible == 0 or (n_pairs is not None and n_pairs > possible):
+        want = n_pairs if n_pairs is not None else 1
+        raise ConfigError(f"{what} data allows {possible} preference pair(s) ({len(pos)} positive, {len(neg)} "
+                          f"negative usable reviews) but {want} are needed; use more reviews "
+                          f"(--max_reviews / --data) or lower --n_pairs")
+    n = possible if n_pairs is None else n_pairs
+    ks = rng.integers(cfg.prompt_min_tokens, cfg.prompt_max_tokens + 1, size=n)
+    from_pos = rng.random(n) < 0.5
+    pairs = []
+    for i in range(n):
+        p, q, k = ids[pos[i]], ids[neg[i]], int(ks[i])
+        prompt = (p if from_pos[i] else q)[:k]
+        pairs.append({"prompt": prompt, "chosen": p[k:k + cfg.response_tokens],
+                      "rejected": q[k:k + cfg.response_tokens]})
+    return pairs
+
+
+def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n: int) -> list[list[int]]:
+    """``n`` prompts: openings (2-8 tokens) of the reviews in ``df`` (cycled if there are fewer reviews)."""
+    rng = np.random.default_rng(seed + 2)
+    ids = [t for t in _tokenize(tokenizer, df["review"], cfg.prompt_max_tokens) if len(t) >= cfg.prompt_min_tokens]
+    if not ids:
+        raise ConfigError("no held-out review is long enough for a prompt; use more reviews")
+    order = rng.permutation(len(ids))
+    ks = rng.integers(cfg.prompt_min_tokens, cfg.prompt_max_tokens + 1, size=n)
+    return [ids[order[i % len(ids)]][: int(ks[i])] for i in range(n)]
+
+
+@dataclass
+class StudyData:
+    """Everything the training and evaluation stages share, in the policy tokenizer's token space."""
+
+    train_pairs: list[dict]
+    eval_pairs: list[dict]
+    eval_prompts: list[list[int]]
+    train_reviews: pd.DataFrame = field(repr=False)
+    eval_reviews: pd.DataFrame = field(repr=False)
+
+    @property
+    def train_prompts(self) -> list[list[int]]:
+        """PPO's rollout prompts: the prompts of the training pairs DPO sees."""
+        return [p["prompt"] for p in self.train_pairs]
+
+
+def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
+    seed = cfg.run.seed
+    train_pairs = build_pairs(train_df, tokenizer, cfg.data, seed, cfg.data.n_pairs)
+    eval_pairs = build_pairs(eval_df, tokenizer, cfg.data, seed + 100, what="held-out")
+    eval_prompts = build_prompts(eval_df, tokenizer, cfg.data, seed, cfg.eval.n_eval_prompts)
+    return StudyData(train_pairs, eval_pairs, eval_prompts, train_df, eval_df)

@@ -1,0 +1,111 @@
+"""DPO math: pure functions of tensors, per-example outputs (after the reference implementation's
+``preference_loss``), plus the batching helpers that feed them.
+
+Notation (arXiv:2305.18290): x prompt, y_w chosen (winner), y_l rejected (loser), pi policy, ref reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of every next token.
+
+    Args:
+        logits: (B, T, V) model outputs for ``input_ids``.
+        input_ids: (B, T).
+    Returns:
+        (B, T-1) fp32; entry t is log p(input_ids[t+1] | input_ids[:t+1]).
+    """
+    # Logits at position t predict token t+1: drop the last logit and the first label. fp32 because
+    # summing many bf16 log-probs loses the small differences DPO's log-ratios are made of.
+    logits = logits[:, :-1, :].float()
+    # log_softmax then gather == -cross_entropy per token; the gather avoids materialising one-hots.
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the masked (response) tokens of each sequence.
+
+    Args:
+        logits: (B, T, V) model outputs for ``input_ids`` of length T.
+        labels: (B, T) the same ``input_ids``.
+        loss_mask: (B, T) 1 where the token is part of the response, 0 for prompt and padding.
+    Returns:
+        (B,) sum_t log p(labels[t] | labels[<t]) over response tokens, in fp32.
+    """
+    # The mask is shifted like the labels: it marks which *predicted* tokens belong to the response.
+    return (token_logps(logits, labels) * loss_mask[:, 1:].float()).sum(-1)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """Per-example DPO loss and implicit rewards.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) log pi(y_w|x), log pi(y_l|x).
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference.
+        beta: KL-constraint temperature.
+        loss_type: ``"sigmoid"`` (DPO, Eq. 7) or ``"ipo"`` (Azar et al., 2023, arXiv:2310.12036, Eq. 17).
+        label_smoothing: epsilon of conservative DPO (cDPO): the probability that a label is flipped.
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,). Rewards are beta * (policy - reference)
+        log-ratios (Eq. 5, the implicit reward up to the partition function), detached: they are for logging.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    h = pi_logratios - ref_logratios  # the difference of the two log-ratios inside Eq. 7
+    if loss_type == "sigmoid":
+        # Eq. 7, arXiv:2305.18290: -log sigma(beta * h); with eps > 0 the label-flip mixture (cDPO).
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        # Eq. 17, arXiv:2310.12036: regress h onto 1 / (2 beta) (tau = beta); no sigmoid saturation.
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; use 'sigmoid' or 'ipo'")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> torch.Tensor:
+    """(B, T) tensor of the sequences padded to the longest one."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def concatenated_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows of one batch, right-padded to the batch's own longest sequence.
+
+    Returns ``input_ids``, ``attention_mask`` and ``loss_mask`` (response tokens only), each (2B, T).
+    Dynamic padding: T is the longest prompt + response of *this* batch, not a global maximum.
+    """
+    seqs, resp_masks = [], []
+    for key in ("chosen", "rejected"):
+        for p in pairs:
+            seqs.append(p["prompt"] + p[key])
+            resp_masks.append([0] * len(p["prompt"]) + [1] * len(p[key]))
+    input_ids = pad_sequences(seqs, pad_id)
+    attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0)
+    loss_mask = pad_sequences(resp_masks, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over chosen and rejected together (half the kernel launches of two passes).
+
+    Returns (chosen_logps, rejected_logps), each (B,).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]

@@ -1,0 +1,367 @@
+"""Evaluation shared by DPO, PPO and the final comparison: sampling, judge scores, KL to the reference,
+win rates, the Pareto frontier, results.json and the dashboard.
+
+Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
+
+* **safety score**: mean judge P(POSITIVE) of prompt + completion (as TRL's sentiment example scores
+  query + response); **positive rate**: fraction the judge labels POSITIVE.
+* **sequence KL to the reference**: mean over completions y ~ pi of sum_t [log pi(y_t|x,y_<t) -
+  log pi_ref(y_t|x,y_<t)], a Monte Carlo estimate of KL(pi || pi_ref) in nats.
+* **win rate vs the reference**: for the same prompt, the policy wins when the judge gives its completion a
+  higher P(POSITIVE) than the reference's completion; ties count half.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpo_utils import pad_sequences, token_logps
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
+             batch_size: int, device) -> list[list[int]]:
+    """Sample one completion per prompt (pure sampling: top-k 0, top-p 1), batched with the KV cache.
+
+    Prompts are left-padded so every row continues right after its prompt. Sampling is seeded per batch
+    inside a forked RNG, so evaluating never changes the training run's random stream. A completion ends at
+    the first EOS (kept) or after ``max_new_tokens`` tokens.
+    """
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start:start + batch_size]
+            input_ids = pad_sequences(chunk, tokenizer.pad_token_id, side="left").to(device)
+            attention_mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="left").to(device)
+            torch.manual_seed(seed * 100_003 + b)
+            gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            for row in gen[:, input_ids.shape[1]:].tolist():
+                out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response rows with a mask over the response tokens, each (B, T)."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    return {"input_ids": pad_sequences(seqs, pad_id),
+            "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
+            "loss_mask": pad_sequences([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)}
+
+
+@torch.no_grad()
+def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """(N,) summed log-probs of each response given its prompt, in fp32 on the CPU."""
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
+                                                        pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        out.append((token_logps(logits, b["input_ids"]) * b["loss_mask"][:, 1:]).sum(-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device) -> np.ndarray:
+    """(N,) judge P(POSITIVE); texts longer than the judge's max length are truncated, empty ones scored."""
+    max_len = min(getattr(judge_tok, "model_max_length", 512) or 512, 512,
+                  getattr(judge.config, "max_position_embeddings", 512))
+    out = []
+    for s in range(0, len(texts), batch_size):
+        enc = judge_tok(texts[s:s + batch_size], truncation=True, max_length=max_len, padding=True,
+                        return_tensors="pt").to(device)
+        logits = judge(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+        out.append(logits.softmax(-1)[:, judge.positive_index].cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device) -> torch.Tensor:
+    """(N,) the judge's POSITIVE logit minus NEGATIVE logit (PPO-GT's reward)."""
+    p = np.clip(judge_scores(judge_tok, judge, texts, batch_size, device), 1e-6, 1 - 1e-6)
+    return torch.tensor(np.log(p) - np.log1p(-p), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalKit:
+    """What every evaluation needs besides the policy: reference, judge, tokenizer, held-out prompts."""
+
+    tokenizer: object
+    ref_model: object
+    judge_tok: object
+    judge: object
+    prompts: list[list[int]]
+    max_new_tokens: int
+    batch_size: int
+    device: object
+    seed: int
+    _ref_results: dict = field(default_factory=dict, repr=False)
+
+    def reference_result(self, temperature: float) -> dict:
+        """The reference's evaluation at ``temperature``, computed once (it never changes)."""
+        if temperature not in self._ref_results:
+            self._ref_results[temperature] = evaluate_policy(self.ref_model, self, temperature)
+        return self._ref_results[temperature]
+
+
+def evaluate_policy(policy, kit: EvalKit, temperature: float, ref_responses=None) -> dict:
+    """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference.
+
+    Returns metrics plus ``responses``, ``texts`` and ``scores`` (per prompt) for win rates and examples.
+    """
+    was_training = policy.training
+    policy.eval()
+    tok = kit.tokenizer
+    responses = generate(policy, tok, kit.prompts, kit.max_new_tokens, temperature, kit.seed, kit.batch_size,
+                         kit.device)
+    texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(kit.prompts, responses)]
+    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device)
+    pol = response_logps(policy, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
+    if policy is kit.ref_model:
+        ref = pol
+    else:
+        ref = response_logps(kit.ref_model, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
+    policy.train(was_training)
+    return {"safety_score": float(scores.mean()), "positive_rate": float((scores > 0.5).mean()),
+            "kl_to_ref": float((pol - ref).mean()), "response_len": float(np.mean([len(r) for r in responses])),
+            "responses": responses, "texts": texts, "scores": scores}
+
+
+def eval_metrics(result: dict) -> dict:
+    """The ``eval/...`` keys logged in metrics.jsonl."""
+    return {f"eval/{k}": result[k] for k in ("safety_score", "positive_rate", "kl_to_ref", "response_len")}
+
+
+def win_rate(policy_scores, ref_scores) -> float:
+    """Fraction of prompts where the policy's completion scores higher than the reference's; ties count half."""
+    p, r = np.asarray(policy_scores, dtype=float), np.asarray(ref_scores, dtype=float)
+    if p.shape != r.shape or p.size == 0:
+        raise ValueError("win_rate needs two equally long, non-empty score arrays")
+    return float(((p > r) + 0.5 * (p == r)).mean())
+
+
+def upper_envelope(points) -> list[tuple[float, float]]:
+    """Pareto frontier of (kl, safety) points: those no other point beats with lower-or-equal KL.
+
+    Returned sorted by KL, safety strictly increasing along it.
+    """
+    best, out = -np.inf, []
+    for kl, safety in sorted(points, key=lambda p: (p[0], -p[1])):
+        if safety > best:
+            out.append((float(kl), float(safety)))
+            best = safety
+    return out
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------- final evaluation
+def _examples(kit: EvalKit, result: dict, n: int) -> list[dict]:
+    tok = kit.tokenizer
+    return [{"prompt": tok.decode(kit.prompts[i], skip_special_tokens=True),
+             "completion": tok.decode(result["responses"][i], skip_special_tokens=True),
+             "p_positive": round(float(result["scores"][i]), 4)} for i in range(min(n, len(kit.prompts)))]
+
+
+def _model_entry(kit: EvalKit, cfg, policy, train_time_s: float) -> dict:
+    """Metrics of one model at the evaluation temperature, and its win rate vs the reference at each
+    temperature of the sweep (same prompts, same seeds)."""
+    temp = cfg.eval.eval_temperature
+    res = kit.reference_result(temp) if policy is kit.ref_model else evaluate_policy(policy, kit, temp)
+    wins = {}
+    for t in cfg.eval.temperatures:
+        pol_t = res if t == temp else (kit.reference_result(t) if policy is kit.ref_model
+                                       else evaluate_policy(policy, kit, t))
+        wins[str(t)] = win_rate(pol_t["scores"], kit.reference_result(t)["scores"])
+    return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
+            "response_len": res["response_len"], "train_time_s": train_time_s, "win_rate_vs_ref": wins,
+            "examples": _examples(kit, res, cfg.eval.n_examples)}
+
+
+def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, str, str]], data, n_reviews: int,
+                     command: str) -> dict:
+    """Evaluate the reference and each trained policy on the same held-out prompts; write results.json."""
+    from tqdm.auto import tqdm
+
+    results = {"preset": cfg.run.preset, "command": command, "policy_model": cfg.model.policy_model,
+               "judge_model": cfg.model.judge_model, "n_reviews": n_reviews, "n_train_pairs": len(data.train_pairs),
+               "n_eval_prompts": len(kit.prompts), "seed": cfg.run.seed, "eval_temperature": cfg.eval.eval_temperature,
+               "temperatures": list(cfg.eval.temperatures), "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward,
+               "target_kl": cfg.ppo.target_kl}
+    names = ["reference", *policies]
+    for name in tqdm(names, desc="final evaluation", unit="model"):
+        if name == "reference":
+            results[name] = _model_entry(kit, cfg, kit.ref_model, 0.0)
+        else:
+            results[name] = _model_entry(kit, cfg, policies[name]["policy"], policies[name]["train_time_s"])
+    results["runs"] = [{"method": m, "label": label, "main": i < len(policies), "metrics": str(Path(d) / "metrics.jsonl")}
+                       for i, (m, label, d) in enumerate(runs)]
+    points = [{"method": r["method"], "label": r["label"], "step": row["step"], "kl": row["eval/kl_to_ref"],
+               "safety": row["eval/safety_score"]}
+              for r in results["runs"] for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]
+    results["frontier"] = {"points": points, "envelope": {
+        m: upper_envelope([(p["kl"], p["safety"]) for p in points if p["method"] == m]) for m in policies}}
+    out = Path(cfg.run.plots_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    return results
+
+
+def summary_table(results: dict) -> str:
+    names = [n for n in ("reference", "dpo", "ppo") if n in results]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key, fmt in (("safety_score", "{:.3f}"), ("positive_rate", "{:.3f}"), ("kl_to_ref", "{:.2f}"),
+                     ("train_time_s", "{:.0f}")):
+        lines.append(f"| {key} | " + " | ".join(fmt.format(results[n][key]) for n in names) + " |")
+    temp = str(results["eval_temperature"])
+    lines.append(f"| win rate vs ref (T={temp}) | " + " | ".join(
+        "{:.3f}".format(results[n]["win_rate_vs_ref"].get(temp, float("nan"))) for n in names) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- plotting
+COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728"}
+LABELS = {"reference": "reference", "dpo": "DPO", "ppo": "PPO"}
+
+
+def plot_learning_curve(ax, results: dict) -> None:
+    top = None
+    for r in results["runs"]:
+        if not r["main"]:
+            continue
+        rows = [row for row in read_metrics(r["metrics"]) if "eval/safety_score" in row]
+        steps, safety = [row["step"] for row in rows], [row["eval/safety_score"] for row in rows]
+        if r["method"] == "ppo" and any(x["method"] == "dpo" and x["main"] for x in results["runs"]):
+            # PPO iterations and DPO steps are different units: PPO gets the top axis.
+            top = top or ax.twiny()
+            top.plot(steps, safety, "s-", color=COLORS["ppo"], label=f"PPO ({r['label']})")
+            top.set_xlabel("PPO iteration (rollout + update)", color=COLORS["ppo"])
+        else:
+            ax.plot(steps, safety, "o-", color=COLORS[r["method"]], label=f"{LABELS[r['method']]} ({r['label']})")
+    ax.axhline(results["reference"]["safety_score"], ls="--", color=COLORS["reference"], label="reference")
+    ax.set_xlabel("DPO optimiser step" if any(r["method"] == "dpo" and r["main"] for r in results["runs"])
+                  else "PPO iteration (rollout + update)")
+    ax.set_ylabel("safety score (judge P(positive))")
+    ax.set_title("Learning curve on held-out prompts")
+    handles, labels = ax.get_legend_handles_labels()
+    if top is not None:
+        h2, l2 = top.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_pareto(ax, results: dict) -> None:
+    pts = results["frontier"]["points"]
+    for method in ("dpo", "ppo"):
+        mine = [p for p in pts if p["method"] == method]
+        if not mine:
+            continue
+        ax.scatter([p["kl"] for p in mine], [p["safety"] for p in mine], s=14, alpha=0.45, color=COLORS[method])
+        env = results["frontier"]["envelope"].get(method, [])
+        labels = sorted({p["label"] for p in mine})
+        ax.plot([e[0] for e in env], [e[1] for e in env], "-", lw=2, color=COLORS[method],
+                label=f"{LABELS[method]} frontier ({len(labels)} run{'s' if len(labels) > 1 else ''})")
+    ax.scatter([0], [results["reference"]["safety_score"]], marker="*", s=120, color=COLORS["reference"],
+               label="reference", zorder=5)
+    ax.set_xlabel("sequence KL to reference (nats)")
+    ax.set_ylabel("safety score (judge P(positive))")
+    ax.set_title("Safety vs KL (Pareto frontier)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_temperature(ax, results: dict) -> None:
+    temps = results["temperatures"]
+    for method in ("dpo", "ppo"):
+        if method in results:
+            ax.plot(temps, [results[method]["win_rate_vs_ref"][str(t)] for t in temps], "o-", color=COLORS[method],
+                    label=LABELS[method])
+    ax.axhline(0.5, ls="--", color=COLORS["reference"], label="tie with reference")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel("win rate vs reference")
+    ax.set_title("Temperature robustness")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_final(ax, results: dict) -> None:
+    names = [n for n in ("reference", "dpo", "ppo") if n in results]
+    x = np.arange(len(names))
+    w = 0.38
+    safety = [results[n]["safety_score"] for n in names]
+    kls = [results[n]["kl_to_ref"] for n in names]
+    bars = ax.bar(x - w / 2, safety, w, color=[COLORS[n] for n in names], label="safety score")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("safety score (judge P(positive))")
+    kl_ax = ax.twinx()
+    kl_bars = kl_ax.bar(x + w / 2, kls, w, color="white", edgecolor=[COLORS[n] for n in names], hatch="//",
+                        label="KL to reference (nats)")
+    kl_ax.set_ylabel("sequence KL to reference (nats)")
+    kl_ax.set_ylim(0, max(1.0, max(kls) * 1.25))
+    for b, v in zip(bars, safety):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    for b, v in zip(kl_bars, kls):
+        kl_ax.text(b.get_x() + b.get_width() / 2, v + 0.02 * kl_ax.get_ylim()[1], f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(x, [LABELS[n] for n in names])
+    ax.set_title("Final safety (solid) and KL (hatched)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = kl_ax.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+
+
+PANELS = {"learning_curve": plot_learning_curve, "pareto_frontier": plot_pareto,
+          "temperature_robustness": plot_temperature, "final_metrics": plot_final}
+
+
+def draw_dashboard(plots_dir) -> Path:
+    """Draw the four-panel dashboard and each panel alone, from results.json and the metrics files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from config import ConfigError
+
+    plots_dir = Path(plots_dir)
+    path = plots_dir / "results.json"
+    if not path.exists():
+        raise ConfigError(f"no {path}: train first (uv run main.py ...), then --plots-only can redraw it")
+    results = json.loads(path.read_text())
+    missing = [r["metrics"] for r in results["runs"] if not Path(r["metrics"]).exists()]
+    if missing:
+        raise ConfigError(f"metrics file {missing[0]} named in {path} is missing; rerun training to recreate it")
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    for ax, draw in zip(axes.flat, PANELS.values()):
+        draw(ax, results)
+    fig.suptitle(f"DPO vs PPO on IMDb ({results['preset']} preset: policy {Path(results['policy_model']).name}, "
+                 f"{results['n_eval_prompts']} held-out prompts, seed {results['seed']})")
+    fig.tight_layout()
+    out = plots_dir / "dpo_results_dashboard.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    for name, draw in PANELS.items():
+        f, ax = plt.subplots(figsize=(7, 5))
+        draw(ax, results)
+        f.tight_layout()
+        f.savefig(plots_dir / f"{name}.png", dpi=110)
+        plt.close(f)
+    return out

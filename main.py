@@ -1,0 +1,99 @@
+"""Entry point: ``uv run main.py [--preset paper|offline|smoke] [--dpo-only|--ppo-only] [--FIELD VALUE ...]``.
+
+Stages: load IMDb -> (offline presets) build or reuse the self-built models -> preference pairs -> DPO ->
+PPO -> final evaluation of reference, DPO and PPO on the same held-out prompts -> results.json and the
+dashboard in evaluation_plots/. Exit codes: 0 done, 1 training diverged, 2 bad input or config,
+130 interrupted (a checkpoint is saved; add --resume to continue).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork no workers; silences the fork warning
+
+from config import Config, ConfigError, parse_config  # noqa: E402
+from run_utils import StopTraining  # noqa: E402
+
+
+def run(cfg: Config, argv: list[str]) -> int:
+    # Heavy imports after parsing, so --help and config errors answer instantly.
+    import dataset
+    import eval_utils
+    import train_dpo
+    import train_ppo
+    from models import load_causal_lm, load_judge, load_tokenizer, max_positions, resolve_device
+    from offline_models import ensure_offline_models
+    from run_utils import seed_everything
+
+    command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
+    if cfg.run.plots_only:
+        path = eval_utils.draw_dashboard(cfg.run.plots_dir)
+        print(f"plots: redrew {path}")
+        return 0
+
+    t_start = time.time()
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.model.device)
+    reviews = dataset.load_reviews(cfg.data.data)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.run.seed)
+    if cfg.model.build_offline_models:
+        cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
+
+    tokenizer = load_tokenizer(cfg.model.policy_model)
+    ref_model = load_causal_lm(cfg.model.policy_model, device)
+    for p in ref_model.parameters():  # the reference is frozen
+        p.requires_grad_(False)
+    if cfg.data.max_length > max_positions(ref_model):
+        raise ConfigError(f"--max_length {cfg.data.max_length} exceeds the model's {max_positions(ref_model)} "
+                          f"positions; lower it")
+    judge_tok, judge = load_judge(cfg.model.judge_model, device)
+    data = dataset.prepare(cfg, tokenizer, train_df, eval_df)
+    print(f"data: {len(data.train_pairs)} training pairs, {len(data.eval_pairs)} held-out pairs, "
+          f"{len(data.eval_prompts)} evaluation prompts; device {device}")
+    kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
+                             cfg.eval.eval_batch_size, device, cfg.run.seed)
+
+    policies, runs = {}, []
+    if not cfg.run.ppo_only:
+        policies["dpo"] = train_dpo.train(cfg, data, kit)
+        runs.append(("dpo", f"beta={cfg.dpo.beta}", policies["dpo"]["model_dir"]))
+    if not cfg.run.dpo_only:
+        policies["ppo"] = train_ppo.train(cfg, data, kit)
+        runs.append(("ppo", f"target_kl={cfg.ppo.target_kl}", policies["ppo"]["model_dir"]))
+    if cfg.run.sweep:
+        for beta in ([] if cfg.run.ppo_only else cfg.eval.sweep_betas):
+            out = train_dpo.train(cfg.replace(dpo={"beta": beta}), data, kit, name=f"sweep/dpo_beta{beta}")
+            runs.append(("dpo", f"beta={beta}", out["model_dir"]))
+        for target in ([] if cfg.run.dpo_only else cfg.eval.sweep_target_kls):
+            out = train_ppo.train(cfg.replace(ppo={"target_kl": target}), data, kit, name=f"sweep/ppo_kl{target}")
+            runs.append(("ppo", f"target_kl={target}", out["model_dir"]))
+
+    results = eval_utils.final_evaluation(cfg, kit, policies, runs, data, n_reviews=len(reviews), command=command)
+    path = eval_utils.draw_dashboard(cfg.run.plots_dir)
+    print(eval_utils.summary_table(results))
+    print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(argv)
+        return run(cfg, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StopTraining as e:
+        print(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Self-built models for the ``offline`` and ``smoke`` presets (no model hub needed).
+
+From the IMDb *training* reviews we build, once, and cache under ``models/offline/<settings hash>/``:
+
+* ``base_lm/`` -- a byte-level BPE tokenizer (``tokenizers``) and a small ``GPT2LMHeadModel`` pre-trained as a
+  causal LM on reviews of both sentiments. It is the reference and the initial policy, as the SFT model is
+  in the DPO paper. Its held-out loss is reported.
+* ``judge/`` -- an uncased WordPiece tokenizer and a ``DistilBertForSequenceClassification`` with labels
+  ``NEGATIVE/POSITIVE`` like the SST-2 judge, trained on the training labels. Its held-out accuracy on full
+  reviews and on 64-token openings is printed and saved in ``judge/accuracy.json``.
+
+Both are written with ``save_pretrained``, so the rest of the code loads them exactly like hub models. A
+directory is built in ``<name>.tmp`` and renamed into place, so an interrupted build leaves nothing half
+written; a build with the same settings is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import ByteLevelBPETokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
+from tqdm.auto import tqdm
+from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          PreTrainedTokenizerFast)
+
+EOS = "<|endoftext|>"
+OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
+
+
+def settings_key(cfg, train_df) -> tuple[str, dict]:
+    """Hash of everything the built models depend on: builder settings, seed and the training reviews."""
+    h = hashlib.sha256()
+    for text in train_df["review"].iloc[:: max(1, len(train_df) // 500)]:
+        h.update(text.encode())
+    settings = {"offline": asdict(cfg.offline), "seed": cfg.run.seed, "n_train_reviews": len(train_df),
+                "data_fingerprint": h.hexdigest()[:16]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return key, settings
+
+
+def _one_cycle(opt, total: int, warmup_frac: float = 0.05):
+    warmup = max(1, int(total * warmup_frac))
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def _atomic_dir(final: Path, build) -> dict:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report = build(tmp)
+    tmp.rename(final)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- base LM
+def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
+    oc, rng = cfg.offline, np.random.default_rng(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    t0 = time.time()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(train_df["review"].tolist(), vocab_size=oc.vocab_size, min_frequency=2,
+                            special_tokens=[EOS], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, pad_token=EOS, model_input_names=["input_ids", "attention_mask"])
+    # Reviews are cut to a few windows' worth of tokens: pre-training sees openings (what prompts are) and
+    # random windows (what continuations look like).
+    cap = 4 * oc.lm_seq_len
+
+    def encode(df):
+        return [t for t in tok(df["review"].tolist(), add_special_tokens=False, truncation=True,
+                               max_length=cap)["input_ids"] if len(t) >= 8]
+
+    train_ids, eval_ids = encode(train_df), encode(eval_df)
+    print(f"offline: tokenizer ({len(tok)} tokens) in {time.time() - t0:.0f}s")
+
+    def batch(ids, n, rng):
+        rows = []
+        for i in rng.integers(0, len(ids), n):
+            t = ids[i]
+            start = 0 if rng.random() < 0.5 or len(t) <= oc.lm_seq_len else int(rng.integers(0, len(t) - oc.lm_seq_len))
+            rows.append(t[start:start + oc.lm_seq_len])
+        L = max(map(len, rows))
+        x = torch.full((n, L), tok.eos_token_id)
+        mask = torch.zeros((n, L), dtype=torch.long)
+        for r, row in enumerate(rows):
+            x[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        return x, mask
+
+    config = GPT2Config(vocab_size=len(tok), n_positions=max(oc.lm_seq_len, cfg.data.max_length), n_embd=oc.lm_n_embd,
+                        n_layer=oc.lm_n_layer, n_head=oc.lm_n_head, bos_token_id=tok.eos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=oc.lm_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    sched = _one_cycle(opt, oc.lm_steps)
+    model.train()
+    bar = tqdm(range(oc.lm_steps), desc="offline: pre-train GPT-2", unit="step")
+    for _ in bar:
+        x, mask = batch(train_ids, oc.lm_batch_size, rng)
+        # labels = input ids with padding set to -100; the model shifts them by one token internally.
+        loss = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.2f}")
+    model.eval()
+    erng = np.random.default_rng(cfg.run.seed + 7)
+    with torch.no_grad():
+        losses = [model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss.item()
+                  for x, m in (batch(eval_ids, 64, erng) for _ in range(8))]
+    report = {"heldout_loss": float(np.mean(losses)), "n_params": sum(p.numel() for p in model.parameters()),
+              "tokens_seen": oc.lm_steps * oc.lm_batch_size * oc.lm_seq_len, "build_s": time.time() - t0}
+    print(f"offline: GPT-2 ({report['n_params'] / 1e6:.1f}M params) held-out loss {report['heldout_loss']:.2f} "
+          f"after {report['tokens_seen'] / 1e6:.2f}M tokens, {report['build_s']:.0f}s")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- judge
+def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
+    oc, rng = cfg.offline, np.random.default_rng(cfg.run.seed + 1)
+    torch.manual_seed(cfg.run.seed + 1)
+    t0 = time.time()
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(train_df["review"].tolist(), vocab_size=oc.judge_vocab_size, min_frequency=2,
+                           show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                  model_max_length=oc.judge_max_length,
+                                  model_input_names=["input_ids", "attention_mask"])
+    L = oc.judge_max_length
+    cls_id, sep_id, pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+
+    def encode(df):  # bodies without [CLS]/[SEP]; batches add them after cropping
+        return tok(df["review"].tolist(), add_special_tokens=False, truncation=True, max_length=L - 2)["input_ids"]
+
+    train_ids, y_train = encode(train_df), torch.tensor(train_df["label"].to_numpy())
+    n_eval = min(oc.judge_eval_size, len(eval_df))
+    eval_ids, y_eval = encode(eval_df.iloc[:n_eval]), torch.tensor(eval_df["label"].to_numpy()[:n_eval])
+
+    def batch(ids, idx, lens):
+        rows = [[cls_id] + ids[i][: n - 2] + [sep_id] for i, n in zip(idx, lens)]
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), pad_id)
+        for r, row in enumerate(rows):
+            x[r, : len(row)] = torch.tensor(row)
+        return x, (x != pad_id).long()
+
+    config = DistilBertConfig(vocab_size=len(tok), dim=oc.judge_dim, n_layers=oc.judge_n_layers, n_heads=4,
+                              hidden_dim=2 * oc.judge_dim, max_position_embeddings=L, pad_token_id=pad_id,
+                              id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model = DistilBertForSequenceClassification(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=oc.judge_lr, weight_decay=0.01)
+    sched = _one_cycle(opt, oc.judge_steps, warmup_frac=0.1)
+    model.train()
+    bar = tqdm(range(oc.judge_steps), desc="offline: train judge", unit="step")
+    for _ in bar:
+        idx = rng.integers(0, len(train_ids), oc.judge_batch_size)
+        # Half full reviews, half short openings: the judge mostly scores 50-token generations.
+        lens = np.where(rng.random(len(idx)) < 0.5, L, rng.integers(12, OPENING_TOKENS + 16, len(idx)))
+        x, mask = batch(train_ids, idx, lens)
+        loss = F.cross_entropy(model(input_ids=x, attention_mask=mask).logits, y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+    def accuracy(n_tokens):
+        hits = []
+        with torch.no_grad():
+            for s in range(0, n_eval, 100):
+                idx = range(s, min(n_eval, s + 100))
+                x, mask = batch(eval_ids, idx, [n_tokens] * len(idx))
+                hits.append(model(input_ids=x, attention_mask=mask).logits.argmax(-1) == y_eval[list(idx)])
+        return float(torch.cat(hits).float().mean())
+
+    report = {"accuracy_full_reviews": accuracy(L), f"accuracy_{OPENING_TOKENS}_token_openings": accuracy(OPENING_TOKENS),
+              "n_heldout": n_eval, "max_length": L, "build_s": time.time() - t0}
+    print(f"offline: judge held-out accuracy {report['accuracy_full_reviews']:.3f} on full reviews (first {L} "
+          f"tokens), {report[f'accuracy_{OPENING_TOKENS}_token_openings']:.3f} on {OPENING_TOKENS}-token openings "
+          f"({n_eval} reviews, {report['build_s']:.0f}s)")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
+    """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``."""
+    key, settings = settings_key(cfg, train_df)
+    root = Path(cfg.run.output_dir) / "offline" / key
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "build_settings.json").write_text(json.dumps(settings, indent=2))
+    paths = {"policy_model": root / "base_lm", "judge_model": root / "judge"}
+    for name, builder in (("policy_model", build_base_lm), ("judge_model", build_judge)):
+        if paths[name].is_dir():
+            print(f"offline: reusing {paths[name]}")
+        else:
+            _atomic_dir(paths[name], lambda tmp, b=builder: b(tmp, cfg, train_df, eval_df))
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,141 @@
+"""Plumbing shared by the training loops: seeding, metrics.jsonl, checkpoints, atomic saves, signals."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class StopTraining(Exception):
+    """Raised to end a run early with a message and an exit code (1: non-finite, 130: interrupted)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one flat JSON dict per step to ``metrics.jsonl``.
+
+    On resume, rows after the checkpoint's step are dropped first, so a resumed run's file ends up equal
+    to an uninterrupted run's.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()] if self.path.exists() else []
+            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in kept))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap ``tmp`` into ``final`` so that at every moment one complete version exists on disk."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_dir(final: Path, write) -> None:
+    """Call ``write(tmp_dir)`` and move the result to ``final``; on any exception ``final`` is untouched."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Atomically write ``state`` (model/optimiser/... state dicts, RNG) as ``checkpoints/step-N``."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step-{step:07d}"
+    atomic_write_dir(final, lambda tmp: torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt"))
+    for old in sorted(ckpt_root.glob("step-???????"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-???????"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(Path(path) / "state.pt", weights_only=False)
+
+
+class SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: give up on the clean exit
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class Timer:
+    """Wall time of a training run that survives resumes (elapsed time is stored in checkpoints)."""
+
+    def __init__(self, already: float = 0.0):
+        self.start, self.already = time.time(), already
+
+    @property
+    def elapsed(self) -> float:
+        return self.already + time.time() - self.start

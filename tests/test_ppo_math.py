@@ -1,0 +1,103 @@
+"""Exact checks of the PPO math (no model)."""
+
+import pytest
+import torch
+
+from ppo_utils import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
+                       value_loss, whiten)
+
+
+def _naive_gae(rewards, values, lengths, gamma, lam):
+    B, T = rewards.shape
+    adv = torch.zeros(B, T)
+    for b in range(B):
+        n = lengths[b]
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv
+
+
+def _mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+def test_gae_matches_a_naive_backwards_loop_with_masks():
+    g = torch.Generator().manual_seed(0)
+    lengths, T = [7, 3, 1, 5], 7
+    rewards, values = torch.randn(4, T, generator=g), torch.randn(4, T, generator=g)
+    mask = _mask(lengths, T)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, gae_lambda=0.8)
+    expected = _naive_gae(rewards, values, lengths, 0.9, 0.8)
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert torch.allclose(ret, (expected + values) * mask, atol=1e-5)
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_gae_with_unit_gamma_lambda_and_zero_values_is_reward_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    mask = _mask([3, 2], 4)
+    adv, _ = gae(rewards, torch.zeros(2, 4), mask, gamma=1.0, gae_lambda=1.0)
+    assert adv.tolist() == [[6.0, 5.0, 3.0, 0.0], [9.0, 5.0, 0.0, 0.0]]
+
+
+def test_score_lands_on_the_last_response_token_and_kl_is_penalised():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -2.0, -2.0]])
+    mask = _mask([3, 1], 3)
+    rewards, kl = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 10.05], [20.0, 0.0, 0.0]]))
+
+
+def test_clipped_policy_loss_at_and_beyond_the_clip_range():
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    eps = 0.2
+    # ratios 1.0, 1.1 (inside), 1.5 (beyond) with positive advantage: the gain is capped at 1 + eps.
+    new = torch.log(torch.tensor([[1.0, 1.1, 1.5]]))
+    adv = torch.ones(1, 3)
+    out = policy_loss(new, old, adv, mask, eps)
+    assert out["pg_loss"].item() == pytest.approx(-(1.0 + 1.1 + 1.2) / 3, rel=1e-6)
+    assert out["clipfrac"].item() == pytest.approx(1 / 3)
+    # negative advantage: the pessimistic max keeps the unclipped 1.5 ratio's loss.
+    out = policy_loss(new, old, -adv, mask, eps)
+    assert out["pg_loss"].item() == pytest.approx((1.0 + 1.1 + 1.5) / 3, rel=1e-6)
+    # exactly at the edge both branches agree
+    edge = policy_loss(torch.log(torch.tensor([[0.8]])), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), eps)
+    assert edge["pg_loss"].item() == pytest.approx(-0.8, rel=1e-6)
+    ratio = torch.tensor([1.0, 1.1, 1.5])
+    assert out["approx_kl"].item() == pytest.approx(((ratio - 1) - ratio.log()).mean().item(), rel=1e-5)
+
+
+def test_clipped_value_loss_matches_formula():
+    old = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[0.1, 1.0]])  # second is beyond the 0.2 clip
+    returns = torch.tensor([[0.5, 0.5]])
+    loss = value_loss(values, old, returns, torch.ones(1, 2), vf_clip_coef=0.2)
+    expected = 0.5 * (max(0.4 ** 2, 0.4 ** 2) + max(0.5 ** 2, 0.3 ** 2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_whiten_zero_mean_unit_variance_on_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, mask)
+    assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert (w[0, :3] ** 2).mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert w[0, 3].item() == 0.0
+
+
+def test_adaptive_kl_controller_moves_towards_target():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, n_steps=10)  # above target: raise
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    high = ctl.value
+    ctl.update(1.0, n_steps=10)  # below target: lower
+    assert ctl.value < high
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.3

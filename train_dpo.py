@@ -1,0 +1,202 @@
+"""DPO training (arXiv:2305.18290): ``train(cfg, data, kit)`` reads top to bottom.
+
+The reference model is never run during training: its log-probs of every training pair are computed once,
+before the first step, while the policy still *is* the reference, and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
+from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_scores
+from models import load_causal_lm
+from run_utils import (MetricsLog, SignalFlag, StopTraining, Timer, atomic_write_dir, latest_checkpoint,
+                       load_checkpoint, save_checkpoint, seed_everything, set_rng_state)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, device, cache_dir: Path,
+                    model_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,), (N,) reference log-probs of the chosen and rejected completions, cached by model + data."""
+    key = hashlib.sha256(json.dumps([model_id, pad_id, [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]])
+                         .encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"ref_logps-{key}.pt"
+    if path.exists():
+        cached = torch.load(path)
+        return cached["chosen"], cached["rejected"]
+    chosen, rejected = [], []
+    for s in tqdm(range(0, len(pairs), batch_size), desc="dpo: reference log-probs", unit="batch", leave=False):
+        batch = {k: v.to(device) for k, v in concatenated_batch(pairs[s:s + batch_size], pad_id).items()}
+        c, r = concatenated_forward(model, batch)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.rename(path)
+    return out["chosen"], out["rejected"]
+
+
+def generated_pairs(cfg, prompts: list[list[int]], kit: EvalKit) -> list[dict]:
+    """Pairs as in the DPO paper: sample several completions per prompt from the reference and let the judge
+    order them; the best is y_w, the worst y_l (prompts whose samples tie are dropped)."""
+    k = cfg.dpo.n_generated_samples
+    samples, scores = [], []
+    for i in tqdm(range(k), desc="dpo: sample pairs from the reference", unit="round"):
+        resp = generate(kit.ref_model, kit.tokenizer, prompts, cfg.data.response_tokens, 1.0, cfg.run.seed + 1000 + i,
+                        kit.batch_size, kit.device)
+        texts = [kit.tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
+        samples.append(resp)
+        scores.append(judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device))
+    scores = np.stack(scores)  # (k, N)
+    best, worst = scores.argmax(0), scores.argmin(0)
+    return [{"prompt": p, "chosen": samples[best[j]][j], "rejected": samples[worst[j]][j]}
+            for j, p in enumerate(prompts) if scores[best[j], j] > scores[worst[j], j]]
+
+
+def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dict:
+    dc, rc = cfg.dpo, cfg.run
+    out_dir = Path(rc.output_dir)
+    run_dir, final_dir = out_dir / "runs" / name, out_dir / name
+    device, tok = kit.device, kit.tokenizer
+    seed_everything(rc.seed)
+    t_setup = time.time()  # the pair sampling and the reference pass count as DPO's training time
+    policy = load_causal_lm(cfg.model.policy_model, device)  # eval mode: dropout off (log-probs must match ref)
+    pairs_per_step = dc.dpo_batch_size * dc.dpo_grad_accum
+
+    # --- preference pairs ---
+    if dc.pair_source == "generated":
+        n_needed = min(len(data.train_prompts), dc.dpo_steps * pairs_per_step)
+        pairs = generated_pairs(cfg, data.train_prompts[:n_needed], kit)
+    else:
+        pairs = data.train_pairs
+    if not pairs:
+        raise StopTraining("dpo: no preference pairs to train on", 2)
+
+    # --- reference log-probs, once (the policy equals the reference before step 1) ---
+    ref_chosen_logps, ref_rejected_logps = reference_logps(
+        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache",
+        f"{cfg.model.policy_model}|{dc.pair_source}|{rc.seed}")
+
+    # --- optimiser: linear warmup, then constant (as the reference implementation) ---
+    opt_cls = torch.optim.RMSprop if dc.dpo_optimizer == "rmsprop" else torch.optim.AdamW
+    opt_kw = {"weight_decay": 0.0} if dc.dpo_optimizer == "adamw" else {}
+    optimizer = opt_cls(policy.parameters(), lr=dc.dpo_lr, **opt_kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (dc.dpo_warmup_steps + 1)))
+
+    # --- resume ---
+    start, timer, consecutive_bad = 0, Timer(time.time() - t_setup), 0
+    ckpt = latest_checkpoint(run_dir) if rc.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, timer, consecutive_bad = state["step"], Timer(state["elapsed"]), state["consecutive_bad"]
+        print(f"dpo: resuming from {ckpt} (step {start})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    cfg.save(run_dir / "training_config.json")
+    if start == 0:
+        metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(range(start + 1, dc.dpo_steps + 1), desc="dpo", unit="step", initial=start, total=dc.dpo_steps)
+    with SignalFlag() as interrupted:
+        for step in bar:
+            t0 = time.time()
+            # Pair order: a fresh seeded permutation every epoch, so step -> batch needs no saved state.
+            first = (step - 1) * pairs_per_step
+            epoch, offset = divmod(first, len(pairs))
+            order = np.concatenate([np.random.default_rng([rc.seed, epoch + e]).permutation(len(pairs))
+                                    for e in range(math.ceil((offset + pairs_per_step) / len(pairs)))])
+            idx = order[offset:offset + pairs_per_step].tolist()
+
+            # --- update ---
+            stats = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                      "logps/chosen", "logps/rejected")}
+            for micro in range(dc.dpo_grad_accum):
+                mb = idx[micro * dc.dpo_batch_size:(micro + 1) * dc.dpo_batch_size]
+                batch = {k: v.to(device) for k, v in concatenated_batch([pairs[i] for i in mb], tok.pad_token_id).items()}
+                with autocast:
+                    policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[mb].to(device),
+                    ref_rejected_logps[mb].to(device), dc.beta, dc.loss_type, dc.label_smoothing)
+                loss = losses.mean()
+                if step in rc.debug_nan_steps:  # test hook for the non-finite guard below
+                    loss = loss * float("nan")
+                (loss / dc.dpo_grad_accum).backward()
+                for k, v in (("loss", loss.detach()), ("rewards/chosen", chosen_rewards.mean()),
+                             ("rewards/rejected", rejected_rewards.mean()),
+                             ("rewards/accuracies", (chosen_rewards > rejected_rewards).float().mean()),
+                             ("logps/chosen", policy_chosen_logps.detach().mean()),
+                             ("logps/rejected", policy_rejected_logps.detach().mean())):
+                    stats[k] += v.item() / dc.dpo_grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item()
+            # Non-finite guard: never let one bad batch poison the weights or the optimiser moments.
+            finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                consecutive_bad = 0
+            else:
+                consecutive_bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            # --- log ---
+            row = {"step": step, **stats, "rewards/margins": stats["rewards/chosen"] - stats["rewards/rejected"],
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": int(not finite),
+                   "pairs_per_s": pairs_per_step / (time.time() - t0)}
+            if step % dc.dpo_eval_every == 0 or step == dc.dpo_steps:
+                row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
+            row["time_s"] = timer.elapsed
+            metrics.log(row)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
+            if step % rc.log_every == 0 or "eval/safety_score" in row:
+                extra = (f" | safety {row['eval/safety_score']:.3f} kl {row['eval/kl_to_ref']:.2f}"
+                         if "eval/safety_score" in row else "")
+                tqdm.write(f"dpo step {step}: loss {stats['loss']:.4f} margin {row['rewards/margins']:.3f} "
+                           f"acc {stats['rewards/accuracies']:.2f} {row['pairs_per_s']:.1f} pairs/s{extra}")
+
+            # --- checkpoint ---
+            if step % rc.save_every == 0 or interrupted.signum or consecutive_bad >= rc.max_nonfinite_skips:
+                good = consecutive_bad < rc.max_nonfinite_skips
+                if good:
+                    save_checkpoint(run_dir, step, {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                    "scheduler": scheduler.state_dict(), "elapsed": timer.elapsed,
+                                                    "consecutive_bad": consecutive_bad}, rc.keep_checkpoints)
+                if not good:
+                    raise StopTraining(f"dpo: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                                       f"(last at step {step}); lower --dpo_lr, the last good checkpoint is "
+                                       f"{latest_checkpoint(run_dir)}", 1)
+                if interrupted.signum:
+                    raise StopTraining(f"dpo: interrupted at step {step}; checkpoint saved. Resume with the same "
+                                       f"command plus --resume", 130)
+
+    # --- save (atomic: a crash here never leaves a half-written model nor destroys the previous one) ---
+    train_time = timer.elapsed
+    policy.eval()
+
+    def write(tmp: Path):
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        cfg.save(tmp / "training_config.json")
+        (tmp / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        (tmp / "train_summary.json").write_text(json.dumps(
+            {"method": "dpo", "train_time_s": train_time, "steps": dc.dpo_steps, "pairs": len(pairs)}, indent=2))
+
+    atomic_write_dir(final_dir, write)
+    print(f"dpo: saved {final_dir} ({train_time:.0f}s of training)")
+    return {"model_dir": str(final_dir), "train_time_s": train_time, "policy": policy}
