@@ -304,11 +304,10 @@ PRESETS = {name: _preset(name) for name in PRESET_NAMES}
 
 
 class _Parser(HfArgumentParser):
-    """argparse reports a bad flag as one line and exit code 2, not a usage dump."""
+    """A bad flag becomes a ConfigError (one line, exit code 2 in main.py), not a usage dump."""
 
     def error(self, message):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        raise SystemExit(2)
+        raise ConfigError(f"{message} (see --help)")
 
 
 def make_parser() -> _Parser:
@@ -328,11 +327,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     # The preset's values become argparse defaults, so only the flags actually given override them.
     parser.set_defaults(**{k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()})
     try:
-        parts = parser.parse_args_into_dataclasses(args=argv)
+        *parts, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(str(e)) from None
+    if rest:
+        raise ConfigError(f"unrecognized argument(s): {' '.join(rest)} (see --help)")
     return Config(**dict(zip(SECTIONS, parts)))
 
 

@@ -1,0 +1,63 @@
+"""Presets, overrides and validation of the command line."""
+
+import pytest
+
+from config import PRESETS, Config, ConfigError, parse_config
+from conftest import run_main
+from main import main
+
+
+def test_default_preset_is_paper_with_hub_models():
+    cfg = parse_config([])
+    assert cfg.run.preset == "paper"
+    assert cfg.model.policy_model == "distilgpt2"
+    assert cfg.model.judge_model == "distilbert-base-uncased-finetuned-sst-2-english"
+    assert not cfg.model.build_offline_models and cfg.data.max_reviews is None
+
+
+def test_overrides_apply_on_top_of_the_preset():
+    cfg = parse_config(["--preset", "smoke", "--beta", "0.5", "--dpo_steps", "200", "--temperatures", "0.5", "1.5"])
+    assert cfg.dpo.beta == 0.5 and cfg.dpo.dpo_steps == 200 and cfg.eval.temperatures == [0.5, 1.5]
+    assert cfg.data.max_reviews == PRESETS["smoke"].data.max_reviews  # untouched fields keep the preset's value
+    assert parse_config(["--preset", "smoke", "--dpo-only"]).run.dpo_only  # dashed alias of --dpo_only
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = PRESETS["offline"]
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(dpo={"beta": 0.3}).dpo.beta == 0.3
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--beta", "0"], "beta"),
+    (["--beta", "-1"], "beta"),
+    (["--dpo_batch_size", "0"], "dpo_batch_size"),
+    (["--max_length", "5"], "max_length"),
+    (["--max_length", "20", "--response_tokens", "48"], "max_length"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--dpo-only", "--ppo-only"], "exclude"),
+    (["--loss_type", "hinge"], "loss_type"),
+    (["--no-such-flag", "1"], "unrecognized"),
+])
+def test_invalid_values_exit_2_with_one_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ConfigError):
+        parse_config(["--ppo_batch_size", "10", "--ppo_mini_batch_size", "4"])
+
+
+def test_cli_help_lists_the_flags():
+    proc = run_main("--help")
+    assert proc.returncode == 0
+    for flag in ("--preset", "--dpo-only", "--ppo-only", "--plots-only", "--data", "--beta", "--dpo_steps",
+                 "--loss_type", "--pair_source", "--ppo_reward", "--target_kl", "--sweep", "--resume"):
+        assert flag in proc.stdout, flag
+
+
+def test_unknown_preset_from_the_real_cli():
+    proc = run_main("--preset", "gigantic")
+    assert proc.returncode == 2 and "unknown preset" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,142 @@
+"""IMDb loading (every bad input), the split and the preference-pair invariants."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from config import ConfigError, DataConfig
+from conftest import run_main, synthetic_reviews
+from dataset import build_pairs, build_prompts, clean_review, load_reviews, split_reviews
+
+
+def write_csv(tmp_path, df, name="reviews.csv"):
+    path = tmp_path / name
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_csv_loads_cleans_markup_and_maps_labels(tmp_path):
+    df = pd.DataFrame({"Review": ["Great<br />film<br/>!", "bad", "ok fine", "meh"],
+                       "Sentiment": ["POSITIVE", "negative", "1", "0"]})
+    out = load_reviews(str(write_csv(tmp_path, df)), verbose=False)
+    assert out["review"].tolist() == ["Great film !", "bad", "ok fine", "meh"]
+    assert out["label"].tolist() == [1, 0, 1, 0]
+
+
+def test_clean_review_strips_br_variants():
+    assert clean_review("  a<br /><br />b<BR>c  ") == "a b c"
+
+
+def test_aclimdb_folder(tmp_path):
+    for split in ("train", "test"):
+        for sub, text in (("pos", "lovely<br />film"), ("neg", "awful film")):
+            d = tmp_path / "aclImdb" / split / sub
+            d.mkdir(parents=True)
+            (d / "0_9.txt").write_text(text, encoding="utf-8")
+    out = load_reviews(str(tmp_path), verbose=False)
+    assert len(out) == 4 and sorted(out["label"].tolist()) == [0, 0, 1, 1]
+    assert "lovely film" in out["review"].tolist()
+
+
+def test_empty_reviews_are_dropped_and_counted(tmp_path, capsys):
+    df = pd.DataFrame({"review": ["good", "", "<br />", "bad"], "sentiment": ["positive"] * 2 + ["negative"] * 2})
+    out = load_reviews(str(write_csv(tmp_path, df)))
+    assert len(out) == 2
+    assert "dropped 2 empty review" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"review,sentiment\n\xff\xfe bad bytes,positive\n", "not UTF-8"),
+    (b"", "empty"),
+    (b'review,sentiment\n"unterminated,positive\n', "not a valid CSV"),
+    (b"text,label\nhello,positive\n", "lacks column(s) review, sentiment (found: text, label)"),
+    (b"review,sentiment\nhello,positive\nbye,meh\nhi,meh\nyo,great\n", "3 row(s) have unknown sentiment labels"),
+])
+def test_bad_files_raise_one_line_errors(tmp_path, content, words):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_reviews(str(path), verbose=False)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_labels_are_named(tmp_path):
+    df = pd.DataFrame({"review": ["a", "b", "c"], "sentiment": ["positive", "meh", "great"]})
+    with pytest.raises(ConfigError, match=r"'meh'.*'great'|'great'.*'meh'"):
+        load_reviews(str(write_csv(tmp_path, df)), verbose=False)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_reviews(str(tmp_path / "nope.csv"))
+
+
+def test_bad_inputs_through_main_exit_2_and_keep_existing_outputs(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,positive\n")
+    models, plots = tmp_path / "models", tmp_path / "plots"
+    models.mkdir()
+    plots.mkdir()
+    (plots / "results.json").write_text('{"keep": true}')
+    (models / "marker").write_text("previous run")
+    for args in (["--data", str(bad)], ["--data", str(tmp_path / "missing.csv")]):
+        proc = run_main("--preset", "smoke", *args, "--output_dir", str(models), "--plots_dir", str(plots))
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (plots / "results.json").read_text() == '{"keep": true}'
+    assert sorted(p.name for p in models.iterdir()) == ["marker"]
+
+
+def test_too_few_reviews_for_pairs(tmp_path, tiny_tokenizer):
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(40))), verbose=False)
+    with pytest.raises(ConfigError, match="preference pair"):
+        build_pairs(df, tiny_tokenizer, DataConfig(), seed=0, n_pairs=1000)
+    only_pos = df[df.label == 1]
+    with pytest.raises(ConfigError, match="0 negative"):
+        build_pairs(only_pos, tiny_tokenizer, DataConfig(), seed=0)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(100))), verbose=False)
+    cfg = DataConfig(eval_fraction=0.2)
+    a_train, a_eval = split_reviews(df, cfg, seed=3)
+    b_train, b_eval = split_reviews(df, cfg, seed=3)
+    c_train, _ = split_reviews(df, cfg, seed=4)
+    assert a_train.equals(b_train) and a_eval.equals(b_eval)
+    assert not a_train.equals(c_train)
+    assert len(a_eval) == 20 and not set(a_train.review) & set(a_eval.review)
+
+
+def test_pair_invariants(tmp_path, tiny_tokenizer):
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(120))), verbose=False)
+    cfg = DataConfig(prompt_min_tokens=2, prompt_max_tokens=8, response_tokens=10, max_length=20)
+    pairs = build_pairs(df, tiny_tokenizer, cfg, seed=0)
+    assert len(pairs) == 60
+    ids = {r: tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in df.review}
+    pos_ids = [ids[r] for r in df.review[df.label == 1]]
+    neg_ids = [ids[r] for r in df.review[df.label == 0]]
+    from_pos = 0
+    for p in pairs:
+        k = len(p["prompt"])
+        assert 2 <= k <= 8
+        assert 1 <= len(p["chosen"]) <= 10 and 1 <= len(p["rejected"]) <= 10
+        # winner continues a positive review after its first k tokens, loser a negative one
+        assert any(t[k:k + 10] == p["chosen"] for t in pos_ids)
+        assert any(t[k:k + 10] == p["rejected"] for t in neg_ids)
+        # the prompt is the opening of one of the two reviews
+        win_src = [t for t in pos_ids if t[k:k + 10] == p["chosen"]]
+        from_pos += any(t[:k] == p["prompt"] for t in win_src)
+    assert 0.2 < from_pos / len(pairs) < 0.8  # prompts come from both sentiments
+    assert build_pairs(df, tiny_tokenizer, cfg, seed=0) == pairs  # deterministic
+
+
+def test_eval_prompts_come_from_held_out_reviews(tmp_path, tiny_tokenizer):
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(100))), verbose=False)
+    cfg = DataConfig()
+    _, eval_df = split_reviews(df, cfg, seed=0)
+    prompts = build_prompts(eval_df, tiny_tokenizer, cfg, seed=0, n=30)
+    openings = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in eval_df.review]
+    assert len(prompts) == 30
+    assert all(any(o[: len(p)] == p for o in openings) for p in prompts)
+    assert all(2 <= len(p) <= 8 for p in prompts)
+    assert np.mean([len(p) for p in prompts]) > 2

@@ -1,0 +1,92 @@
+"""End-to-end runs of ``main.py --preset smoke`` (real IMDb data, self-built tiny models)."""
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import require_imdb, run_main
+from eval_utils import read_metrics
+
+DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm", "lr", "pairs_per_s"}
+PPO_KEYS = {"losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac", "objective/kl",
+            "objective/kl_coef", "objective/score", "objective/rlhf_reward", "charts/tokens_per_s"}
+EVAL_KEYS = {"eval/safety_score", "eval/positive_rate", "eval/kl_to_ref"}
+MODEL_KEYS = {"safety_score", "positive_rate", "kl_to_ref", "train_time_s", "win_rate_vs_ref"}
+
+
+def test_offline_builders_write_loadable_models(smoke_run):
+    built = list((smoke_run["dir"] / "models" / "offline").glob("*/"))
+    assert len(built) == 1
+    AutoModelForCausalLM.from_pretrained(built[0] / "base_lm")
+    judge = AutoModelForSequenceClassification.from_pretrained(built[0] / "judge")
+    assert set(judge.config.id2label.values()) == {"NEGATIVE", "POSITIVE"}
+    acc = json.loads((built[0] / "judge" / "accuracy.json").read_text())
+    assert 0 <= acc["accuracy_full_reviews"] <= 1 and "accuracy_64_token_openings" in acc
+    assert "held-out loss" in smoke_run["proc"].stdout and "judge held-out accuracy" in smoke_run["proc"].stdout
+
+
+def test_dpo_model_metrics_and_learning(smoke_run):
+    d = smoke_run["dir"] / "models" / "dpo_toxic_reduced_model"
+    AutoModelForCausalLM.from_pretrained(d)
+    assert (d / "training_config.json").exists() and (d / "train_summary.json").exists()
+    rows = read_metrics(d / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert all(DPO_KEYS <= set(r) for r in steps)
+    assert any(EVAL_KEYS <= set(r) for r in rows) and rows[0]["step"] == 0
+    last = steps[-10:]
+    assert sum(r["rewards/accuracies"] for r in last) / len(last) > 0.5
+    assert last[-1]["rewards/margins"] > 0
+
+
+def test_ppo_model_and_metrics(smoke_run):
+    d = smoke_run["dir"] / "models" / "ppo_toxic_reduced_model"
+    AutoModelForCausalLM.from_pretrained(d)
+    rows = [r for r in read_metrics(d / "metrics.jsonl") if "objective/kl" in r]
+    assert rows and all(PPO_KEYS <= set(r) for r in rows)
+    assert (smoke_run["dir"] / "models" / "reward_model" / "rm_report.json").exists()
+
+
+def test_results_json_and_dashboard(smoke_run):
+    res = smoke_run["results"]
+    for key in ("preset", "policy_model", "judge_model", "n_reviews", "seed", "frontier"):
+        assert key in res
+    for name in ("reference", "dpo", "ppo"):
+        assert MODEL_KEYS <= set(res[name])
+        assert set(res[name]["win_rate_vs_ref"]) == {str(t) for t in res["temperatures"]}
+    assert res["reference"]["kl_to_ref"] == 0.0
+    assert res["frontier"]["points"] and set(res["frontier"]["envelope"]) == {"dpo", "ppo"}
+    png = smoke_run["dir"] / "plots" / "dpo_results_dashboard.png"
+    w, h = Image.open(png).size
+    assert w >= 1000 and h >= 700
+    for name in ("learning_curve", "pareto_frontier", "temperature_robustness", "final_metrics"):
+        assert (smoke_run["dir"] / "plots" / f"{name}.png").exists()
+
+
+def test_plots_only_redraws_from_files(smoke_run):
+    plots = smoke_run["dir"] / "plots"
+    png = plots / "dpo_results_dashboard.png"
+    os.utime(png, (0, 0))
+    proc = run_main("--plots-only", "--plots_dir", str(plots))
+    assert proc.returncode == 0, proc.stderr
+    assert png.stat().st_mtime > 0
+    empty = smoke_run["dir"] / "no_plots"
+    proc = run_main("--plots-only", "--plots_dir", str(empty))
+    assert proc.returncode == 2 and "results.json" in proc.stderr
+
+
+def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
+    require_imdb()
+    for flag, present, absent in (("--dpo-only", "dpo", "ppo"), ("--ppo-only", "ppo", "dpo")):
+        plots = tmp_path / flag.strip("-")
+        # reuse the smoke run's offline models (same settings: no rebuild)
+        proc = run_main("--preset", "smoke", flag, "--output_dir", str(smoke_run["dir"] / "models"),
+                        "--plots_dir", str(plots))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "reusing" in proc.stdout
+        res = json.loads((plots / "results.json").read_text())
+        assert present in res and absent not in res
+        assert Path(plots / "dpo_results_dashboard.png").stat().st_size > 10_000
