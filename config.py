@@ -20,7 +20,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal
 
 from transformers import HfArgumentParser
 
@@ -61,18 +61,20 @@ class ModelConfig:
 class OfflineConfig:
     vocab_size: int = _f(8192, "Byte-level BPE vocabulary size of the self-built tokenizer.")
     lm_n_layer: int = _f(4, "Transformer blocks of the self-built GPT-2.")
-    lm_n_embd: int = _f(256, "Width of the self-built GPT-2.")
+    lm_n_embd: int = _f(192, "Width of the self-built GPT-2.")
     lm_n_head: int = _f(4, "Attention heads of the self-built GPT-2.")
     lm_seq_len: int = _f(64, "Tokens per pre-training sequence (review openings and random windows).")
-    lm_steps: int = _f(1200, "Pre-training steps of the self-built GPT-2.")
+    lm_steps: int = _f(900, "Pre-training steps of the self-built GPT-2.")
     lm_batch_size: int = _f(32, "Sequences per pre-training step.")
     lm_lr: float = _f(2e-3, "Peak learning rate of pre-training (one-cycle schedule).")
     judge_vocab_size: int = _f(16000, "Uncased WordPiece vocabulary of the self-built judge.")
     judge_n_layers: int = _f(1, "Transformer layers of the self-built DistilBERT judge.")
     judge_dim: int = _f(128, "Width of the self-built judge.")
     judge_max_length: int = _f(256, "Judge input length: longer texts are truncated.")
-    judge_steps: int = _f(1500, "Training steps of the judge.")
-    judge_batch_size: int = _f(64, "Reviews per judge training step.")
+    judge_steps: int = _f(900, "Training steps of the judge.")
+    judge_batch_size: int = _f(128, "Reviews per judge training step.")
+    judge_full_fraction: float = _f(0.2, "Share of each judge batch that is a whole review (up to "
+                                    "judge_max_length tokens); the rest are 16-96-token openings.")
     judge_lr: float = _f(2e-3, "Peak learning rate of the judge (one-cycle schedule).")
     judge_eval_size: int = _f(2000, "Held-out reviews used to report the judge's accuracy.")
 
@@ -84,20 +86,21 @@ class OfflineConfig:
         _check(self.lm_n_embd % self.lm_n_head == 0,
                f"--lm_n_embd {self.lm_n_embd} must be divisible by --lm_n_head {self.lm_n_head}")
         _check(self.lm_lr > 0 and self.judge_lr > 0, "--lm_lr and --judge_lr must be > 0")
+        _check(0 <= self.judge_full_fraction <= 1, "--judge_full_fraction must be in [0, 1]")
 
 
 @dataclass
 class DataConfig:
-    data: Optional[str] = _f(None, "IMDb CSV (review,sentiment) or extracted aclImdb/ folder. Default: "
+    data: str | None = _f(None, "IMDb CSV (review,sentiment) or extracted aclImdb/ folder. Default: "
                              "data/IMDB Dataset.csv, else the hub dataset stanfordnlp/imdb.")
-    max_reviews: Optional[int] = _f(None, "Use only this many reviews (a seeded sample); None = all.")
+    max_reviews: int | None = _f(None, "Use only this many reviews (a seeded sample); None = all.")
     eval_fraction: float = _f(0.1, "Fraction of reviews held out: evaluation prompts and held-out pairs.")
     prompt_min_tokens: int = _f(2, "Shortest prompt: a review opening of this many tokens.")
     prompt_max_tokens: int = _f(8, "Longest prompt (as in the DPO paper's IMDb task: 2-8 tokens).")
     response_tokens: int = _f(48, "Completion length in tokens: dataset completions are truncated to it "
                               "and generation samples exactly this many new tokens.")
     max_length: int = _f(64, "Cap on prompt + completion tokens.")
-    n_pairs: Optional[int] = _f(None, "Training preference pairs; None = as many as the data allows.")
+    n_pairs: int | None = _f(None, "Training preference pairs; None = as many as the data allows.")
 
     def __post_init__(self):
         _check(self.max_reviews is None or self.max_reviews >= 20,
@@ -163,7 +166,7 @@ class PPOConfig:
     gamma: float = _f(1.0, "Discount factor.")
     gae_lambda: float = _f(0.95, "GAE lambda.")
     init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the per-token KL penalty.")
-    target_kl: Optional[float] = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
+    target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); None keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
     ppo_eval_every: int = _f(10, "Evaluate on the held-out prompts every this many iterations (and at end).")
@@ -257,10 +260,10 @@ class Config:
             json.dump(self.to_dict(), fh, indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS})
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         """A copy with some fields changed, e.g. ``cfg.replace(dpo={"beta": 0.5})``; re-validated."""
         d = self.to_dict()
         for name, changes in sections.items():
@@ -283,6 +286,8 @@ def _preset(name: str) -> Config:
     if name == "offline":
         return Config(
             model=ModelConfig(build_offline_models=True),
+            # 200 steps x 16 pairs: DPO sees each of the 3,200 pairs once; the reward model trains on the same.
+            data=DataConfig(n_pairs=3200),
             run=RunConfig(preset="offline"))
     if name == "smoke":
         return Config(
@@ -291,7 +296,7 @@ def _preset(name: str) -> Config:
                                   lm_batch_size=16, judge_vocab_size=600, judge_n_layers=1, judge_dim=32,
                                   judge_max_length=64, judge_steps=30, judge_batch_size=16, judge_eval_size=40),
             data=DataConfig(max_reviews=400, response_tokens=16, max_length=24),
-            dpo=DPOConfig(dpo_steps=12, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=6),
+            dpo=DPOConfig(dpo_steps=40, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=10),
             ppo=PPOConfig(rm_steps=10, rm_batch_size=8, rm_lr=1e-3, ppo_steps=4, ppo_batch_size=16,
                           ppo_mini_batch_size=8, ppo_epochs=2, ppo_lr=1e-3, ppo_eval_every=2),
             eval=EvalConfig(n_eval_prompts=16, eval_batch_size=16, temperatures=[0.5, 1.0], n_examples=2,
@@ -348,4 +353,4 @@ def sanity_check_unique_fields() -> None:
 
 
 sanity_check_unique_fields()
-__all__ = ["Config", "ConfigError", "PRESETS", "parse_config", "make_parser", "dataclasses"]
+__all__ = ["PRESETS", "Config", "ConfigError", "dataclasses", "make_parser", "parse_config"]

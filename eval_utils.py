@@ -209,8 +209,8 @@ def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, st
             results[name] = _model_entry(kit, cfg, kit.ref_model, 0.0)
         else:
             results[name] = _model_entry(kit, cfg, policies[name]["policy"], policies[name]["train_time_s"])
-    results["runs"] = [{"method": m, "label": label, "main": i < len(policies), "metrics": str(Path(d) / "metrics.jsonl")}
-                       for i, (m, label, d) in enumerate(runs)]
+    results["runs"] = [{"method": m, "label": label, "main": i < len(policies),
+                        "metrics": str(Path(d) / "metrics.jsonl")} for i, (m, label, d) in enumerate(runs)]
     points = [{"method": r["method"], "label": r["label"], "step": row["step"], "kl": row["eval/kl_to_ref"],
                "safety": row["eval/safety_score"]}
               for r in results["runs"] for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]

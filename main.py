@@ -15,8 +15,8 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork no workers; silences the fork warning
 
-from config import Config, ConfigError, parse_config  # noqa: E402
-from run_utils import StopTraining  # noqa: E402
+from config import Config, ConfigError, parse_config
+from run_utils import StopTraining
 
 
 def run(cfg: Config, argv: list[str]) -> int:

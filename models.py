@@ -81,6 +81,12 @@ def load_judge(name: str, device: torch.device | str = "cpu"):
     return tok, model
 
 
+def autocast(device):
+    """bf16 autocast on CUDA (the H100/A100 fast path); a no-op elsewhere, where we train in fp32."""
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+
+
 def max_positions(model) -> int:
     cfg = model.config
     return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))

@@ -1,13 +1,13 @@
 """Self-built models for the ``offline`` and ``smoke`` presets (no model hub needed).
 
-From the IMDb *training* reviews we build, once, and cache under ``models/offline/<settings hash>/``:
+From the IMDb *training* reviews we build, once, and cache under ``models/offline/``:
 
-* ``base_lm/`` -- a byte-level BPE tokenizer (``tokenizers``) and a small ``GPT2LMHeadModel`` pre-trained as a
+* ``base_lm-<hash>/`` -- a byte-level BPE tokenizer (``tokenizers``) and a small ``GPT2LMHeadModel`` pre-trained as a
   causal LM on reviews of both sentiments. It is the reference and the initial policy, as the SFT model is
   in the DPO paper. Its held-out loss is reported.
-* ``judge/`` -- an uncased WordPiece tokenizer and a ``DistilBertForSequenceClassification`` with labels
+* ``judge-<hash>/`` -- an uncased WordPiece tokenizer and a ``DistilBertForSequenceClassification`` with labels
   ``NEGATIVE/POSITIVE`` like the SST-2 judge, trained on the training labels. Its held-out accuracy on full
-  reviews and on 64-token openings is printed and saved in ``judge/accuracy.json``.
+  reviews and on 64-token openings is printed and saved in ``accuracy.json`` beside it.
 
 Both are written with ``save_pretrained``, so the rest of the code loads them exactly like hub models. A
 directory is built in ``<name>.tmp`` and renamed into place, so an interrupted build leaves nothing half
@@ -30,19 +30,28 @@ import torch.nn.functional as F
 from tokenizers import ByteLevelBPETokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 from tqdm.auto import tqdm
-from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
 
 
-def settings_key(cfg, train_df) -> tuple[str, dict]:
-    """Hash of everything the built models depend on: builder settings, seed and the training reviews."""
+def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
+    """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
+    starting with ``prefix``), seed and the training reviews. Changing the judge never rebuilds the LM."""
     h = hashlib.sha256()
     for text in train_df["review"].iloc[:: max(1, len(train_df) // 500)]:
         h.update(text.encode())
-    settings = {"offline": asdict(cfg.offline), "seed": cfg.run.seed, "n_train_reviews": len(train_df),
+    own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
+    if prefix == "lm_":  # the tokenizer and the context length belong to the LM
+        own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
+    settings = {"settings": own, "seed": cfg.run.seed, "n_train_reviews": len(train_df),
                 "data_fingerprint": h.hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return key, settings
@@ -105,7 +114,10 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
 
     config = GPT2Config(vocab_size=len(tok), n_positions=max(oc.lm_seq_len, cfg.data.max_length), n_embd=oc.lm_n_embd,
                         n_layer=oc.lm_n_layer, n_head=oc.lm_n_head, bos_token_id=tok.eos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
+                        # No dropout: the model is far from overfitting in this budget, and DPO/PPO run it
+                        # with dropout off anyway. Attention dropout alone cost ~40% of each CPU step.
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=oc.lm_lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = _one_cycle(opt, oc.lm_steps)
@@ -168,6 +180,9 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
 
     config = DistilBertConfig(vocab_size=len(tok), dim=oc.judge_dim, n_layers=oc.judge_n_layers, n_heads=4,
                               hidden_dim=2 * oc.judge_dim, max_position_embeddings=L, pad_token_id=pad_id,
+                              # attention dropout samples a (B, heads, L, L) mask: over half the CPU time of a
+                              # 256-token step, for little regularisation in a 1-layer model
+                              attention_dropout=0.0,
                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     model = DistilBertForSequenceClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=oc.judge_lr, weight_decay=0.01)
@@ -176,8 +191,8 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     bar = tqdm(range(oc.judge_steps), desc="offline: train judge", unit="step")
     for _ in bar:
         idx = rng.integers(0, len(train_ids), oc.judge_batch_size)
-        # Half full reviews, half short openings: the judge mostly scores 50-token generations.
-        lens = np.where(rng.random(len(idx)) < 0.5, L, rng.integers(12, OPENING_TOKENS + 16, len(idx)))
+        # Mostly short openings, some whole reviews: the judge mostly scores ~50-token generations.
+        lens = np.where(rng.random(len(idx)) < oc.judge_full_fraction, L, rng.integers(16, 96, len(idx)))
         x, mask = batch(train_ids, idx, lens)
         loss = F.cross_entropy(model(input_ids=x, attention_mask=mask).logits, y_train[idx])
         opt.zero_grad(set_to_none=True)
@@ -196,7 +211,8 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
                 hits.append(model(input_ids=x, attention_mask=mask).logits.argmax(-1) == y_eval[list(idx)])
         return float(torch.cat(hits).float().mean())
 
-    report = {"accuracy_full_reviews": accuracy(L), f"accuracy_{OPENING_TOKENS}_token_openings": accuracy(OPENING_TOKENS),
+    report = {"accuracy_full_reviews": accuracy(L),
+              f"accuracy_{OPENING_TOKENS}_token_openings": accuracy(OPENING_TOKENS),
               "n_heldout": n_eval, "max_length": L, "build_s": time.time() - t0}
     print(f"offline: judge held-out accuracy {report['accuracy_full_reviews']:.3f} on full reviews (first {L} "
           f"tokens), {report[f'accuracy_{OPENING_TOKENS}_token_openings']:.3f} on {OPENING_TOKENS}-token openings "
@@ -208,15 +224,23 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
 
 
 def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
-    """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``."""
-    key, settings = settings_key(cfg, train_df)
-    root = Path(cfg.run.output_dir) / "offline" / key
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "build_settings.json").write_text(json.dumps(settings, indent=2))
-    paths = {"policy_model": root / "base_lm", "judge_model": root / "judge"}
-    for name, builder in (("policy_model", build_base_lm), ("judge_model", build_judge)):
-        if paths[name].is_dir():
-            print(f"offline: reusing {paths[name]}")
-        else:
-            _atomic_dir(paths[name], lambda tmp, b=builder: b(tmp, cfg, train_df, eval_df))
+    """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``.
+
+    Each lives in ``models/offline/<kind>-<settings hash>/`` with its settings in ``build_settings.json``.
+    """
+    root = Path(cfg.run.output_dir) / "offline"
+    paths = {}
+    for name, kind, prefix, builder in (("policy_model", "base_lm", "lm_", build_base_lm),
+                                        ("judge_model", "judge", "judge_", build_judge)):
+        key, settings = settings_key(cfg, train_df, prefix)
+        path = paths[name] = root / f"{kind}-{key}"
+        if path.is_dir():
+            print(f"offline: reusing {path}")
+            continue
+
+        def build(tmp, b=builder, settings=settings):
+            (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))
+            return b(tmp, cfg, train_df, eval_df)
+
+        _atomic_dir(path, build)
     return {k: str(v) for k, v in paths.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -42,6 +43,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_indices(step: int, batch: int, n: int, seed: list[int]) -> list[int]:
+    """Indices of the ``batch`` items used at ``step`` (1-based): epochs are seeded permutations of
+    ``range(n)`` walked in order. A pure function of the step, so resuming needs no saved data position."""
+    first = (step - 1) * batch
+    epoch, offset = divmod(first, n)
+    n_epochs = math.ceil((offset + batch) / n)
+    order = np.concatenate([np.random.default_rng([*seed, epoch + e]).permutation(n) for e in range(n_epochs)])
+    return order[offset:offset + batch].tolist()
+
+
 class MetricsLog:
     """Appends one flat JSON dict per step to ``metrics.jsonl``.
 
@@ -56,7 +67,14 @@ class MetricsLog:
             self.path.write_text("")
         else:
             rows = [r for r in self.path.read_text().splitlines() if r.strip()] if self.path.exists() else []
-            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            kept = []
+            for r in rows:
+                try:
+                    row = json.loads(r)
+                except json.JSONDecodeError:  # the line being written when the process was killed
+                    continue
+                if row["step"] <= resume_step:
+                    kept.append(r)
             self.path.write_text("".join(r + "\n" for r in kept))
 
     def log(self, row: dict) -> None:

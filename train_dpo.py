@@ -18,9 +18,20 @@ from tqdm.auto import tqdm
 
 from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_scores
-from models import load_causal_lm
-from run_utils import (MetricsLog, SignalFlag, StopTraining, Timer, atomic_write_dir, latest_checkpoint,
-                       load_checkpoint, save_checkpoint, seed_everything, set_rng_state)
+from models import autocast, load_causal_lm
+from run_utils import (
+    MetricsLog,
+    SignalFlag,
+    StopTraining,
+    Timer,
+    atomic_write_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    step_indices,
+)
 
 
 @torch.no_grad()
@@ -36,7 +47,9 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     chosen, rejected = [], []
     for s in tqdm(range(0, len(pairs), batch_size), desc="dpo: reference log-probs", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in concatenated_batch(pairs[s:s + batch_size], pad_id).items()}
-        c, r = concatenated_forward(model, batch)
+        # Same precision as the training forward, so that at step 1 policy and reference log-probs agree.
+        with autocast(device):
+            c, r = concatenated_forward(model, batch)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
@@ -111,25 +124,20 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dic
     if start == 0:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(range(start + 1, dc.dpo_steps + 1), desc="dpo", unit="step", initial=start, total=dc.dpo_steps)
     with SignalFlag() as interrupted:
         for step in bar:
             t0 = time.time()
-            # Pair order: a fresh seeded permutation every epoch, so step -> batch needs no saved state.
-            first = (step - 1) * pairs_per_step
-            epoch, offset = divmod(first, len(pairs))
-            order = np.concatenate([np.random.default_rng([rc.seed, epoch + e]).permutation(len(pairs))
-                                    for e in range(math.ceil((offset + pairs_per_step) / len(pairs)))])
-            idx = order[offset:offset + pairs_per_step].tolist()
+            idx = step_indices(step, pairs_per_step, len(pairs), [rc.seed])
 
             # --- update ---
             stats = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                       "logps/chosen", "logps/rejected")}
             for micro in range(dc.dpo_grad_accum):
                 mb = idx[micro * dc.dpo_batch_size:(micro + 1) * dc.dpo_batch_size]
-                batch = {k: v.to(device) for k, v in concatenated_batch([pairs[i] for i in mb], tok.pad_token_id).items()}
-                with autocast:
+                batch = concatenated_batch([pairs[i] for i in mb], tok.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device):
                     policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[mb].to(device),
@@ -171,19 +179,21 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dic
                            f"acc {stats['rewards/accuracies']:.2f} {row['pairs_per_s']:.1f} pairs/s{extra}")
 
             # --- checkpoint ---
-            if step % rc.save_every == 0 or interrupted.signum or consecutive_bad >= rc.max_nonfinite_skips:
-                good = consecutive_bad < rc.max_nonfinite_skips
-                if good:
-                    save_checkpoint(run_dir, step, {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                                    "scheduler": scheduler.state_dict(), "elapsed": timer.elapsed,
-                                                    "consecutive_bad": consecutive_bad}, rc.keep_checkpoints)
-                if not good:
+            # Skipped steps leave the weights untouched, so after too many of them the current weights are
+            # still the last good ones: save them, then stop.
+            diverged = consecutive_bad >= rc.max_nonfinite_skips
+            if step % rc.save_every == 0 or interrupted.signum or diverged:
+                state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "elapsed": timer.elapsed,
+                         "consecutive_bad": 0 if diverged else consecutive_bad}
+                ckpt = save_checkpoint(run_dir, step, state, rc.keep_checkpoints)
+                if diverged:
                     raise StopTraining(f"dpo: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                                       f"(last at step {step}); lower --dpo_lr, the last good checkpoint is "
-                                       f"{latest_checkpoint(run_dir)}", 1)
+                                       f"(last at step {step}); the last good weights are in {ckpt}; lower "
+                                       f"--dpo_lr and add --resume", 1)
                 if interrupted.signum:
-                    raise StopTraining(f"dpo: interrupted at step {step}; checkpoint saved. Resume with the same "
-                                       f"command plus --resume", 130)
+                    raise StopTraining(f"dpo: interrupted at step {step}; checkpoint saved in {ckpt}. Resume with "
+                                       f"the same command plus --resume", 130)
 
     # --- save (atomic: a crash here never leaves a half-written model nor destroys the previous one) ---
     train_time = timer.elapsed

@@ -23,11 +23,29 @@ from transformers import AutoModelForSequenceClassification
 
 from dpo_utils import pad_sequences, token_logps
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_logits, response_batch
-from models import load_causal_lm
-from ppo_utils import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, masked_mean,
-                       policy_loss, value_loss, whiten)
-from run_utils import (MetricsLog, SignalFlag, StopTraining, Timer, atomic_write_dir, latest_checkpoint,
-                       load_checkpoint, save_checkpoint, seed_everything, set_rng_state)
+from models import autocast, load_causal_lm
+from ppo_utils import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalized_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from run_utils import (
+    MetricsLog,
+    SignalFlag,
+    StopTraining,
+    Timer,
+    atomic_write_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    step_indices,
+)
 
 
 class PolicyWithValueHead(torch.nn.Module):
@@ -93,7 +111,8 @@ def train_reward_model(cfg, data, kit: EvalKit):
     rm.eval()  # dropout off; gradients still flow
 
     def scores(pairs):
-        b = response_batch([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad)
+        completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        b = response_batch([p["prompt"] for p in pairs] * 2, completions, pad)
         r = rm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.squeeze(-1)
         return r[: len(pairs)], r[len(pairs):]
 
@@ -170,25 +189,20 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
     if start == 0:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     B, mb_size = pc.ppo_batch_size, pc.ppo_mini_batch_size
     bar = tqdm(range(start + 1, pc.ppo_steps + 1), desc="ppo", unit="iter", initial=start, total=pc.ppo_steps)
     with SignalFlag() as interrupted:
         for step in bar:
             t0 = time.time()
             # --- rollout ---
-            first = (step - 1) * B
-            epoch, offset = divmod(first, len(prompts_all))
-            order = np.concatenate([np.random.default_rng([rc.seed, 7, epoch + e]).permutation(len(prompts_all))
-                                    for e in range(math.ceil((offset + B) / len(prompts_all)))])
-            prompts = [prompts_all[i] for i in order[offset:offset + B]]
+            prompts = [prompts_all[i] for i in step_indices(step, B, len(prompts_all), [rc.seed, 7])]
             responses = generate(policy.lm, tok, prompts, cfg.data.response_tokens, 1.0, rc.seed * 7919 + step,
                                  kit.batch_size, device)
             t_gen = time.time() - t0
             b = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in rollout_batch(prompts, responses, tok.pad_token_id).items()}
             mask = b["response_mask"].float()
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast(device):
                 old_logprobs, old_values = response_logps_values(policy, b)
                 ref_logprobs, _ = response_logps_values(kit.ref_model, b)
             old_values = old_values.float() * mask
@@ -210,7 +224,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                 for mb_idx in np.split(rng.permutation(B), B // mb_size):
                     mb_idx = torch.as_tensor(mb_idx, device=device)
                     mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
-                    with autocast:
+                    with autocast(device):
                         new_logprobs, new_values = response_logps_values(policy, mb)
                     mb_mask = mask[mb_idx]
                     pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask,
@@ -246,7 +260,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                    "objective/score": scores.mean().item(),
                    "objective/rlhf_reward": (scores - kl_ctl_value * kl.sum(1)).mean().item(),
                    "objective/response_len": mask.sum(1).mean().item(), "nonfinite_skipped": int(bad),
-                   "charts/generation_s": t_gen, "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (time.time() - t0)}
+                   "charts/generation_s": t_gen,
+                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (time.time() - t0)}
             if step % pc.ppo_eval_every == 0 or step == pc.ppo_steps:
                 row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
             row["time_s"] = timer.elapsed
@@ -260,17 +275,20 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                            f"v {row['losses/value_loss']:.4f}{extra}")
 
             # --- checkpoint ---
-            if step % rc.save_every == 0 or interrupted.signum or consecutive_bad >= rc.max_nonfinite_skips:
-                if consecutive_bad >= rc.max_nonfinite_skips:
+            # Non-finite minibatches were skipped, so the current weights are the last good ones.
+            diverged = consecutive_bad >= rc.max_nonfinite_skips
+            if step % rc.save_every == 0 or interrupted.signum or diverged:
+                state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                         "kl_ctl": kl_ctl.state_dict(), "elapsed": timer.elapsed,
+                         "consecutive_bad": 0 if diverged else consecutive_bad}
+                ckpt = save_checkpoint(run_dir, step, state, rc.keep_checkpoints)
+                if diverged:
                     raise StopTraining(f"ppo: {consecutive_bad} consecutive iterations had a non-finite loss or "
-                                       f"gradient (last at {step}); lower --ppo_lr, the last good checkpoint is "
-                                       f"{latest_checkpoint(run_dir)}", 1)
-                save_checkpoint(run_dir, step, {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                                "kl_ctl": kl_ctl.state_dict(), "elapsed": timer.elapsed,
-                                                "consecutive_bad": consecutive_bad}, rc.keep_checkpoints)
+                                       f"gradient (last at {step}); the last good weights are in {ckpt}; lower "
+                                       f"--ppo_lr and add --resume", 1)
                 if interrupted.signum:
-                    raise StopTraining(f"ppo: interrupted at iteration {step}; checkpoint saved. Resume with the "
-                                       f"same command plus --resume", 130)
+                    raise StopTraining(f"ppo: interrupted at iteration {step}; checkpoint saved in {ckpt}. Resume "
+                                       f"with the same command plus --resume", 130)
 
     # --- save (atomic) ---
     # PPO's cost includes its explicit reward model, the stage DPO does without.

@@ -1,9 +1,9 @@
 """Presets, overrides and validation of the command line."""
 
 import pytest
+from conftest import run_main
 
 from config import PRESETS, Config, ConfigError, parse_config
-from conftest import run_main
 from main import main
 
 

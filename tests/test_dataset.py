@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_main, synthetic_reviews
 
 from config import ConfigError, DataConfig
-from conftest import run_main, synthetic_reviews
 from dataset import build_pairs, build_prompts, clean_review, load_reviews, split_reviews
 
 

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from ppo_utils import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards, policy_loss,
-                       value_loss, whiten)
+from ppo_utils import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalized_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 
 
 def _naive_gae(rewards, values, lengths, gamma, lam):

@@ -4,10 +4,10 @@ import json
 import os
 from pathlib import Path
 
+from conftest import require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import require_imdb, run_main
 from eval_utils import read_metrics
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -19,12 +19,13 @@ MODEL_KEYS = {"safety_score", "positive_rate", "kl_to_ref", "train_time_s", "win
 
 
 def test_offline_builders_write_loadable_models(smoke_run):
-    built = list((smoke_run["dir"] / "models" / "offline").glob("*/"))
-    assert len(built) == 1
-    AutoModelForCausalLM.from_pretrained(built[0] / "base_lm")
-    judge = AutoModelForSequenceClassification.from_pretrained(built[0] / "judge")
+    offline = smoke_run["dir"] / "models" / "offline"
+    (lm_dir,), (judge_dir,) = offline.glob("base_lm-*"), offline.glob("judge-*")
+    AutoModelForCausalLM.from_pretrained(lm_dir)
+    judge = AutoModelForSequenceClassification.from_pretrained(judge_dir)
     assert set(judge.config.id2label.values()) == {"NEGATIVE", "POSITIVE"}
-    acc = json.loads((built[0] / "judge" / "accuracy.json").read_text())
+    assert json.loads((lm_dir / "build_report.json").read_text())["heldout_loss"] > 0
+    acc = json.loads((judge_dir / "accuracy.json").read_text())
     assert 0 <= acc["accuracy_full_reviews"] <= 1 and "accuracy_64_token_openings" in acc
     assert "held-out loss" in smoke_run["proc"].stdout and "judge held-out accuracy" in smoke_run["proc"].stdout
 

@@ -101,7 +101,8 @@ def test_value_head_shape_and_one_ppo_update_changes_the_policy(tiny_lm):
     before = [p.detach().clone() for p in policy.lm.parameters()]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     new_lp, new_v = response_logps_values(policy, b)
-    loss = policy_loss(new_lp, old_lp, adv, mask, 0.2)["pg_loss"].mean() + 0.1 * value_loss(new_v, old_v, ret, mask, 0.2).mean()
+    loss = (policy_loss(new_lp, old_lp, adv, mask, 0.2)["pg_loss"].mean()
+            + 0.1 * value_loss(new_v, old_v, ret, mask, 0.2).mean())
     loss.backward()
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, policy.lm.parameters()))

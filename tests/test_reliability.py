@@ -1,0 +1,142 @@
+"""Interruption, resume, atomic saves, the non-finite guard and determinism."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, require_imdb, run_main
+from transformers import AutoModelForCausalLM
+
+from eval_utils import read_metrics
+from run_utils import atomic_write_dir, latest_checkpoint, load_checkpoint
+
+TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s"}
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _args(out, *extra):
+    return ["--preset", "smoke", "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *extra]
+
+
+def _weights(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+@pytest.mark.parametrize("method, steps", [("dpo", ["--dpo_steps", "150", "--dpo_eval_every", "50"]),
+                                           ("ppo", ["--ppo_steps", "24", "--ppo_eval_every", "8"])])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method, steps):
+    require_imdb()
+    only = "--dpo-only" if method == "dpo" else "--ppo-only"
+    args = [only, *steps, "--save_every", "3"]
+    full = run_main(*_args(tmp_path / "full", *args))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    run_dir = out / "models" / "runs" / f"{method}_toxic_reduced_model"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_args(out, *args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while latest_checkpoint(run_dir) is None or int(latest_checkpoint(run_dir).name[5:]) < 6:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final_dir = out / "models" / f"{method}_toxic_reduced_model"
+    assert not final_dir.exists(), "the run finished before the kill: make it longer"
+
+    resumed = run_main(*_args(out, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    a = _strip(read_metrics(tmp_path / "full" / "models" / f"{method}_toxic_reduced_model" / "metrics.jsonl"))
+    b = _strip(read_metrics(final_dir / "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-6, nan_ok=True), (ra["step"], k)
+    wa, wb = _weights(tmp_path / "full" / "models" / f"{method}_toxic_reduced_model"), _weights(final_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+    require_imdb()
+    out = tmp_path / "int"
+    run_dir = out / "models" / "runs" / "dpo_toxic_reduced_model"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"),
+                             *_args(out, "--dpo-only", "--dpo_steps", "100000", "--save_every", "100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir / "metrics.jsonl")) < 5:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    model = AutoModelForCausalLM.from_pretrained(next((out / "models" / "offline").glob("base_lm-*")))
+    model.load_state_dict(state["model"])
+    assert state["step"] >= 4
+
+
+def test_atomic_write_keeps_the_previous_directory_on_failure(tmp_path):
+    final = tmp_path / "model"
+    atomic_write_dir(final, lambda d: (d / "weights.bin").write_text("good"))
+
+    def crash(d):
+        (d / "weights.bin").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(final, crash)
+    assert (final / "weights.bin").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run(tmp_path):
+    require_imdb()
+    ok = run_main(*_args(tmp_path / "one", "--dpo-only", "--debug_nan_steps", "3"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rows = read_metrics(tmp_path / "one" / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")
+    skipped = {r["step"]: r["nonfinite_skipped"] for r in rows if "nonfinite_skipped" in r}
+    assert skipped[3] == 1 and sum(skipped.values()) == 1
+    weights = _weights(tmp_path / "one" / "models" / "dpo_toxic_reduced_model")
+    assert all(torch.isfinite(p).all() for p in weights.values())
+
+    bad = run_main(*_args(tmp_path / "many", "--dpo-only", "--debug_nan_steps", "2", "3", "4",
+                          "--max_nonfinite_skips", "3"))
+    assert bad.returncode == 1
+    assert "3 consecutive steps had a non-finite loss" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "many" / "models" / "dpo_toxic_reduced_model").exists()
+
+
+def test_same_seed_smoke_runs_are_identical(tmp_path, smoke_run):
+    again = run_main(*_args(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    first, second = smoke_run["dir"], tmp_path / "again"
+    for name in ("dpo_toxic_reduced_model", "ppo_toxic_reduced_model"):
+        assert _strip(read_metrics(first / "models" / name / "metrics.jsonl")) == \
+            _strip(read_metrics(second / "models" / name / "metrics.jsonl"))
+    r1 = json.loads((first / "plots" / "results.json").read_text())
+    r2 = json.loads((second / "plots" / "results.json").read_text())
+    for name in ("reference", "dpo", "ppo"):
+        for key in ("safety_score", "positive_rate", "kl_to_ref", "win_rate_vs_ref", "examples"):
+            assert r1[name][key] == r2[name][key], (name, key)
+
+
+def test_step_indices_walk_seeded_epochs_without_state():
+    from run_utils import step_indices
+
+    n, batch = 10, 4
+    seen = [i for step in range(1, 6) for i in step_indices(step, batch, n, [0])]  # 20 items = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # each epoch reshuffles
+    assert step_indices(3, batch, n, [0]) == seen[8:12]  # crosses the epoch boundary
+    assert step_indices(3, batch, n, [1]) != seen[8:12]
