@@ -71,9 +71,9 @@ class OfflineConfig:
     judge_n_layers: int = _f(1, "Transformer layers of the self-built DistilBERT judge.")
     judge_dim: int = _f(128, "Width of the self-built judge.")
     judge_max_length: int = _f(256, "Judge input length: longer texts are truncated.")
-    judge_steps: int = _f(900, "Training steps of the judge.")
-    judge_batch_size: int = _f(128, "Reviews per judge training step.")
-    judge_full_fraction: float = _f(0.2, "Share of each judge batch that is a whole review (up to "
+    judge_steps: int = _f(1000, "Training steps of the judge.")
+    judge_batch_size: int = _f(64, "Reviews per judge training step.")
+    judge_full_fraction: float = _f(0.25, "Share of each judge batch that is a whole review (up to "
                                     "judge_max_length tokens); the rest are 16-96-token openings.")
     judge_lr: float = _f(2e-3, "Peak learning rate of the judge (one-cycle schedule).")
     judge_eval_size: int = _f(2000, "Held-out reviews used to report the judge's accuracy.")

@@ -21,6 +21,8 @@ from run_utils import StopTraining
 
 def run(cfg: Config, argv: list[str]) -> int:
     # Heavy imports after parsing, so --help and config errors answer instantly.
+    import transformers
+
     import dataset
     import eval_utils
     import train_dpo
@@ -29,6 +31,9 @@ def run(cfg: Config, argv: list[str]) -> int:
     from offline_models import ensure_offline_models
     from run_utils import seed_everything
 
+    # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
     if cfg.run.plots_only:
         path = eval_utils.draw_dashboard(cfg.run.plots_dir)

@@ -77,7 +77,9 @@ def generated_pairs(cfg, prompts: list[list[int]], kit: EvalKit) -> list[dict]:
             for j, p in enumerate(prompts) if scores[best[j], j] > scores[worst[j], j]]
 
 
-def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dict:
+def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evaluate: bool = True) -> dict:
+    """Train DPO on ``data.train_pairs`` (or generated pairs); ``evaluate=False`` skips the held-out
+    evaluations (benchmarks time the training alone)."""
     dc, rc = cfg.dpo, cfg.run
     out_dir = Path(rc.output_dir)
     run_dir, final_dir = out_dir / "runs" / name, out_dir / name
@@ -121,7 +123,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dic
         print(f"dpo: resuming from {ckpt} (step {start})")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
     cfg.save(run_dir / "training_config.json")
-    if start == 0:
+    if start == 0 and evaluate:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
     bar = tqdm(range(start + 1, dc.dpo_steps + 1), desc="dpo", unit="step", initial=start, total=dc.dpo_steps)
@@ -167,7 +169,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model") -> dic
             row = {"step": step, **stats, "rewards/margins": stats["rewards/chosen"] - stats["rewards/rejected"],
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": int(not finite),
                    "pairs_per_s": pairs_per_step / (time.time() - t0)}
-            if step % dc.dpo_eval_every == 0 or step == dc.dpo_steps:
+            if evaluate and (step % dc.dpo_eval_every == 0 or step == dc.dpo_steps):
                 row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
             row["time_s"] = timer.elapsed
             metrics.log(row)

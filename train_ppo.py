@@ -143,7 +143,9 @@ def train_reward_model(cfg, data, kit: EvalKit):
 
 
 # ---------------------------------------------------------------------------------------------------- PPO
-def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dict:
+def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evaluate: bool = True) -> dict:
+    """Train the reward model (unless ``ppo_reward="judge"``), then PPO; ``evaluate=False`` skips the
+    held-out evaluations (benchmarks time the training alone)."""
     pc, rc = cfg.ppo, cfg.run
     out_dir = Path(rc.output_dir)
     run_dir, final_dir = out_dir / "runs" / name, out_dir / name
@@ -186,7 +188,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
         print(f"ppo: resuming from {ckpt} (step {start})")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
     cfg.save(run_dir / "training_config.json")
-    if start == 0:
+    if start == 0 and evaluate:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
     B, mb_size = pc.ppo_batch_size, pc.ppo_mini_batch_size
@@ -198,7 +200,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
             prompts = [prompts_all[i] for i in step_indices(step, B, len(prompts_all), [rc.seed, 7])]
             responses = generate(policy.lm, tok, prompts, cfg.data.response_tokens, 1.0, rc.seed * 7919 + step,
                                  kit.batch_size, device)
-            t_gen = time.time() - t0
+            t_gen = time.time()
             b = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in rollout_batch(prompts, responses, tok.pad_token_id).items()}
             mask = b["response_mask"].float()
@@ -206,9 +208,11 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                 old_logprobs, old_values = response_logps_values(policy, b)
                 ref_logprobs, _ = response_logps_values(kit.ref_model, b)
             old_values = old_values.float() * mask
+            t_logps = time.time()
 
             # --- score ---
             scores = score_fn(prompts, responses).to(device)
+            t_score = time.time()
 
             # --- advantages ---
             rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
@@ -245,6 +249,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                                  ("clipfrac", pg["clipfrac"])):
                         stats[k].append(v.mean().item())
             optimizer.zero_grad(set_to_none=True)
+            t_update = time.time()
             consecutive_bad = consecutive_bad + 1 if bad else 0
             kl_ctl_value = kl_ctl.value
             kl_ctl.update(seq_kl, B)
@@ -260,9 +265,11 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model") -> dic
                    "objective/score": scores.mean().item(),
                    "objective/rlhf_reward": (scores - kl_ctl_value * kl.sum(1)).mean().item(),
                    "objective/response_len": mask.sum(1).mean().item(), "nonfinite_skipped": int(bad),
-                   "charts/generation_s": t_gen,
-                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (time.time() - t0)}
-            if step % pc.ppo_eval_every == 0 or step == pc.ppo_steps:
+                   # phase timings: sampling, policy/value/reference log-probs, reward, PPO epochs
+                   "charts/generation_s": t_gen - t0, "charts/logps_s": t_logps - t_gen,
+                   "charts/score_s": t_score - t_logps, "charts/update_s": t_update - t_score,
+                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (t_update - t0)}
+            if evaluate and (step % pc.ppo_eval_every == 0 or step == pc.ppo_steps):
                 row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
             row["time_s"] = timer.elapsed
             metrics.log(row)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from eval_utils import read_metrics
 from run_utils import atomic_write_dir, latest_checkpoint, load_checkpoint
 
-TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s"}
+TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s", "charts/logps_s",
+               "charts/score_s", "charts/update_s"}
 
 
 def _strip(rows):
