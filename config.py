@@ -29,6 +29,14 @@ class ConfigError(ValueError):
     """Bad user input (config value, data file, model path). Reported as one line, exit code 2."""
 
 
+class StopTraining(Exception):
+    """Raised to end a run early with a message and an exit code (1: non-finite, 130: interrupted)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -15,16 +15,28 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork no workers; silences the fork warning
 
-from config import Config, ConfigError, parse_config
-from run_utils import StopTraining
+from config import Config, ConfigError, StopTraining, parse_config
 
 
 def run(cfg: Config, argv: list[str]) -> int:
-    # Heavy imports after parsing, so --help and config errors answer instantly.
+    # Imports are staged so that --help, --plots-only and bad input answer without loading the (slow to
+    # import) modelling stack.
+    if cfg.run.plots_only:
+        import plots
+
+        path = plots.draw_dashboard(cfg.run.plots_dir)
+        print(f"plots: redrew {path}")
+        return 0
+    t_start = time.time()
+    import dataset
+
+    reviews = dataset.load_reviews(cfg.data.data)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.run.seed)
+
     import transformers
 
-    import dataset
     import eval_utils
+    import plots
     import train_dpo
     import train_ppo
     from models import load_causal_lm, load_judge, load_tokenizer, max_positions, resolve_device
@@ -35,16 +47,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
-    if cfg.run.plots_only:
-        path = eval_utils.draw_dashboard(cfg.run.plots_dir)
-        print(f"plots: redrew {path}")
-        return 0
-
-    t_start = time.time()
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.model.device)
-    reviews = dataset.load_reviews(cfg.data.data)
-    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.run.seed)
     if cfg.model.build_offline_models:
         cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
 
@@ -78,8 +82,8 @@ def run(cfg: Config, argv: list[str]) -> int:
             runs.append(("ppo", f"target_kl={target}", out["model_dir"]))
 
     results = eval_utils.final_evaluation(cfg, kit, policies, runs, data, n_reviews=len(reviews), command=command)
-    path = eval_utils.draw_dashboard(cfg.run.plots_dir)
-    print(eval_utils.summary_table(results))
+    path = plots.draw_dashboard(cfg.run.plots_dir)
+    print(plots.summary_table(results))
     print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
     return 0
 

@@ -53,7 +53,7 @@ def load_tokenizer(name: str):
     GPT-2 has no pad token: we reuse EOS, and we never let padding reach a loss because every batch carries
     an explicit mask. Padding is on the left so that batched generation continues right after each prompt.
     """
-    tok = _load(AutoTokenizer, name, "tokenizer")
+    tok = _load(AutoTokenizer, name, "model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -40,7 +40,7 @@ from transformers import (
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
-BUILDER_VERSION = 2  # bump when the build code changes, so cached models are rebuilt
+BUILDER_VERSION = 3  # bump when the build code changes, so cached models are rebuilt
 
 
 def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
@@ -52,7 +52,8 @@ def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
-    settings = {"builder_version": BUILDER_VERSION, "settings": own, "seed": cfg.run.seed, "n_train_reviews": len(train_df),
+    settings = {"builder_version": BUILDER_VERSION, "settings": own, "seed": cfg.run.seed,
+                "n_train_reviews": len(train_df),
                 "data_fingerprint": h.hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return key, settings
@@ -162,6 +163,11 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator(_sample_texts(train_df, 15_000, cfg.run.seed), vocab_size=oc.judge_vocab_size,
                            min_frequency=2, show_progress=False)
+    # The WordPiece trainer numbers tokens in a run-dependent order (hash-map ties); renumber them in sorted
+    # order so that the same settings give the same judge, bit for bit.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    ordered = specials + sorted(t for t in wp.get_vocab() if t not in specials)
+    wp = BertWordPieceTokenizer(vocab={t: i for i, t in enumerate(ordered)}, lowercase=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                   model_max_length=oc.judge_max_length,

@@ -13,13 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class StopTraining(Exception):
-    """Raised to end a run early with a message and an exit code (1: non-finite, 130: interrupted)."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
+from config import StopTraining  # noqa: F401  (re-exported for the training loops)
 
 
 def seed_everything(seed: int) -> None:

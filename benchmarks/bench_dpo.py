@@ -31,8 +31,9 @@ import torch  # noqa: E402
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from eval_utils import EvalKit, read_metrics  # noqa: E402
+from eval_utils import EvalKit  # noqa: E402
 from models import load_causal_lm, load_tokenizer  # noqa: E402
+from plots import read_metrics  # noqa: E402
 
 
 class PeakRSS:

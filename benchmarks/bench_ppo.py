@@ -26,9 +26,10 @@ import torch  # noqa: E402
 import dataset  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from eval_utils import EvalKit, read_metrics  # noqa: E402
+from eval_utils import EvalKit  # noqa: E402
 from models import load_causal_lm, load_judge, load_tokenizer  # noqa: E402
 from offline_models import ensure_offline_models  # noqa: E402
+from plots import read_metrics  # noqa: E402
 
 PHASES = ("generation_s", "logps_s", "score_s", "update_s")
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,11 +54,32 @@ def tiny_lm(tiny_tokenizer):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def run_main(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``main.py`` in a subprocess exactly as a user would (minus uv), from the repository root."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """Run ``main.main(args)`` in this process (the modelling stack is imported once for the whole suite)
+    and capture what it prints; same result fields as :func:`run_cli`."""
+    import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main.main(list(args))
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["main.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def copy_offline_models(src_models: Path, dst_models: Path) -> None:
+    """Reuse already built smoke models (same settings) instead of building them again."""
+    shutil.copytree(Path(src_models) / "offline", Path(dst_models) / "offline")
 
 
 def require_imdb():
@@ -69,5 +93,6 @@ def smoke_run(tmp_path_factory):
     require_imdb()
     out = tmp_path_factory.mktemp("smoke")
     proc = run_main("--preset", "smoke", "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"))
+    print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"dir": out, "proc": proc, "results": json.loads((out / "plots" / "results.json").read_text())}

@@ -1,7 +1,7 @@
 """Presets, overrides and validation of the command line."""
 
 import pytest
-from conftest import run_main
+from conftest import run_cli
 
 from config import PRESETS, Config, ConfigError, parse_config
 from main import main
@@ -51,7 +51,7 @@ def test_config_error_is_a_value_error():
 
 
 def test_cli_help_lists_the_flags():
-    proc = run_main("--help")
+    proc = run_cli("--help")
     assert proc.returncode == 0
     for flag in ("--preset", "--dpo-only", "--ppo-only", "--plots-only", "--data", "--beta", "--dpo_steps",
                  "--loss_type", "--pair_source", "--ppo_reward", "--target_kl", "--sweep", "--resume"):
@@ -59,5 +59,18 @@ def test_cli_help_lists_the_flags():
 
 
 def test_unknown_preset_from_the_real_cli():
-    proc = run_main("--preset", "gigantic")
+    proc = run_cli("--preset", "gigantic")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_hub_model_names_the_ways_out(tmp_path):
+    csv = tmp_path / "tiny.csv"
+    csv.write_text("review,sentiment\n" + "".join(f"a fine film number {i},positive\nan awful film {i},negative\n"
+                                                  for i in range(20)))
+    # HF_HUB_OFFLINE=1 (set by run_cli) makes the hub unreachable at once, as it is on this machine
+    proc = run_cli("--data", str(csv), "--policy_model", "distilgpt2", "--output_dir", str(tmp_path / "m"),
+                   "--plots_dir", str(tmp_path / "p"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "distilgpt2" in err[0] and "--preset offline" in err[0] and "local directory" in err[0]
+    assert not (tmp_path / "m").exists()

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_main, synthetic_reviews
+from conftest import run_cli, run_main, synthetic_reviews
 
 from config import ConfigError, DataConfig
 from dataset import build_pairs, build_prompts, clean_review, load_reviews, split_reviews
@@ -79,8 +79,10 @@ def test_bad_inputs_through_main_exit_2_and_keep_existing_outputs(tmp_path):
     plots.mkdir()
     (plots / "results.json").write_text('{"keep": true}')
     (models / "marker").write_text("previous run")
-    for args in (["--data", str(bad)], ["--data", str(tmp_path / "missing.csv")]):
-        proc = run_main("--preset", "smoke", *args, "--output_dir", str(models), "--plots_dir", str(plots))
+    # the first through the real command line (exit code, stderr), the rest in-process
+    for run, args in ((run_cli, ["--data", str(bad)]), (run_main, ["--data", str(tmp_path / "missing.csv")]),
+                      (run_main, ["--build_offline_models", "false", "--policy_model", str(tmp_path / "no_model")])):
+        proc = run("--preset", "smoke", *args, "--output_dir", str(models), "--plots_dir", str(plots))
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert (plots / "results.json").read_text() == '{"keep": true}'

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, require_imdb, run_main
+from conftest import ROOT, copy_offline_models, require_imdb, run_main
 from transformers import AutoModelForCausalLM
 
-from eval_utils import read_metrics
+from plots import read_metrics
 from run_utils import atomic_write_dir, latest_checkpoint, load_checkpoint
 
 TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s", "charts/logps_s",
@@ -32,10 +32,12 @@ def _weights(model_dir):
 
 @pytest.mark.parametrize("method, steps", [("dpo", ["--dpo_steps", "150", "--dpo_eval_every", "50"]),
                                            ("ppo", ["--ppo_steps", "24", "--ppo_eval_every", "8"])])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method, steps):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, smoke_run, method, steps):
     require_imdb()
     only = "--dpo-only" if method == "dpo" else "--ppo-only"
     args = [only, *steps, "--save_every", "3"]
+    for d in ("full", "killed"):
+        copy_offline_models(smoke_run["dir"] / "models", tmp_path / d / "models")
     full = run_main(*_args(tmp_path / "full", *args))
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -66,9 +68,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method, step
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, smoke_run):
     require_imdb()
     out = tmp_path / "int"
+    copy_offline_models(smoke_run["dir"] / "models", out / "models")
     run_dir = out / "models" / "runs" / "dpo_toxic_reduced_model"
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"),
                              *_args(out, "--dpo-only", "--dpo_steps", "100000", "--save_every", "100000")],
@@ -101,8 +104,10 @@ def test_atomic_write_keeps_the_previous_directory_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run(tmp_path):
+def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run(tmp_path, smoke_run):
     require_imdb()
+    for d in ("one", "many"):
+        copy_offline_models(smoke_run["dir"] / "models", tmp_path / d / "models")
     ok = run_main(*_args(tmp_path / "one", "--dpo-only", "--debug_nan_steps", "3"))
     assert ok.returncode == 0, ok.stderr[-2000:]
     rows = read_metrics(tmp_path / "one" / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")

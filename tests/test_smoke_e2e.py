@@ -8,7 +8,7 @@ from conftest import require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from eval_utils import read_metrics
+from plots import read_metrics
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "pairs_per_s"}
