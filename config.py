@@ -296,6 +296,7 @@ def _preset(name: str) -> Config:
             model=ModelConfig(build_offline_models=True),
             # 200 steps x 16 pairs: DPO sees each of the 3,200 pairs once; the reward model trains on the same.
             data=DataConfig(n_pairs=3200),
+            eval=EvalConfig(eval_batch_size=256),
             run=RunConfig(preset="offline"))
     if name == "smoke":
         return Config(

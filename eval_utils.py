@@ -115,8 +115,9 @@ class EvalKit:
         return self._ref_results[temperature]
 
 
-def evaluate_policy(policy, kit: EvalKit, temperature: float, ref_responses=None) -> dict:
-    """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference.
+def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = True) -> dict:
+    """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference
+    (``with_kl=False`` skips the two log-prob passes and reports NaN, for the win-rate sweep).
 
     Returns metrics plus ``responses``, ``texts`` and ``scores`` (per prompt) for win rates and examples.
     """
@@ -127,14 +128,17 @@ def evaluate_policy(policy, kit: EvalKit, temperature: float, ref_responses=None
                          kit.device)
     texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(kit.prompts, responses)]
     scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device)
-    pol = response_logps(policy, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
     if policy is kit.ref_model:
-        ref = pol
-    else:
+        kl = 0.0
+    elif with_kl:
+        pol = response_logps(policy, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
         ref = response_logps(kit.ref_model, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
+        kl = float((pol - ref).mean())
+    else:
+        kl = float("nan")
     policy.train(was_training)
     return {"safety_score": float(scores.mean()), "positive_rate": float((scores > 0.5).mean()),
-            "kl_to_ref": float((pol - ref).mean()), "response_len": float(np.mean([len(r) for r in responses])),
+            "kl_to_ref": kl, "response_len": float(np.mean([len(r) for r in responses])),
             "responses": responses, "texts": texts, "scores": scores}
 
 
@@ -181,7 +185,7 @@ def _model_entry(kit: EvalKit, cfg, policy, train_time_s: float) -> dict:
     wins = {}
     for t in cfg.eval.temperatures:
         pol_t = res if t == temp else (kit.reference_result(t) if policy is kit.ref_model
-                                       else evaluate_policy(policy, kit, t))
+                                       else evaluate_policy(policy, kit, t, with_kl=False))
         wins[str(t)] = win_rate(pol_t["scores"], kit.reference_result(t)["scores"])
     return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
             "response_len": res["response_len"], "train_time_s": train_time_s, "win_rate_vs_ref": wins,
