@@ -72,7 +72,7 @@ class OfflineConfig:
     lm_n_embd: int = _f(192, "Width of the self-built GPT-2.")
     lm_n_head: int = _f(4, "Attention heads of the self-built GPT-2.")
     lm_seq_len: int = _f(64, "Tokens per pre-training sequence (review openings and random windows).")
-    lm_steps: int = _f(900, "Pre-training steps of the self-built GPT-2.")
+    lm_steps: int = _f(850, "Pre-training steps of the self-built GPT-2.")
     lm_batch_size: int = _f(32, "Sequences per pre-training step.")
     lm_lr: float = _f(2e-3, "Peak learning rate of pre-training (one-cycle schedule).")
     judge_vocab_size: int = _f(16000, "Uncased WordPiece vocabulary of the self-built judge.")
@@ -163,7 +163,7 @@ class PPOConfig:
     rm_steps: int = _f(150, "Training steps of the reward model.")
     rm_batch_size: int = _f(16, "Preference pairs per reward-model step.")
     rm_lr: float = _f(1e-4, "Learning rate of the reward model.")
-    ppo_steps: int = _f(40, "PPO iterations (one rollout batch + its updates each).")
+    ppo_steps: int = _f(32, "PPO iterations (one rollout batch + its updates each).")
     ppo_batch_size: int = _f(64, "Prompts sampled per rollout.")
     ppo_mini_batch_size: int = _f(16, "Rollouts per PPO minibatch.")
     ppo_epochs: int = _f(4, "Passes over each rollout batch.")
@@ -177,7 +177,7 @@ class PPOConfig:
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); None keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
-    ppo_eval_every: int = _f(10, "Evaluate on the held-out prompts every this many iterations (and at end).")
+    ppo_eval_every: int = _f(8, "Evaluate on the held-out prompts every this many iterations (and at end).")
 
     def __post_init__(self):
         for name in ("rm_steps", "rm_batch_size", "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size",
