@@ -110,6 +110,28 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
+def resume_or_start(run_dir: Path, resume: bool, stateful: dict, setup_s: float = 0.0, name: str = "run"):
+    """Load the latest checkpoint into each object of ``stateful`` (anything with ``load_state_dict``) and
+    restore every RNG; returns ``(start_step, timer, consecutive_bad, resumed)``. Without ``resume`` (or a
+    checkpoint) it starts from step 0 with a timer that already counts ``setup_s``."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        return 0, Timer(setup_s), 0, False
+    state = load_checkpoint(ckpt)
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    print(f"{name}: resuming from {ckpt} (step {state['step']})")
+    return state["step"], Timer(state["elapsed"]), state["consecutive_bad"], True
+
+
+def checkpoint(run_dir: Path, step: int, stateful: dict, timer: "Timer", consecutive_bad: int, keep: int) -> Path:
+    """Save the state dicts of ``stateful`` plus the timer and the non-finite counter (see save_checkpoint)."""
+    state = {key: obj.state_dict() for key, obj in stateful.items()}
+    return save_checkpoint(run_dir, step, {**state, "elapsed": timer.elapsed, "consecutive_bad": consecutive_bad},
+                           keep)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-???????"))
     return ckpts[-1] if ckpts else None

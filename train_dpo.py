@@ -23,13 +23,10 @@ from run_utils import (
     MetricsLog,
     SignalFlag,
     StopTraining,
-    Timer,
     atomic_write_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+    checkpoint,
+    resume_or_start,
     seed_everything,
-    set_rng_state,
     step_indices,
 )
 
@@ -111,17 +108,10 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
         optimizer, lambda s: min(1.0, (s + 1) / (dc.dpo_warmup_steps + 1)))
 
     # --- resume ---
-    start, timer, consecutive_bad = 0, Timer(time.time() - t_setup), 0
-    ckpt = latest_checkpoint(run_dir) if rc.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, timer, consecutive_bad = state["step"], Timer(state["elapsed"]), state["consecutive_bad"]
-        print(f"dpo: resuming from {ckpt} (step {start})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    stateful = {"model": policy, "optimizer": optimizer, "scheduler": scheduler}
+    start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, time.time() - t_setup,
+                                                             name="dpo")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed else None)
     cfg.save(run_dir / "training_config.json")
     if start == 0 and evaluate:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
@@ -185,10 +175,8 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
             # still the last good ones: save them, then stop.
             diverged = consecutive_bad >= rc.max_nonfinite_skips
             if step % rc.save_every == 0 or interrupted.signum or diverged:
-                state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "elapsed": timer.elapsed,
-                         "consecutive_bad": 0 if diverged else consecutive_bad}
-                ckpt = save_checkpoint(run_dir, step, state, rc.keep_checkpoints)
+                ckpt = checkpoint(run_dir, step, stateful, timer, 0 if diverged else consecutive_bad,
+                                  rc.keep_checkpoints)
                 if diverged:
                     raise StopTraining(f"dpo: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
                                        f"(last at step {step}); the last good weights are in {ckpt}; lower "

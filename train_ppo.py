@@ -37,13 +37,10 @@ from run_utils import (
     MetricsLog,
     SignalFlag,
     StopTraining,
-    Timer,
     atomic_write_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+    checkpoint,
+    resume_or_start,
     seed_everything,
-    set_rng_state,
     step_indices,
 )
 
@@ -176,17 +173,9 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
     prompts_all = data.train_prompts
 
     # --- resume ---
-    start, timer, consecutive_bad = 0, Timer(), 0
-    ckpt = latest_checkpoint(run_dir) if rc.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        set_rng_state(state["rng"])
-        start, timer, consecutive_bad = state["step"], Timer(state["elapsed"]), state["consecutive_bad"]
-        print(f"ppo: resuming from {ckpt} (step {start})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    stateful = {"model": policy, "optimizer": optimizer, "kl_ctl": kl_ctl}
+    start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, name="ppo")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed else None)
     cfg.save(run_dir / "training_config.json")
     if start == 0 and evaluate:
         metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
@@ -285,10 +274,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             # Non-finite minibatches were skipped, so the current weights are the last good ones.
             diverged = consecutive_bad >= rc.max_nonfinite_skips
             if step % rc.save_every == 0 or interrupted.signum or diverged:
-                state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                         "kl_ctl": kl_ctl.state_dict(), "elapsed": timer.elapsed,
-                         "consecutive_bad": 0 if diverged else consecutive_bad}
-                ckpt = save_checkpoint(run_dir, step, state, rc.keep_checkpoints)
+                ckpt = checkpoint(run_dir, step, stateful, timer, 0 if diverged else consecutive_bad,
+                                  rc.keep_checkpoints)
                 if diverged:
                     raise StopTraining(f"ppo: {consecutive_bad} consecutive iterations had a non-finite loss or "
                                        f"gradient (last at {step}); the last good weights are in {ckpt}; lower "

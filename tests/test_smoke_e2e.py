@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import require_imdb, run_main
+from conftest import copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -91,3 +91,15 @@ def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
         res = json.loads((plots / "results.json").read_text())
         assert present in res and absent not in res
         assert Path(plots / "dpo_results_dashboard.png").stat().st_size > 10_000
+
+
+def test_sweep_adds_every_run_to_the_frontier(tmp_path, smoke_run):
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main("--preset", "smoke", "--sweep", "--dpo_steps", "6", "--ppo_steps", "2",
+                    "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "plots" / "results.json").read_text())
+    labels = {(r["method"], r["label"]) for r in res["runs"]}
+    assert {("dpo", "beta=0.1"), ("dpo", "beta=1.0"), ("ppo", "target_kl=3.0"), ("ppo", "target_kl=12.0")} <= labels
+    assert {p["label"] for p in res["frontier"]["points"]} >= {"beta=1.0", "target_kl=12.0"}
+    assert [r["main"] for r in res["runs"]][:2] == [True, True] and not any(r["main"] for r in res["runs"][2:])
