@@ -103,3 +103,15 @@ def test_sweep_adds_every_run_to_the_frontier(tmp_path, smoke_run):
     assert {("dpo", "beta=0.1"), ("dpo", "beta=1.0"), ("ppo", "target_kl=3.0"), ("ppo", "target_kl=12.0")} <= labels
     assert {p["label"] for p in res["frontier"]["points"]} >= {"beta=1.0", "target_kl=12.0"}
     assert [r["main"] for r in res["runs"]][:2] == [True, True] and not any(r["main"] for r in res["runs"][2:])
+
+
+def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    common = ["--preset", "smoke", "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
+    dpo = run_main(*common, "--dpo-only", "--pair_source", "generated", "--dpo_steps", "4", "--loss_type", "ipo")
+    assert dpo.returncode == 0, dpo.stderr[-2000:]
+    assert "sample pairs from the reference" in dpo.stderr
+    ppo = run_main(*common, "--ppo-only", "--ppo_reward", "judge", "--ppo_steps", "2")
+    assert ppo.returncode == 0, ppo.stderr[-2000:]
+    summary = json.loads((tmp_path / "models" / "ppo_toxic_reduced_model" / "train_summary.json").read_text())
+    assert summary["reward"] == "judge" and summary["reward_model"] is None
