@@ -72,24 +72,29 @@ def response_logps(model, prompts, responses, pad_id: int, batch_size: int, devi
 
 
 @torch.no_grad()
-def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device) -> np.ndarray:
-    """(N,) judge P(POSITIVE); texts longer than the judge's max length are truncated, empty ones scored."""
+def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device) -> torch.Tensor:
+    """(N, 2) fp32 judge logits on the CPU; texts longer than the judge's max length are truncated, empty
+    ones scored."""
     max_len = min(getattr(judge_tok, "model_max_length", 512) or 512, 512,
                   getattr(judge.config, "max_position_embeddings", 512))
     out = []
     for s in range(0, len(texts), batch_size):
         enc = judge_tok(texts[s:s + batch_size], truncation=True, max_length=max_len, padding=True,
                         return_tensors="pt").to(device)
-        logits = judge(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
-        out.append(logits.softmax(-1)[:, judge.positive_index].cpu())
-    return torch.cat(out).numpy()
+        out.append(judge(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
+    return torch.cat(out)
 
 
-@torch.no_grad()
+def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device) -> np.ndarray:
+    """(N,) judge P(POSITIVE)."""
+    return _judge_forward(judge_tok, judge, texts, batch_size, device).softmax(-1)[:, judge.positive_index].numpy()
+
+
 def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device) -> torch.Tensor:
-    """(N,) the judge's POSITIVE logit minus NEGATIVE logit (PPO-GT's reward)."""
-    p = np.clip(judge_scores(judge_tok, judge, texts, batch_size, device), 1e-6, 1 - 1e-6)
-    return torch.tensor(np.log(p) - np.log1p(-p), dtype=torch.float32)
+    """(N,) the judge's POSITIVE logit minus NEGATIVE logit (PPO-GT's reward), read off the logits directly
+    rather than back from a clipped probability."""
+    logits = _judge_forward(judge_tok, judge, texts, batch_size, device)
+    return logits[:, judge.positive_index] - logits[:, 1 - judge.positive_index]
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +36,8 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
+
+from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
@@ -72,15 +73,6 @@ def _one_cycle(opt, total: int, warmup_frac: float = 0.05):
 
 def _sample_texts(df, n: int, seed: int) -> list[str]:
     return df["review"].sample(n=min(n, len(df)), random_state=seed).tolist()
-
-
-def _atomic_dir(final: Path, build) -> dict:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    report = build(tmp)
-    tmp.rename(final)
-    return report
 
 
 # --------------------------------------------------------------------------------------------- base LM
@@ -254,5 +246,5 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
             (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))
             return b(tmp, cfg, train_df, eval_df)
 
-        _atomic_dir(path, build)
+        atomic_write_dir(path, build)
     return {k: str(v) for k, v in paths.items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from eval_utils import judge_scores, upper_envelope, win_rate
+from eval_utils import judge_logits, judge_scores, upper_envelope, win_rate
 
 
 def test_win_rate_counts_ties_half():
@@ -32,3 +32,6 @@ def test_judge_scores_empty_long_and_non_ascii_texts(tiny_tokenizer):
     texts = ["", "a lovely film " * 200, "très émouvant — 映画 😀", "fine"]
     scores = judge_scores(tiny_tokenizer, judge, texts, batch_size=3, device="cpu")
     assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+    logits = judge_logits(tiny_tokenizer, judge, texts, batch_size=3, device="cpu")
+    p = torch.tensor(scores, dtype=torch.float64)
+    assert torch.allclose(logits.double(), torch.log(p) - torch.log1p(-p), atol=1e-4)
