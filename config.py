@@ -16,7 +16,6 @@ The presets:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -362,4 +361,4 @@ def sanity_check_unique_fields() -> None:
 
 
 sanity_check_unique_fields()
-__all__ = ["PRESETS", "Config", "ConfigError", "dataclasses", "make_parser", "parse_config"]
+__all__ = ["PRESETS", "Config", "ConfigError", "StopTraining", "make_parser", "parse_config"]

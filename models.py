@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -25,8 +24,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def _looks_local(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else (./x, /abs, a/b/c, ~) is meant as a directory.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "") \
-        or Path(name).exists()
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
 def _load(loader, name: str, what: str, **kw):

@@ -57,7 +57,7 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def run_ours(cfg, data, tok, model_dir: str, steps: int) -> dict:
+def run_ours(cfg, data, tok, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as out:  # fresh cache: our reference pass is timed too
         c = cfg.replace(run={"output_dir": out, "log_every": 10 ** 9, "save_every": 10 ** 9},
                         model={"policy_model": model_dir, "build_offline_models": False})
@@ -127,7 +127,7 @@ def main() -> int:
     runs = {"ours": [], "trl_default": [], "trl_precompute": []}
     for r in range(a.repeats):
         print(f"repeat {r + 1}/{a.repeats}", file=sys.stderr)
-        runs["ours"].append(run_ours(cfg, data, tok, model_dir, a.steps))
+        runs["ours"].append(run_ours(cfg, data, tok, model_dir))
         runs["trl_default"].append(run_trl(cfg, data, tok, model_dir, a.steps, precompute=False))
         runs["trl_precompute"].append(run_trl(cfg, data, tok, model_dir, a.steps, precompute=True))
 
