@@ -76,12 +76,16 @@ class OfflineConfig:
     lm_lr: float = _f(2e-3, "Peak learning rate of pre-training (one-cycle schedule).")
     judge_vocab_size: int = _f(16000, "Uncased WordPiece vocabulary of the self-built judge.")
     judge_n_layers: int = _f(1, "Transformer layers of the self-built DistilBERT judge.")
-    judge_dim: int = _f(128, "Width of the self-built judge.")
+    judge_dim: int = _f(64, "Width of the self-built judge.")
     judge_max_length: int = _f(256, "Judge input length: longer texts are truncated.")
-    judge_steps: int = _f(1000, "Training steps of the judge.")
+    judge_steps: int = _f(2500, "Training steps of the judge.")
     judge_batch_size: int = _f(64, "Reviews per judge training step.")
     judge_full_fraction: float = _f(0.25, "Share of each judge batch that is a whole review (up to "
-                                    "judge_max_length tokens); the rest are 16-96-token openings.")
+                                    "judge_max_length tokens); the rest are 16-96-token crops.")
+    judge_window_fraction: float = _f(0.5, "Share of the short crops taken from a random place in the review "
+                                      "instead of its opening (more distinct training texts).")
+    judge_distill_weight: float = _f(0.9, "Weight of the n-gram teacher's soft labels in the judge's loss; the "
+                                     "rest is the review's own label. 0 trains on labels only, without a teacher.")
     judge_lr: float = _f(2e-3, "Peak learning rate of the judge (one-cycle schedule).")
     judge_eval_size: int = _f(2000, "Held-out reviews used to report the judge's accuracy.")
 
@@ -93,7 +97,8 @@ class OfflineConfig:
         _check(self.lm_n_embd % self.lm_n_head == 0,
                f"--lm_n_embd {self.lm_n_embd} must be divisible by --lm_n_head {self.lm_n_head}")
         _check(self.lm_lr > 0 and self.judge_lr > 0, "--lm_lr and --judge_lr must be > 0")
-        _check(0 <= self.judge_full_fraction <= 1, "--judge_full_fraction must be in [0, 1]")
+        for name in ("judge_full_fraction", "judge_window_fraction", "judge_distill_weight"):
+            _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1] (got {getattr(self, name)})")
 
 
 @dataclass

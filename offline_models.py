@@ -6,8 +6,9 @@ From the IMDb *training* reviews we build, once, and cache under ``models/offlin
   causal LM on reviews of both sentiments. It is the reference and the initial policy, as the SFT model is
   in the DPO paper. Its held-out loss is reported.
 * ``judge-<hash>/`` -- an uncased WordPiece tokenizer and a ``DistilBertForSequenceClassification`` with labels
-  ``NEGATIVE/POSITIVE`` like the SST-2 judge, trained on the training labels. Its held-out accuracy on full
-  reviews and on 64-token openings is printed and saved in ``accuracy.json`` beside it.
+  ``NEGATIVE/POSITIVE`` like the SST-2 judge, trained on the training labels through a bag-of-n-grams teacher
+  (``train_ngram_teacher``). Its held-out accuracy on full reviews and on 64-token openings is printed and
+  saved in ``accuracy.json`` beside it.
 
 Both are written with ``save_pretrained``, so the rest of the code loads them exactly like hub models. A
 directory is built in ``<name>.tmp`` and renamed into place, so an interrupted build leaves nothing half
@@ -41,7 +42,8 @@ from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
-BUILDER_VERSION = 3  # bump when the build code changes, so cached models are rebuilt
+# Bump a builder's version when its code changes, so that its cached models are rebuilt (and only its own).
+BUILDER_VERSION = {"lm_": 3, "judge_": 4}
 
 
 def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
@@ -53,7 +55,7 @@ def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
-    settings = {"builder_version": BUILDER_VERSION, "settings": own, "seed": cfg.run.seed,
+    settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.run.seed,
                 "n_train_reviews": len(train_df),
                 "data_fingerprint": h.hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -148,6 +150,59 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- judge
+N_BIGRAM_BUCKETS = 2**20
+
+
+def _crop(ids: list[int], n: int, window_fraction: float, rng) -> list[int]:
+    """``n`` tokens of a review: its opening, or (with probability ``window_fraction``, for crops shorter than
+    the review) a window from a random place in it."""
+    if len(ids) > n and rng.random() < window_fraction:
+        start = int(rng.integers(0, len(ids) - n + 1))
+        return ids[start:start + n]
+    return ids[:n]
+
+
+def train_ngram_teacher(train_ids: list[list[int]], labels: torch.Tensor, crop_lengths, window_fraction: float,
+                        vocab_size: int, rng, epochs: int = 2, batch_size: int = 256, lr: float = 5e-3):
+    """Logistic regression on the presence of word pieces and of hashed word-piece bigrams (a seconds-long fit).
+
+    Bag-of-n-grams models are hard to beat on IMDb with 45k reviews and no pre-training: this one is right on
+    ~82% of 64-token openings where a 1-layer transformer trained on the labels alone plateaus near 78%. The
+    judge learns from its soft labels (knowledge distillation, Hinton et al. 2015, arXiv:1503.02531), which
+    also say how much sentiment a short crop carries where the review's label alone does not.
+
+    It trains on the crops the judge trains on: ``crop_lengths(n)`` draws ``n`` lengths, ``window_fraction``
+    as in ``_crop``. Returns ``teacher(rows) -> P(positive)`` of shape (len(rows),).
+    """
+    def features(rows):
+        idx, offsets = [], []
+        for t in rows:
+            offsets.append(len(idx))
+            idx.extend(set(t) | {vocab_size + (a * 7919 + b) % N_BIGRAM_BUCKETS for a, b in zip(t, t[1:])})
+        return torch.tensor(idx, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+    weights = torch.nn.EmbeddingBag(vocab_size + N_BIGRAM_BUCKETS, 1, mode="sum")
+    torch.nn.init.zeros_(weights.weight)
+    bias = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([weights.weight, bias], lr=lr)
+    for _ in range(epochs):
+        order = rng.permutation(len(train_ids))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            rows = [_crop(train_ids[i], n, window_fraction, rng) for i, n in zip(idx, crop_lengths(len(idx)))]
+            logits = weights(*features(rows)).squeeze(-1) + bias
+            loss = F.binary_cross_entropy_with_logits(logits, labels[idx].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def teacher(rows: list[list[int]]) -> torch.Tensor:
+        return torch.sigmoid(weights(*features(rows)).squeeze(-1) + bias)
+
+    return teacher
+
+
 def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     oc, rng = cfg.offline, np.random.default_rng(cfg.run.seed + 1)
     torch.manual_seed(cfg.run.seed + 1)
@@ -174,13 +229,22 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     n_eval = min(oc.judge_eval_size, len(eval_df))
     eval_ids, y_eval = encode(eval_df.iloc[:n_eval]), torch.tensor(eval_df["label"].to_numpy()[:n_eval])
 
-    def batch(ids, idx, lens):
-        rows = [[cls_id] + ids[i][: n - 2] + [sep_id] for i, n in zip(idx, lens)]
-        width = max(map(len, rows))
-        x = torch.full((len(rows), width), pad_id)
+    def crop_lengths(n):  # body lengths: mostly short crops (generations are short), some whole reviews
+        return np.where(rng.random(n) < oc.judge_full_fraction, L - 2, rng.integers(14, 94, n))
+
+    def batch(bodies):
+        rows = [[cls_id] + b + [sep_id] for b in bodies]
+        x = torch.full((len(rows), max(map(len, rows))), pad_id)
         for r, row in enumerate(rows):
             x[r, : len(row)] = torch.tensor(row)
         return x, (x != pad_id).long()
+
+    teacher = None
+    if oc.judge_distill_weight > 0:
+        teacher = train_ngram_teacher(train_ids, y_train, crop_lengths, oc.judge_window_fraction, len(tok), rng)
+        t_acc = float(((teacher([t[: OPENING_TOKENS - 2] for t in eval_ids]) > 0.5).long() == y_eval).float().mean())
+        print(f"offline: n-gram teacher held-out accuracy {t_acc:.3f} on {OPENING_TOKENS}-token openings "
+              f"({time.time() - t0:.0f}s)")
 
     config = DistilBertConfig(vocab_size=len(tok), dim=oc.judge_dim, n_layers=oc.judge_n_layers, n_heads=4,
                               hidden_dim=2 * oc.judge_dim, max_position_embeddings=L, pad_token_id=pad_id,
@@ -195,29 +259,41 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     bar = tqdm(range(oc.judge_steps), desc="offline: train judge", unit="step")
     for _ in bar:
         idx = rng.integers(0, len(train_ids), oc.judge_batch_size)
-        # Mostly short openings, some whole reviews: the judge mostly scores ~50-token generations.
-        lens = np.where(rng.random(len(idx)) < oc.judge_full_fraction, L, rng.integers(16, 96, len(idx)))
-        x, mask = batch(train_ids, idx, lens)
-        loss = F.cross_entropy(model(input_ids=x, attention_mask=mask).logits, y_train[idx])
+        lens = crop_lengths(len(idx))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        # Whole reviews and short crops go through the model separately: padding every short crop to a whole
+        # review's length would double the cost of a step. The loss is still the mean over the whole batch.
+        for part in (lens == L - 2, lens < L - 2):
+            if not part.any():
+                continue
+            bodies = [_crop(train_ids[i], n, oc.judge_window_fraction, rng) for i, n in zip(idx[part], lens[part])]
+            target = F.one_hot(y_train[idx[part]], 2).float()
+            if teacher is not None:
+                p = teacher(bodies)
+                target = (1 - oc.judge_distill_weight) * target + oc.judge_distill_weight * torch.stack([1 - p, p], -1)
+            x, mask = batch(bodies)
+            loss = F.cross_entropy(model(input_ids=x, attention_mask=mask).logits, target, reduction="sum")
+            (loss / len(idx)).backward()
+            total += loss.item() / len(idx)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{total:.3f}")
     model.eval()
 
     def accuracy(n_tokens):
         hits = []
         with torch.no_grad():
             for s in range(0, n_eval, 100):
-                idx = range(s, min(n_eval, s + 100))
-                x, mask = batch(eval_ids, idx, [n_tokens] * len(idx))
-                hits.append(model(input_ids=x, attention_mask=mask).logits.argmax(-1) == y_eval[list(idx)])
+                x, mask = batch([t[: n_tokens - 2] for t in eval_ids[s:s + 100]])
+                hits.append(model(input_ids=x, attention_mask=mask).logits.argmax(-1) == y_eval[s:s + 100])
         return float(torch.cat(hits).float().mean())
 
     report = {"accuracy_full_reviews": accuracy(L),
               f"accuracy_{OPENING_TOKENS}_token_openings": accuracy(OPENING_TOKENS),
               "n_heldout": n_eval, "max_length": L, "build_s": time.time() - t0}
+    if teacher is not None:
+        report[f"teacher_accuracy_{OPENING_TOKENS}_token_openings"] = t_acc
     print(f"offline: judge held-out accuracy {report['accuracy_full_reviews']:.3f} on full reviews (first {L} "
           f"tokens), {report[f'accuracy_{OPENING_TOKENS}_token_openings']:.3f} on {OPENING_TOKENS}-token openings "
           f"({n_eval} reviews, {report['build_s']:.0f}s)")
