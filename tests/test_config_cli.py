@@ -37,6 +37,8 @@ def test_config_round_trips_through_a_dict():
     (["--preset", "huge"], "unknown preset"),
     (["--dpo-only", "--ppo-only"], "exclude"),
     (["--loss_type", "hinge"], "loss_type"),
+    (["--judge_distill_weight", "1.5"], "judge_distill_weight"),
+    (["--judge_window_fraction", "-0.1"], "judge_window_fraction"),
     (["--no-such-flag", "1"], "unrecognized"),
 ])
 def test_invalid_values_exit_2_with_one_line(argv, words, capsys):
