@@ -38,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dpo_utils import pad_sequences
 from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
@@ -105,13 +106,7 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
             t = ids[i]
             start = 0 if rng.random() < 0.5 or len(t) <= oc.lm_seq_len else int(rng.integers(0, len(t) - oc.lm_seq_len))
             rows.append(t[start:start + oc.lm_seq_len])
-        L = max(map(len, rows))
-        x = torch.full((n, L), tok.eos_token_id)
-        mask = torch.zeros((n, L), dtype=torch.long)
-        for r, row in enumerate(rows):
-            x[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        return x, mask
+        return pad_sequences(rows, tok.eos_token_id), pad_sequences([[1] * len(r) for r in rows], 0)
 
     config = GPT2Config(vocab_size=len(tok), n_positions=max(oc.lm_seq_len, cfg.data.max_length), n_embd=oc.lm_n_embd,
                         n_layer=oc.lm_n_layer, n_head=oc.lm_n_head, bos_token_id=tok.eos_token_id,
@@ -233,10 +228,7 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
         return np.where(rng.random(n) < oc.judge_full_fraction, L - 2, rng.integers(14, 94, n))
 
     def batch(bodies):
-        rows = [[cls_id] + b + [sep_id] for b in bodies]
-        x = torch.full((len(rows), max(map(len, rows))), pad_id)
-        for r, row in enumerate(rows):
-            x[r, : len(row)] = torch.tensor(row)
+        x = pad_sequences([[cls_id] + b + [sep_id] for b in bodies], pad_id)
         return x, (x != pad_id).long()
 
     teacher = None
