@@ -107,12 +107,17 @@ class DataConfig:
                              "data/IMDB Dataset.csv, else the hub dataset stanfordnlp/imdb.")
     max_reviews: int | None = _f(None, "Use only this many reviews (a seeded sample); None = all.")
     eval_fraction: float = _f(0.1, "Fraction of reviews held out: evaluation prompts and held-out pairs.")
+    split_seed: int = _f(0, "Seed of the review subsample, the train / held-out split, the evaluation prompts and "
+                         "the self-built models: fixed across --seeds, so every seed is scored on the same "
+                         "held-out prompts by the same judge.")
     prompt_min_tokens: int = _f(2, "Shortest prompt: a review opening of this many tokens.")
     prompt_max_tokens: int = _f(8, "Longest prompt (as in the DPO paper's IMDb task: 2-8 tokens).")
     response_tokens: int = _f(48, "Completion length in tokens: dataset completions are truncated to it "
                               "and generation samples exactly this many new tokens.")
     max_length: int = _f(64, "Cap on prompt + completion tokens.")
     n_pairs: int | None = _f(None, "Training preference pairs; None = as many as the data allows.")
+    n_val_pairs: int = _f(512, "Validation pairs, from training reviews that no training pair uses: model "
+                          "selection (the reward model's early stopping) without touching the held-out set.")
 
     def __post_init__(self):
         _check(self.max_reviews is None or self.max_reviews >= 20,
@@ -126,6 +131,7 @@ class DataConfig:
                f"--max_length {self.max_length} leaves no room for a completion after a "
                f"{self.prompt_max_tokens}-token prompt; raise it above --prompt_max_tokens")
         _check(self.n_pairs is None or self.n_pairs >= 1, f"--n_pairs must be >= 1 (got {self.n_pairs})")
+        _check(self.n_val_pairs >= 1, f"--n_val_pairs must be >= 1 (got {self.n_val_pairs})")
 
 
 @dataclass
@@ -133,7 +139,7 @@ class DPOConfig:
     beta: float = _f(0.1, "DPO temperature beta: strength of the implicit KL constraint (Eq. 7).")
     loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "sigmoid: the DPO loss (Eq. 7); ipo: Azar et al. 2023.")
     label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is "
-                                "flipped (sigmoid loss only).")
+                                "flipped (sigmoid loss only; an error with --loss_type ipo).")
     pair_source: Literal["dataset", "generated"] = _f(
         "dataset", "dataset: positive vs negative IMDb review after the same prompt; generated: completions "
                    "sampled from the reference and ordered by the judge, as in the DPO paper.")
@@ -152,6 +158,9 @@ class DPOConfig:
         _check(self.beta > 0, f"--beta must be > 0 (got {self.beta})")
         _check(0 <= self.label_smoothing < 0.5,
                f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        _check(not (self.loss_type == "ipo" and self.label_smoothing > 0),
+               f"--label_smoothing {self.label_smoothing} has no meaning for --loss_type ipo (it is conservative "
+               f"DPO's label-flip rate); drop it or use --loss_type sigmoid")
         _check(self.n_generated_samples >= 2, "--n_generated_samples must be >= 2")
         for name in ("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
@@ -164,9 +173,12 @@ class PPOConfig:
     ppo_reward: Literal["learned", "judge"] = _f(
         "learned", "learned: a Bradley-Terry reward model trained on the DPO training pairs (RLHF); judge: "
                    "the oracle judge's POSITIVE logit (PPO-GT in the DPO paper).")
-    rm_steps: int = _f(150, "Training steps of the reward model.")
+    rm_steps: int = _f(150, "Most training steps of the reward model (it stops earlier when its validation pair "
+                       "accuracy stops rising, and keeps its best checkpoint).")
     rm_batch_size: int = _f(16, "Preference pairs per reward-model step.")
     rm_lr: float = _f(1e-4, "Learning rate of the reward model.")
+    rm_eval_every: int = _f(50, "Score the reward model on the validation pairs every this many steps.")
+    rm_patience: int = _f(4, "Stop the reward model after this many validation scores without a new best.")
     ppo_steps: int = _f(32, "PPO iterations (one rollout batch + its updates each).")
     ppo_batch_size: int = _f(64, "Prompts sampled per rollout.")
     ppo_mini_batch_size: int = _f(16, "Rollouts per PPO minibatch.")
@@ -184,7 +196,8 @@ class PPOConfig:
     ppo_eval_every: int = _f(8, "Evaluate on the held-out prompts every this many iterations (and at end).")
 
     def __post_init__(self):
-        for name in ("rm_steps", "rm_batch_size", "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size",
+        for name in ("rm_steps", "rm_batch_size", "rm_eval_every", "rm_patience", "ppo_steps", "ppo_batch_size",
+                     "ppo_mini_batch_size",
                      "ppo_epochs", "kl_horizon", "ppo_eval_every"):
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
         _check(self.ppo_batch_size % self.ppo_mini_batch_size == 0,
@@ -308,7 +321,7 @@ def _preset(name: str) -> Config:
             offline=OfflineConfig(vocab_size=512, lm_n_layer=1, lm_n_embd=32, lm_n_head=2, lm_steps=30,
                                   lm_batch_size=16, judge_vocab_size=600, judge_n_layers=1, judge_dim=32,
                                   judge_max_length=64, judge_steps=30, judge_batch_size=16, judge_eval_size=40),
-            data=DataConfig(max_reviews=400, response_tokens=16, max_length=24),
+            data=DataConfig(max_reviews=400, response_tokens=16, max_length=24, n_val_pairs=32),
             dpo=DPOConfig(dpo_steps=40, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=10),
             ppo=PPOConfig(rm_steps=10, rm_batch_size=8, rm_lr=1e-3, ppo_steps=4, ppo_batch_size=16,
                           ppo_mini_batch_size=8, ppo_epochs=2, ppo_lr=1e-3, ppo_eval_every=2),

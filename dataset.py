@@ -118,13 +118,26 @@ def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
         if verbose:
             print(f"data: dropped {int(empty.sum())} empty review(s) from {source}")
         out = out[~empty].reset_index(drop=True)
+    out = _dedupe(out, source, verbose)
     if verbose:
         print(f"data: {len(out)} reviews from {source} ({int(out.label.sum())} positive)")
     return out
 
 
+def _dedupe(df: pd.DataFrame, source: str, verbose: bool) -> pd.DataFrame:
+    """One row per review text (the IMDb CSV repeats 410 texts in 422 extra rows): split by row, a held-out
+    review's exact copy could sit in the training set. A text given both labels is dropped altogether."""
+    conflicting = df.groupby("review")["label"].transform("nunique") > 1
+    repeated = df.duplicated("review", keep="first") & ~conflicting
+    if verbose and (repeated.any() or conflicting.any()):
+        print(f"data: dropped {int(repeated.sum())} duplicate review(s) and {int(conflicting.sum())} row(s) whose "
+              f"text has both labels, from {source}")
+    return df[~(repeated | conflicting)].reset_index(drop=True)
+
+
 def split_reviews(df: pd.DataFrame, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Deterministic (by ``seed``) optional subsample, then train / held-out split."""
+    """Deterministic (by ``seed``, the study's split seed) optional subsample, then train / held-out split.
+    Reviews are unique texts (:func:`load_reviews` dedupes), so no held-out text is also a training text."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(df))
     if cfg.max_reviews is not None:
@@ -176,11 +189,29 @@ def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n: in
     return [ids[order[i % len(ids)]][: int(ks[i])] for i in range(n)]
 
 
+def check_usable(train_df: pd.DataFrame, eval_df: pd.DataFrame, cfg: DataConfig) -> None:
+    """Fail fast, before any model is built or loaded, on data that cannot make the preference pairs.
+
+    A review needs more than ``prompt_max_tokens`` tokens; it has at least one token per word in any
+    tokenizer this project uses, so counting words gives a lower bound that needs no tokenizer yet. The
+    exact check runs again in :func:`build_pairs`.
+    """
+    need = cfg.prompt_max_tokens + 1
+    for what, df, want in (("training", train_df, (cfg.n_pairs or 1) + cfg.n_val_pairs), ("held-out", eval_df, 1)):
+        usable = df[df["review"].str.split().str.len() >= need]
+        pos, neg = int((usable.label == 1).sum()), int((usable.label == 0).sum())
+        if min(pos, neg) < want:
+            raise ConfigError(f"{what} reviews allow at most {min(pos, neg)} preference pair(s) ({pos} positive, "
+                              f"{neg} negative reviews of {need}+ words) but {want} are needed; use more reviews of "
+                              f"both sentiments (--data / --max_reviews) or lower --n_pairs / --n_val_pairs")
+
+
 @dataclass
 class StudyData:
     """Everything the training and evaluation stages share, in the policy tokenizer's token space."""
 
     train_pairs: list[dict]
+    val_pairs: list[dict]
     eval_pairs: list[dict]
     eval_prompts: list[list[int]]
     train_reviews: pd.DataFrame = field(repr=False)
@@ -193,8 +224,16 @@ class StudyData:
 
 
 def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
-    seed = cfg.run.seed
-    train_pairs = build_pairs(train_df, tokenizer, cfg.data, seed, cfg.data.n_pairs)
-    eval_pairs = build_pairs(eval_df, tokenizer, cfg.data, seed + 100, what="held-out")
-    eval_prompts = build_prompts(eval_df, tokenizer, cfg.data, seed, cfg.eval.n_eval_prompts)
-    return StudyData(train_pairs, eval_pairs, eval_prompts, train_df, eval_df)
+    """Training and validation pairs from the training reviews (sampled with the run's seed: each seed of a
+    study sees a different pair sample), held-out pairs and evaluation prompts from the held-out reviews
+    (sampled with the split seed: the same for every seed)."""
+    dc, n_val = cfg.data, cfg.data.n_val_pairs
+    pairs = build_pairs(train_df, tokenizer, dc, cfg.run.seed, None if dc.n_pairs is None else dc.n_pairs + n_val)
+    if len(pairs) <= n_val:
+        raise ConfigError(f"training data allows {len(pairs)} preference pair(s), not enough for {n_val} validation "
+                          f"pairs plus training pairs; use more reviews or lower --n_val_pairs")
+    # Pairs come in random order and no review is in two pairs: the last n_val are a disjoint validation set.
+    train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
+    eval_pairs = build_pairs(eval_df, tokenizer, dc, dc.split_seed + 100, what="held-out")
+    eval_prompts = build_prompts(eval_df, tokenizer, dc, dc.split_seed, cfg.eval.n_eval_prompts)
+    return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, train_df, eval_df)

@@ -10,36 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of every next token.
-
-    Args:
-        logits: (B, T, V) model outputs for ``input_ids``.
-        input_ids: (B, T).
-    Returns:
-        (B, T-1) fp32; entry t is log p(input_ids[t+1] | input_ids[:t+1]).
-    """
-    # Logits at position t predict token t+1: drop the last logit and the first label. fp32 because
-    # summing many bf16 log-probs loses the small differences DPO's log-ratios are made of.
-    logits = logits[:, :-1, :].float()
-    # log_softmax then gather == -cross_entropy per token; the gather avoids materialising one-hots.
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probabilities of the masked (response) tokens of each sequence.
-
-    Args:
-        logits: (B, T, V) model outputs for ``input_ids`` of length T.
-        labels: (B, T) the same ``input_ids``.
-        loss_mask: (B, T) 1 where the token is part of the response, 0 for prompt and padding.
-    Returns:
-        (B,) sum_t log p(labels[t] | labels[<t]) over response tokens, in fp32.
-    """
-    # The mask is shifted like the labels: it marks which *predicted* tokens belong to the response.
-    return (token_logps(logits, labels) * loss_mask[:, 1:].float()).sum(-1)
-
-
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0):
@@ -86,7 +56,7 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> to
 def concatenated_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows of one batch, right-padded to the batch's own longest sequence.
 
-    Returns ``input_ids``, ``attention_mask`` and ``loss_mask`` (response tokens only), each (2B, T).
+    Returns ``input_ids``, ``attention_mask`` and ``response_mask`` (response tokens only), each (2B, T).
     Dynamic padding: T is the longest prompt + response of *this* batch, not a global maximum.
     """
     seqs, resp_masks = [], []
@@ -96,16 +66,20 @@ def concatenated_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor
             resp_masks.append([0] * len(p["prompt"]) + [1] * len(p[key]))
     input_ids = pad_sequences(seqs, pad_id)
     attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0)
-    loss_mask = pad_sequences(resp_masks, 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    response_mask = pad_sequences(resp_masks, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen and rejected together (half the kernel launches of two passes).
 
-    Returns (chosen_logps, rejected_logps), each (B,).
+    Args:
+        model: a :class:`logprobs.ResponseLogProbs` around the policy or the reference.
+        batch: from :func:`concatenated_batch`.
+    Returns:
+        (policy_chosen_logps, policy_rejected_logps), each (B,): sum over response tokens of log p, in fp32.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    token_logps, _ = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    logps = token_logps.sum(-1)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]

@@ -5,8 +5,10 @@ Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
 
 * **safety score**: mean judge P(POSITIVE) of prompt + completion (as TRL's sentiment example scores
   query + response); **positive rate**: fraction the judge labels POSITIVE.
-* **sequence KL to the reference**: mean over completions y ~ pi of sum_t [log pi(y_t|x,y_<t) -
-  log pi_ref(y_t|x,y_<t)], a Monte Carlo estimate of KL(pi || pi_ref) in nats.
+* **sequence KL to the reference**: mean over completions y ~ pi_T of sum_t [log pi_T(y_t|x,y_<t) -
+  log pi_ref,T(y_t|x,y_<t)], a Monte Carlo estimate of KL(pi_T || pi_ref,T) in nats, where pi_T samples from
+  softmax(logits / T) at the evaluation temperature T. Both models are scored at the temperature the samples
+  were drawn at; at T = 1 this is KL(pi || pi_ref), the DPO paper's x-axis.
 * **win rate vs the reference**: for the same prompt, the policy wins when the judge gives its completion a
   higher P(POSITIVE) than the reference's completion; ties count half.
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_utils import pad_sequences, token_logps
+from dpo_utils import pad_sequences
+from logprobs import ResponseLogProbs
 from plots import read_metrics
 
 
@@ -32,7 +35,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
 
     Prompts are left-padded so every row continues right after its prompt. Sampling is seeded per batch
     inside a forked RNG, so evaluating never changes the training run's random stream. A completion ends at
-    the first EOS (kept) or after ``max_new_tokens`` tokens.
+    the first EOS (kept, so a completion is never empty) or after ``max_new_tokens`` tokens. Nothing but the
+    temperature reshapes the distribution (no top-k, top-p or minimum length), so the log-probs that
+    :func:`response_logps` computes at the same temperature are those of the distribution sampled from.
     """
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
@@ -45,7 +50,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
             torch.manual_seed(seed * 100_003 + b)
             gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             for row in gen[:, input_ids.shape[1]:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
@@ -56,18 +61,22 @@ def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
     seqs = [p + r for p, r in zip(prompts, responses)]
     return {"input_ids": pad_sequences(seqs, pad_id),
             "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
-            "loss_mask": pad_sequences([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)}
+            "response_mask": pad_sequences([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)}
 
 
 @torch.no_grad()
-def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """(N,) summed log-probs of each response given its prompt, in fp32 on the CPU."""
+def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """(N,) summed log-probs of each response given its prompt under ``softmax(logits / temperature)``, in
+    fp32 on the CPU (the LM head too, so that KL estimates carry no bf16 rounding)."""
+    scorer = ResponseLogProbs(model)
     out = []
     for s in range(0, len(prompts), batch_size):
         b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
                                                         pad_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        out.append((token_logps(logits, b["input_ids"]) * b["loss_mask"][:, 1:]).sum(-1).cpu())
+        token_logps, _ = scorer(b["input_ids"], b["attention_mask"], b["response_mask"], temperature=temperature,
+                                fp32_head=True)
+        out.append(token_logps.sum(-1).cpu())
     return torch.cat(out)
 
 
@@ -133,11 +142,10 @@ def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = Tr
                          kit.device)
     texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(kit.prompts, responses)]
     scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device)
-    if policy is kit.ref_model:
-        kl = 0.0
-    elif with_kl:
-        pol = response_logps(policy, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
-        ref = response_logps(kit.ref_model, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device)
+    if with_kl:
+        # Both models scored at the sampling temperature: an unbiased estimate of KL(pi_T || pi_ref,T).
+        pol, ref = (response_logps(m, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device,
+                                   temperature) for m in (policy, kit.ref_model))
         kl = float((pol - ref).mean())
     else:
         kl = float("nan")
@@ -182,7 +190,10 @@ def _examples(kit: EvalKit, result: dict, n: int) -> list[dict]:
              "p_positive": round(float(result["scores"][i]), 4)} for i in range(min(n, len(kit.prompts)))]
 
 
-def _model_entry(kit: EvalKit, cfg, policy, train_time_s: float) -> dict:
+TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_test_s")
+
+
+def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
     """Metrics of one model at the evaluation temperature, and its win rate vs the reference at each
     temperature of the sweep (same prompts, same seeds)."""
     temp = cfg.eval.eval_temperature
@@ -193,7 +204,8 @@ def _model_entry(kit: EvalKit, cfg, policy, train_time_s: float) -> dict:
                                        else evaluate_policy(policy, kit, t, with_kl=False))
         wins[str(t)] = win_rate(pol_t["scores"], kit.reference_result(t)["scores"])
     return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
-            "response_len": res["response_len"], "train_time_s": train_time_s, "win_rate_vs_ref": wins,
+            "response_len": res["response_len"], **{k: times[k] for k in TIME_KEYS if k in times},
+            "win_rate_vs_ref": wins,
             "examples": _examples(kit, res, cfg.eval.n_examples)}
 
 
@@ -210,9 +222,9 @@ def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, st
     names = ["reference", *policies]
     for name in tqdm(names, desc="final evaluation", unit="model"):
         if name == "reference":
-            results[name] = _model_entry(kit, cfg, kit.ref_model, 0.0)
+            results[name] = _model_entry(kit, cfg, kit.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})
         else:
-            results[name] = _model_entry(kit, cfg, policies[name]["policy"], policies[name]["train_time_s"])
+            results[name] = _model_entry(kit, cfg, policies[name]["policy"], policies[name])
     results["runs"] = [{"method": m, "label": label, "main": i < len(policies),
                         "metrics": str(Path(d) / "metrics.jsonl")} for i, (m, label, d) in enumerate(runs)]
     points = [{"method": r["method"], "label": r["label"], "step": row["step"], "kl": row["eval/kl_to_ref"],

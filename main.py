@@ -31,7 +31,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     import dataset
 
     reviews = dataset.load_reviews(cfg.data.data)
-    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.run.seed)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
+    dataset.check_usable(train_df, eval_df, cfg.data)  # before minutes of model building, not after
 
     import transformers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -79,10 +80,25 @@ def load_judge(name: str, device: torch.device | str = "cpu"):
     return tok, model
 
 
+def autocast_dtype(device) -> torch.dtype:
+    """The compute precision of forward passes on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (the H100/A100 fast path); a no-op elsewhere, where we train in fp32."""
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+    """bf16 autocast where :func:`autocast_dtype` says bf16; a no-op (fp32) elsewhere."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=autocast_dtype(device) == torch.bfloat16)
+
+
+def weights_fingerprint(model) -> str:
+    """Hash of every parameter and buffer (names, dtypes, values): a cache key that changes when the weights
+    do, whatever path or hub id they were loaded from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def max_positions(model) -> int:

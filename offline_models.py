@@ -56,7 +56,7 @@ def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
-    settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.run.seed,
+    settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
                 "n_train_reviews": len(train_df),
                 "data_fingerprint": h.hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -80,12 +80,12 @@ def _sample_texts(df, n: int, seed: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- base LM
 def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
-    oc, rng = cfg.offline, np.random.default_rng(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
+    oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed)
+    torch.manual_seed(cfg.data.split_seed)
     t0 = time.time()
     bpe = ByteLevelBPETokenizer()
     # A seeded sample of 10k reviews gives the same frequent merges in a quarter of the time of all 45k.
-    bpe.train_from_iterator(_sample_texts(train_df, 10_000, cfg.run.seed), vocab_size=oc.vocab_size,
+    bpe.train_from_iterator(_sample_texts(train_df, 10_000, cfg.data.split_seed), vocab_size=oc.vocab_size,
                             min_frequency=2, special_tokens=[EOS], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
                                   unk_token=EOS, pad_token=EOS, model_input_names=["input_ids", "attention_mask"])
@@ -130,7 +130,7 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.2f}")
     model.eval()
-    erng = np.random.default_rng(cfg.run.seed + 7)
+    erng = np.random.default_rng(cfg.data.split_seed + 7)
     with torch.no_grad():
         losses = [model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss.item()
                   for x, m in (batch(eval_ids, 64, erng) for _ in range(8))]
@@ -199,11 +199,11 @@ def train_ngram_teacher(train_ids: list[list[int]], labels: torch.Tensor, crop_l
 
 
 def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
-    oc, rng = cfg.offline, np.random.default_rng(cfg.run.seed + 1)
-    torch.manual_seed(cfg.run.seed + 1)
+    oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed + 1)
+    torch.manual_seed(cfg.data.split_seed + 1)
     t0 = time.time()
     wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(_sample_texts(train_df, 15_000, cfg.run.seed), vocab_size=oc.judge_vocab_size,
+    wp.train_from_iterator(_sample_texts(train_df, 15_000, cfg.data.split_seed), vocab_size=oc.judge_vocab_size,
                            min_frequency=2, show_progress=False)
     # The WordPiece trainer numbers tokens in a run-dependent order (hash-map ties); renumber them in sorted
     # order so that the same settings give the same judge, bit for bit.

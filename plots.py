@@ -23,8 +23,11 @@ def summary_table(results: dict) -> str:
     names = [n for n in ("reference", "dpo", "ppo") if n in results]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key, fmt in (("safety_score", "{:.3f}"), ("positive_rate", "{:.3f}"), ("kl_to_ref", "{:.2f}"),
-                     ("train_time_s", "{:.0f}")):
-        lines.append(f"| {key} | " + " | ".join(fmt.format(results[n][key]) for n in names) + " |")
+                     ("train_time_s", "{:.0f}"), ("ref_logps_s", "{:.0f}"), ("rm_train_s", "{:.0f}"),
+                     ("eval_time_s", "{:.0f}")):
+        if any(key in results[n] for n in names):  # itemised parts: "-" where a method has no such stage
+            lines.append(f"| {key} | " + " | ".join(fmt.format(results[n][key]) if key in results[n] else "-"
+                                                     for n in names) + " |")
     temp = str(results["eval_temperature"])
     lines.append(f"| win rate vs ref (T={temp}) | " + " | ".join(
         "{:.3f}".format(results[n]["win_rate_vs_ref"].get(temp, float("nan"))) for n in names) + " |")

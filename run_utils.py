@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
 def resume_or_start(run_dir: Path, resume: bool, stateful: dict, setup_s: float = 0.0, name: str = "run"):
     """Load the latest checkpoint into each object of ``stateful`` (anything with ``load_state_dict``) and
     restore every RNG; returns ``(start_step, timer, consecutive_bad, resumed)``. Without ``resume`` (or a
-    checkpoint) it starts from step 0 with a timer that already counts ``setup_s``."""
+    checkpoint) it starts from step 0 with a timer that already counts ``setup_s`` of training."""
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None:
         return 0, Timer(setup_s), 0, False
@@ -122,14 +123,14 @@ def resume_or_start(run_dir: Path, resume: bool, stateful: dict, setup_s: float 
         obj.load_state_dict(state[key])
     set_rng_state(state["rng"])
     print(f"{name}: resuming from {ckpt} (step {state['step']})")
-    return state["step"], Timer(state["elapsed"]), state["consecutive_bad"], True
+    return state["step"], Timer(state["elapsed"], state["eval_s"]), state["consecutive_bad"], True
 
 
 def checkpoint(run_dir: Path, step: int, stateful: dict, timer: "Timer", consecutive_bad: int, keep: int) -> Path:
     """Save the state dicts of ``stateful`` plus the timer and the non-finite counter (see save_checkpoint)."""
     state = {key: obj.state_dict() for key, obj in stateful.items()}
-    return save_checkpoint(run_dir, step, {**state, "elapsed": timer.elapsed, "consecutive_bad": consecutive_bad},
-                           keep)
+    return save_checkpoint(run_dir, step, {**state, "elapsed": timer.elapsed, "eval_s": timer.eval_s,
+                                           "consecutive_bad": consecutive_bad}, keep)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -165,11 +166,23 @@ class SignalFlag:
 
 
 class Timer:
-    """Wall time of a training run that survives resumes (elapsed time is stored in checkpoints)."""
+    """Training wall time of a run, without its evaluations, surviving resumes (both sums are checkpointed).
 
-    def __init__(self, already: float = 0.0):
-        self.start, self.already = time.time(), already
+    Time spent inside ``with timer.evaluating():`` is counted in ``eval_s`` and left out of ``elapsed``.
+    """
+
+    def __init__(self, already: float = 0.0, eval_s: float = 0.0):
+        self.start, self.already, self.eval_s, self._paused = time.time(), already, eval_s, 0.0
 
     @property
     def elapsed(self) -> float:
-        return self.already + time.time() - self.start
+        return self.already + time.time() - self.start - self._paused
+
+    @contextmanager
+    def evaluating(self):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self._paused += time.time() - t0
+            self.eval_s += time.time() - t0

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_scores
-from models import autocast, load_causal_lm
+from logprobs import ResponseLogProbs
+from models import autocast, autocast_dtype, load_causal_lm, weights_fingerprint
 from run_utils import (
     MetricsLog,
     SignalFlag,
@@ -32,15 +33,19 @@ from run_utils import (
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, device, cache_dir: Path,
-                    model_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,), (N,) reference log-probs of the chosen and rejected completions, cached by model + data."""
-    key = hashlib.sha256(json.dumps([model_id, pad_id, [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]])
-                         .encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"ref_logps-{key}.pt"
+def reference_logps(model: ResponseLogProbs, pairs: list[dict], pad_id: int, batch_size: int, device,
+                    cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(N,), (N,) reference log-probs of the chosen and rejected completions, and whether they came from the
+    cache. The cache key is everything the numbers depend on: the weights themselves (not their path, which
+    a model retrained in place keeps), the autocast precision, the device type, the padding id and the
+    pairs."""
+    key = hashlib.sha256(json.dumps([weights_fingerprint(model), str(autocast_dtype(device)),
+                                     torch.device(device).type, pad_id,
+                                     [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]]).encode())
+    path = Path(cache_dir) / f"ref_logps-{key.hexdigest()[:16]}.pt"
     if path.exists():
         cached = torch.load(path)
-        return cached["chosen"], cached["rejected"]
+        return cached["chosen"], cached["rejected"], True
     chosen, rejected = [], []
     for s in tqdm(range(0, len(pairs), batch_size), desc="dpo: reference log-probs", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in concatenated_batch(pairs[s:s + batch_size], pad_id).items()}
@@ -54,7 +59,7 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     tmp = path.with_suffix(".tmp")
     torch.save(out, tmp)
     tmp.rename(path)
-    return out["chosen"], out["rejected"]
+    return out["chosen"], out["rejected"], False
 
 
 def generated_pairs(cfg, prompts: list[list[int]], kit: EvalKit) -> list[dict]:
@@ -83,7 +88,8 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
     device, tok = kit.device, kit.tokenizer
     seed_everything(rc.seed)
     t_setup = time.time()  # the pair sampling and the reference pass count as DPO's training time
-    policy = load_causal_lm(cfg.model.policy_model, device)  # eval mode: dropout off (log-probs must match ref)
+    # eval mode: dropout off (the log-probs must match the reference's at step 1)
+    policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device))
     pairs_per_step = dc.dpo_batch_size * dc.dpo_grad_accum
 
     # --- preference pairs ---
@@ -96,9 +102,10 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
         raise StopTraining("dpo: no preference pairs to train on", 2)
 
     # --- reference log-probs, once (the policy equals the reference before step 1) ---
-    ref_chosen_logps, ref_rejected_logps = reference_logps(
-        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache",
-        f"{cfg.model.policy_model}|{dc.pair_source}|{rc.seed}")
+    t_ref = time.time()
+    ref_chosen_logps, ref_rejected_logps, ref_cached = reference_logps(
+        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache")
+    ref_logps_s = time.time() - t_ref
 
     # --- optimiser: linear warmup, then constant (as the reference implementation) ---
     opt_cls = torch.optim.RMSprop if dc.dpo_optimizer == "rmsprop" else torch.optim.AdamW
@@ -108,13 +115,14 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
         optimizer, lambda s: min(1.0, (s + 1) / (dc.dpo_warmup_steps + 1)))
 
     # --- resume ---
-    stateful = {"model": policy, "optimizer": optimizer, "scheduler": scheduler}
+    stateful = {"model": policy.lm, "optimizer": optimizer, "scheduler": scheduler}
     start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, time.time() - t_setup,
                                                              name="dpo")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed else None)
     cfg.save(run_dir / "training_config.json")
     if start == 0 and evaluate:
-        metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
+        with timer.evaluating():
+            metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
     bar = tqdm(range(start + 1, dc.dpo_steps + 1), desc="dpo", unit="step", initial=start, total=dc.dpo_steps)
     with SignalFlag() as interrupted:
@@ -153,15 +161,16 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
             else:
                 consecutive_bad += 1
             optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used: read before the scheduler advances
             scheduler.step()
 
             # --- log ---
             row = {"step": step, **stats, "rewards/margins": stats["rewards/chosen"] - stats["rewards/rejected"],
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": int(not finite),
-                   "pairs_per_s": pairs_per_step / (time.time() - t0)}
+                   "grad_norm": grad_norm, "lr": lr, "nonfinite_skipped": int(not finite),
+                   "pairs_per_s": pairs_per_step / (time.time() - t0), "time_s": timer.elapsed}
             if evaluate and (step % dc.dpo_eval_every == 0 or step == dc.dpo_steps):
-                row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
-            row["time_s"] = timer.elapsed
+                with timer.evaluating():
+                    row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
             metrics.log(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
             if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -186,17 +195,17 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
                                        f"the same command plus --resume", 130)
 
     # --- save (atomic: a crash here never leaves a half-written model nor destroys the previous one) ---
-    train_time = timer.elapsed
-    policy.eval()
+    summary = {"method": "dpo", "train_time_s": timer.elapsed, "eval_time_s": timer.eval_s,
+               "ref_logps_s": ref_logps_s, "ref_logps_cached": ref_cached, "steps": dc.dpo_steps, "pairs": len(pairs)}
 
     def write(tmp: Path):
-        policy.save_pretrained(tmp)
+        policy.lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         cfg.save(tmp / "training_config.json")
         (tmp / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-        (tmp / "train_summary.json").write_text(json.dumps(
-            {"method": "dpo", "train_time_s": train_time, "steps": dc.dpo_steps, "pairs": len(pairs)}, indent=2))
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
     atomic_write_dir(final_dir, write)
-    print(f"dpo: saved {final_dir} ({train_time:.0f}s of training)")
-    return {"model_dir": str(final_dir), "train_time_s": train_time, "policy": policy}
+    print(f"dpo: saved {final_dir} ({summary['train_time_s']:.0f}s of training, of which {ref_logps_s:.0f}s the "
+          f"reference pass; {summary['eval_time_s']:.0f}s of evaluation)")
+    return {"model_dir": str(final_dir), "policy": policy.lm, **summary}

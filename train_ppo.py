@@ -1,10 +1,10 @@
 """The RLHF baseline: a Bradley-Terry reward model on the DPO training pairs, then PPO with GAE and a per-token
 KL penalty to the frozen reference (Ziegler et al. 2019; Stiennon et al. 2020). ``train(cfg, data, kit)``.
 
-Value function: a linear value head on the policy's own last hidden state (as TRL's original PPOTrainer and
-Ziegler et al. do), not a separate value model. On a CPU that halves the forward/backward work of every
-rollout and update; the price -- value-loss gradients reaching the shared trunk -- is kept small by
-``vf_coef`` (0.1).
+Value function: a linear value head on the policy's own last hidden state (``ResponseLogProbs(value_head=True)``,
+as TRL's original PPOTrainer and Ziegler et al. do), not a separate value model. On a CPU that halves the
+forward/backward work of every rollout and update; the price -- value-loss gradients reaching the shared
+trunk -- is kept small by ``vf_coef`` (0.1).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
-from dpo_utils import pad_sequences, token_logps
+from dpo_utils import pad_sequences
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_logits, response_batch
-from models import autocast, load_causal_lm
+from logprobs import ResponseLogProbs
+from models import autocast, autocast_dtype, load_causal_lm
 from ppo_utils import (
     AdaptiveKLController,
     FixedKLController,
@@ -45,22 +46,6 @@ from run_utils import (
 )
 
 
-class PolicyWithValueHead(torch.nn.Module):
-    """A causal LM plus a scalar value head on its final hidden state."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-        self.v_head = torch.nn.Linear(lm.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.v_head.weight)  # start from V = 0: no spurious advantages at step 1
-        torch.nn.init.zeros_(self.v_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True)
-        return out.logits, self.v_head(out.hidden_states[-1]).squeeze(-1)
-
-
 def rollout_batch(prompts, responses, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts followed by right-padded responses (the layout ``generate`` produces), so every
     response starts in the same column P. Position ids count from each row's first real token, as
@@ -76,33 +61,33 @@ def rollout_batch(prompts, responses, pad_id: int) -> dict[str, torch.Tensor]:
             "response_mask": response_mask, "P": P}
 
 
-def response_logps_values(model, b) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, T) log-probs of the response tokens and (B, T) values of the states that emitted them."""
-    P, T = b["P"], b["response_mask"].shape[1]
-    if isinstance(model, PolicyWithValueHead):
-        logits, values = model(b["input_ids"], b["attention_mask"], b["position_ids"])
-        values = values[:, P - 1:P - 1 + T]
-    else:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       position_ids=b["position_ids"]).logits
-        values = None
-    # token_logps[:, t] scores token t+1, so response token P+j is column P-1+j.
-    return token_logps(logits, b["input_ids"])[:, P - 1:P - 1 + T], values
+def response_logps_values(model: ResponseLogProbs, b) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) log-probs of the response tokens and (B, T) values of the states that emitted them (None for a
+    model without a value head), from a :func:`rollout_batch` whose responses start at column P."""
+    P = b["P"]
+    full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :P]), b["response_mask"]], 1)
+    token_logps, values = model(b["input_ids"], b["attention_mask"], full_mask, b["position_ids"])
+    return token_logps[:, P:], (values[:, P:] if values is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ reward model
 def train_reward_model(cfg, data, kit: EvalKit):
-    """Bradley-Terry reward model -log sigma(r(x, y_w) - r(x, y_l)) on the training pairs; cached by settings."""
+    """Bradley-Terry reward model -log sigma(r(x, y_w) - r(x, y_l)) on the training pairs, trained until its
+    accuracy on the validation pairs stops rising (the best checkpoint is kept), then scored once on the
+    held-out pairs. Cached under ``reward_models/<settings hash>/``; returns ``(model, report)``."""
     pc, device, pad = cfg.ppo, kit.device, kit.tokenizer.pad_token_id
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
-                "seed": cfg.run.seed, "pairs": hashlib.sha256(json.dumps(data.train_pairs).encode()).hexdigest()[:16]}
-    out = Path(cfg.run.output_dir) / "reward_model"
-    if (out / "rm_settings.json").exists() and json.loads((out / "rm_settings.json").read_text()) == settings:
+                "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
+                "precision": str(autocast_dtype(device)),
+                "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cfg.run.output_dir) / "reward_models" / key
+    if (out / "rm_report.json").exists():
         report = json.loads((out / "rm_report.json").read_text())
         print(f"ppo: reusing reward model {out} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f})")
         return AutoModelForSequenceClassification.from_pretrained(out).to(device).eval(), report
 
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # the scalar head's initialisation
     rm = AutoModelForSequenceClassification.from_pretrained(cfg.model.policy_model, num_labels=1).to(device)
     rm.config.pad_token_id = pad
     rm.eval()  # dropout off; gradients still flow
@@ -110,25 +95,49 @@ def train_reward_model(cfg, data, kit: EvalKit):
     def scores(pairs):
         completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         b = response_batch([p["prompt"] for p in pairs] * 2, completions, pad)
-        r = rm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.squeeze(-1)
+        with autocast(device):
+            r = rm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        r = r.squeeze(-1).float()
         return r[: len(pairs)], r[len(pairs):]
 
+    @torch.no_grad()
+    def pair_accuracy(pairs):
+        return float(torch.cat([torch.gt(*scores(pairs[s:s + 64])).float() for s in range(0, len(pairs), 64)]).mean())
+
     opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr)
-    rng = np.random.default_rng(cfg.run.seed + 3)
     t0 = time.time()
-    for _ in tqdm(range(pc.rm_steps), desc="ppo: reward model", unit="step"):
-        idx = rng.integers(0, len(data.train_pairs), pc.rm_batch_size)
+    best = {"acc": -1.0, "step": 0, "state": None}
+    curve = []
+    bar = tqdm(range(1, pc.rm_steps + 1), desc="ppo: reward model", unit="step")
+    for step in bar:
+        idx = step_indices(step, pc.rm_batch_size, len(data.train_pairs), [cfg.run.seed, 3])
         r_w, r_l = scores([data.train_pairs[i] for i in idx])
         loss = -F.logsigmoid(r_w - r_l).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
-    with torch.no_grad():
-        held = data.eval_pairs[:512]
-        wins = torch.cat([torch.gt(*scores(held[s:s + 64])).float() for s in range(0, len(held), 64)])
-    report = {"heldout_pair_accuracy": float(wins.mean()), "n_heldout_pairs": len(held), "train_s": time.time() - t0}
-    print(f"ppo: reward model held-out pair accuracy {report['heldout_pair_accuracy']:.3f} ({len(held)} pairs)")
+        # --- early stopping on the validation pairs (training reviews the training pairs do not use) ---
+        if step % pc.rm_eval_every == 0 or step == pc.rm_steps:
+            acc = pair_accuracy(data.val_pairs)
+            curve.append({"step": step, "val_pair_accuracy": acc})
+            bar.set_postfix(val_acc=f"{acc:.3f}")
+            if acc > best["acc"]:
+                best = {"acc": acc, "step": step, "state": {k: v.detach().clone() for k, v in rm.state_dict().items()}}
+            elif step - best["step"] >= pc.rm_patience * pc.rm_eval_every:
+                break
+    bar.close()
+    rm.load_state_dict(best["state"])
+    train_s = time.time() - t0
+    # --- the held-out pairs are scored once, after training: an evaluation, not part of the training time ---
+    t1 = time.time()
+    held = data.eval_pairs[:512]
+    report = {"heldout_pair_accuracy": pair_accuracy(held), "n_heldout_pairs": len(held),
+              "val_pair_accuracy": best["acc"], "n_val_pairs": len(data.val_pairs), "best_step": best["step"],
+              "steps_run": curve[-1]["step"], "stopped_early": curve[-1]["step"] < pc.rm_steps,
+              "curve": curve, "train_s": train_s, "test_s": time.time() - t1}
+    print(f"ppo: reward model held-out pair accuracy {report['heldout_pair_accuracy']:.3f} ({len(held)} pairs); "
+          f"validation {best['acc']:.3f} at step {best['step']} of {report['steps_run']} ({train_s:.0f}s)")
 
     def write(tmp: Path):
         rm.save_pretrained(tmp)
@@ -155,7 +164,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
 
         def score_fn(prompts, responses):
             b = response_batch(prompts, responses, tok.pad_token_id)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device):
                 return rm(input_ids=b["input_ids"].to(device),
                           attention_mask=b["attention_mask"].to(device)).logits.squeeze(-1).float().cpu()
     else:
@@ -165,20 +174,24 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
             return judge_logits(kit.judge_tok, kit.judge, texts, kit.batch_size, device)
 
-    policy = PolicyWithValueHead(load_causal_lm(cfg.model.policy_model, device)).to(device)
+    policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)
     policy.eval()  # dropout off throughout: PPO's ratios assume the sampling and training log-probs agree
+    ref = ResponseLogProbs(kit.ref_model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.ppo_lr, eps=1e-5)
     kl_ctl = (FixedKLController(pc.init_kl_coef) if pc.target_kl is None
               else AdaptiveKLController(pc.init_kl_coef, pc.target_kl, pc.kl_horizon))
     prompts_all = data.train_prompts
 
     # --- resume ---
+    # PPO's training time starts with its reward model's, the stage DPO does without.
+    rm_train_s = rm_report["train_s"] if rm_report else 0.0
     stateful = {"model": policy, "optimizer": optimizer, "kl_ctl": kl_ctl}
-    start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, name="ppo")
+    start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, rm_train_s, name="ppo")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed else None)
     cfg.save(run_dir / "training_config.json")
     if start == 0 and evaluate:
-        metrics.log({"step": 0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
+        with timer.evaluating():
+            metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
     B, mb_size = pc.ppo_batch_size, pc.ppo_mini_batch_size
     bar = tqdm(range(start + 1, pc.ppo_steps + 1), desc="ppo", unit="iter", initial=start, total=pc.ppo_steps)
@@ -195,7 +208,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             mask = b["response_mask"].float()
             with torch.no_grad(), autocast(device):
                 old_logprobs, old_values = response_logps_values(policy, b)
-                ref_logprobs, _ = response_logps_values(kit.ref_model, b)
+                ref_logprobs, _ = response_logps_values(ref, b)
             old_values = old_values.float() * mask
             t_logps = time.time()
 
@@ -257,10 +270,10 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                    # phase timings: sampling, policy/value/reference log-probs, reward, PPO epochs
                    "charts/generation_s": t_gen - t0, "charts/logps_s": t_logps - t_gen,
                    "charts/score_s": t_score - t_logps, "charts/update_s": t_update - t_score,
-                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (t_update - t0)}
+                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (t_update - t0), "time_s": timer.elapsed}
             if evaluate and (step % pc.ppo_eval_every == 0 or step == pc.ppo_steps):
-                row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
-            row["time_s"] = timer.elapsed
+                with timer.evaluating():
+                    row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
             metrics.log(row)
             bar.set_postfix(score=f"{row['objective/score']:.2f}", kl=f"{seq_kl:.2f}")
             if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -285,8 +298,9 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                                        f"with the same command plus --resume", 130)
 
     # --- save (atomic) ---
-    # PPO's cost includes its explicit reward model, the stage DPO does without.
-    train_time = timer.elapsed + (rm_report["train_s"] if rm_report else 0.0)
+    summary = {"method": "ppo", "train_time_s": timer.elapsed, "eval_time_s": timer.eval_s, "rm_train_s": rm_train_s,
+               "rm_test_s": rm_report["test_s"] if rm_report else 0.0, "iterations": pc.ppo_steps,
+               "reward": pc.ppo_reward, "reward_model": rm_report}
 
     def write(tmp: Path):
         policy.lm.save_pretrained(tmp)
@@ -294,10 +308,9 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
         torch.save(policy.v_head.state_dict(), tmp / "value_head.pt")
         cfg.save(tmp / "training_config.json")
         (tmp / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-        (tmp / "train_summary.json").write_text(json.dumps(
-            {"method": "ppo", "train_time_s": train_time, "iterations": pc.ppo_steps, "reward": pc.ppo_reward,
-             "reward_model": rm_report}, indent=2))
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
     atomic_write_dir(final_dir, write)
-    print(f"ppo: saved {final_dir} ({train_time:.0f}s of training)")
-    return {"model_dir": str(final_dir), "train_time_s": train_time, "policy": policy.lm}
+    print(f"ppo: saved {final_dir} ({summary['train_time_s']:.0f}s of training, of which {rm_train_s:.0f}s the "
+          f"reward model; {summary['eval_time_s']:.0f}s of evaluation)")
+    return {"model_dir": str(final_dir), "policy": policy.lm, **summary}

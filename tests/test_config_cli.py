@@ -39,6 +39,9 @@ def test_config_round_trips_through_a_dict():
     (["--loss_type", "hinge"], "loss_type"),
     (["--judge_distill_weight", "1.5"], "judge_distill_weight"),
     (["--judge_window_fraction", "-0.1"], "judge_window_fraction"),
+    (["--loss_type", "ipo", "--label_smoothing", "0.1"], "label_smoothing"),
+    (["--n_val_pairs", "0"], "n_val_pairs"),
+    (["--rm_patience", "0"], "rm_patience"),
     (["--no-such-flag", "1"], "unrecognized"),
 ])
 def test_invalid_values_exit_2_with_one_line(argv, words, capsys):
@@ -67,11 +70,12 @@ def test_unknown_preset_from_the_real_cli():
 
 def test_unreachable_hub_model_names_the_ways_out(tmp_path):
     csv = tmp_path / "tiny.csv"
-    csv.write_text("review,sentiment\n" + "".join(f"a fine film number {i},positive\nan awful film {i},negative\n"
-                                                  for i in range(20)))
+    rows = [f"a fine film number {i} that I liked a lot,positive\nan awful film {i} that I hated a lot,negative\n"
+            for i in range(20)]
+    csv.write_text("review,sentiment\n" + "".join(rows))
     # HF_HUB_OFFLINE=1 (set by run_cli) makes the hub unreachable at once, as it is on this machine
-    proc = run_cli("--data", str(csv), "--policy_model", "distilgpt2", "--output_dir", str(tmp_path / "m"),
-                   "--plots_dir", str(tmp_path / "p"))
+    proc = run_cli("--data", str(csv), "--n_val_pairs", "2", "--policy_model", "distilgpt2",
+                   "--output_dir", str(tmp_path / "m"), "--plots_dir", str(tmp_path / "p"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "distilgpt2" in err[0] and "--preset offline" in err[0] and "local directory" in err[0]

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli, run_main, synthetic_reviews
 
 from config import ConfigError, DataConfig
-from dataset import build_pairs, build_prompts, clean_review, load_reviews, split_reviews
+from dataset import build_pairs, clean_review, load_reviews, split_reviews
 
 
 def write_csv(tmp_path, df, name="reviews.csv"):
@@ -32,10 +32,10 @@ def test_aclimdb_folder(tmp_path):
         for sub, text in (("pos", "lovely<br />film"), ("neg", "awful film")):
             d = tmp_path / "aclImdb" / split / sub
             d.mkdir(parents=True)
-            (d / "0_9.txt").write_text(text, encoding="utf-8")
+            (d / "0_9.txt").write_text(f"{text} ({split})", encoding="utf-8")
     out = load_reviews(str(tmp_path), verbose=False)
     assert len(out) == 4 and sorted(out["label"].tolist()) == [0, 0, 1, 1]
-    assert "lovely film" in out["review"].tolist()
+    assert "lovely film (train)" in out["review"].tolist()
 
 
 def test_empty_reviews_are_dropped_and_counted(tmp_path, capsys):
@@ -132,13 +132,67 @@ def test_pair_invariants(tmp_path, tiny_tokenizer):
     assert build_pairs(df, tiny_tokenizer, cfg, seed=0) == pairs  # deterministic
 
 
-def test_eval_prompts_come_from_held_out_reviews(tmp_path, tiny_tokenizer):
-    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(100))), verbose=False)
-    cfg = DataConfig()
-    _, eval_df = split_reviews(df, cfg, seed=0)
-    prompts = build_prompts(eval_df, tiny_tokenizer, cfg, seed=0, n=30)
-    openings = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in eval_df.review]
-    assert len(prompts) == 30
-    assert all(any(o[: len(p)] == p for o in openings) for p in prompts)
-    assert all(2 <= len(p) <= 8 for p in prompts)
-    assert np.mean([len(p) for p in prompts]) > 2
+def test_duplicated_reviews_are_dropped_so_no_held_out_text_is_in_training(tmp_path, capsys):
+    # Every review twice (as 410 IMDb texts are): split by row, ~half the held-out texts would be in training.
+    df = synthetic_reviews(100)
+    df = pd.concat([df, df, df.iloc[:1].assign(sentiment="negative")], ignore_index=True)  # + one conflict
+    out = load_reviews(str(write_csv(tmp_path, df)))
+    assert "dropped 99 duplicate review(s) and 3 row(s) whose text has both labels" in capsys.readouterr().out
+    assert len(out) == 99 and out["review"].is_unique
+    train, held_out = split_reviews(out, DataConfig(eval_fraction=0.3), seed=0)
+    assert len(held_out) == 30 and not set(held_out.review) & set(train.review)
+
+
+def test_eval_prompts_and_held_out_pairs_come_from_reviews_absent_from_training(tmp_path, tiny_tokenizer):
+    from config import PRESETS
+    from dataset import prepare
+
+    # reviews made of random words: no two share a 3-token stretch by accident
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(3000)]
+    df = pd.DataFrame({"review": [" ".join(rng.choice(words, 30)) for _ in range(200)], "label": [0, 1] * 100})
+    cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10, "eval_fraction": 0.2})
+    train_df, eval_df = split_reviews(df, cfg.data, seed=0)
+    data = prepare(cfg, tiny_tokenizer, train_df, eval_df)
+    train_ids = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in train_df.review]
+    eval_ids = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in eval_df.review]
+    assert len(data.eval_prompts) == cfg.eval.n_eval_prompts and all(2 <= len(p) <= 8 for p in data.eval_prompts)
+    # every prompt is the opening of a held-out review; every held-out completion continues a held-out review
+    assert all(any(o[: len(p)] == p for o in eval_ids) for p in data.eval_prompts)
+    for p in data.eval_pairs:
+        for key in ("chosen", "rejected"):
+            k = len(p["prompt"])
+            assert any(t[k:k + len(p[key])] == p[key] for t in eval_ids)
+            assert not any(t[k:k + len(p[key])] == p[key] for t in train_ids)
+    # validation pairs use training reviews that no training pair uses
+    used = {tuple(p[k]) for p in data.train_pairs for k in ("chosen", "rejected")}
+    val = {tuple(p[k]) for p in data.val_pairs for k in ("chosen", "rejected")}
+    assert len(data.val_pairs) == 10 and not val & used
+
+
+def test_the_split_and_prompts_follow_the_split_seed_not_the_run_seed(tmp_path, tiny_tokenizer):
+    from config import PRESETS
+    from dataset import prepare
+
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(200))), verbose=False)
+    runs = {}
+    for seed in (0, 1):
+        cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10}, run={"seed": seed})
+        train_df, eval_df = split_reviews(df, cfg.data, cfg.data.split_seed)
+        runs[seed] = prepare(cfg, tiny_tokenizer, train_df, eval_df)
+    assert runs[0].eval_prompts == runs[1].eval_prompts and runs[0].eval_pairs == runs[1].eval_pairs
+    assert runs[0].train_pairs != runs[1].train_pairs  # a different pair sample per seed
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([("a lovely film to watch again and again " * 3, "positive"), ("awful " * 30, "negative")], "preference pair"),
+    ([(f"great film number {i} and so on and on", "positive") for i in range(300)], "0 negative"),
+    ([(f"great {i}", "positive" if i % 2 else "negative") for i in range(300)], "of 9+ words"),
+])
+def test_degenerate_data_is_caught_before_any_model_is_built(tmp_path, rows, words):
+    """Too few, one-sided or too short reviews: exit 2 in seconds, before the offline builders start."""
+    csv = write_csv(tmp_path, pd.DataFrame(rows, columns=["review", "sentiment"]).drop_duplicates())
+    proc = run_main("--preset", "offline", "--data", str(csv), "--output_dir", str(tmp_path / "models"),
+                    "--plots_dir", str(tmp_path / "plots"))
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "models").exists()

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_utils import concatenated_batch, dpo_loss, sequence_logps
+from dpo_utils import concatenated_batch, dpo_loss
+from logprobs import selective_log_softmax
 
 
 def _logps(n=6, seed=0):
@@ -37,21 +38,27 @@ def test_gradient_raises_chosen_and_lowers_rejected():
     assert (pr.grad > 0).all()  # ... and decreases log pi(y_l|x)
 
 
-def test_cdpo_with_zero_smoothing_equals_sigmoid():
-    args = _logps()
-    a, _, _ = dpo_loss(*args, beta=0.3)
-    b, _, _ = dpo_loss(*args, beta=0.3, label_smoothing=0.0)
-    assert torch.equal(a, b)
-    c, _, _ = dpo_loss(*args, beta=0.3, label_smoothing=0.2)
-    assert not torch.allclose(a, c)
-
-
-def test_ipo_matches_its_formula():
+def test_cdpo_with_zero_smoothing_is_the_plain_dpo_loss_and_smoothing_mixes_in_the_flipped_label():
     pc, pr, rc, rr = _logps()
-    beta = 0.25
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo")
-    h = (pc - rc) - (pr - rr)
-    assert torch.allclose(losses, (h - 1 / (2 * beta)) ** 2)
+    beta = 0.3
+    logits = beta * ((pc - rc) - (pr - rr)).double()
+    plain = torch.log1p(torch.exp(-logits))  # -log sigma(x), written independently of dpo_loss
+    zero, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=0.0)
+    assert torch.allclose(zero.double(), plain, atol=1e-5)
+    smooth, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=0.2)
+    assert torch.allclose(smooth.double(), 0.8 * plain + 0.2 * torch.log1p(torch.exp(logits)), atol=1e-5)
+
+
+def test_ipo_hand_computed_example():
+    # log-ratios: chosen +2, rejected -1 -> h = 3 (summed over tokens, not averaged); beta 0.25 -> target
+    # 1 / (2 * 0.25) = 2 -> loss (3 - 2)^2 = 1. With beta 1: target 0.5 -> 2.5^2 = 6.25.
+    args = torch.tensor([-10.0]), torch.tensor([-13.0]), torch.tensor([-12.0]), torch.tensor([-12.0])
+    assert dpo_loss(*args, beta=0.25, loss_type="ipo")[0].item() == pytest.approx(1.0)
+    assert dpo_loss(*args, beta=1.0, loss_type="ipo")[0].item() == pytest.approx(6.25)
+    # at the target the loss is 0, and its gradient pushes h towards the target from either side
+    at_target = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-12.0]), torch.tensor([-12.0]),
+                         beta=0.25, loss_type="ipo")[0]
+    assert at_target.item() == pytest.approx(0.0)
 
 
 def test_hand_computed_example():
@@ -71,14 +78,13 @@ def test_unknown_loss_type_is_rejected():
         dpo_loss(*_logps(), beta=0.1, loss_type="hinge-ish")
 
 
-def test_sequence_logps_counts_only_masked_tokens_with_one_token_shift():
-    V = 5
-    logits = torch.randn(1, 4, V)
-    labels = torch.tensor([[1, 2, 3, 4]])
-    mask = torch.tensor([[0, 0, 1, 1]])  # prompt of 2 tokens, response of 2
-    lp = logits.log_softmax(-1)
-    expected = lp[0, 1, 3] + lp[0, 2, 4]  # position t predicts token t+1
-    assert torch.allclose(sequence_logps(logits, labels, mask), expected.unsqueeze(0))
+def test_selective_log_softmax_equals_log_softmax_then_gather_and_is_fp32():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 11, generator=g) * 20).to(torch.bfloat16)
+    index = torch.randint(0, 11, (3, 7), generator=g)
+    expected = logits.float().log_softmax(-1).gather(-1, index[..., None]).squeeze(-1)
+    out = selective_log_softmax(logits, index)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
 
 
 def test_concatenated_batch_layout():
@@ -86,5 +92,5 @@ def test_concatenated_batch_layout():
              {"prompt": [7], "chosen": [8], "rejected": [9, 10]}]
     b = concatenated_batch(pairs, pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 10, 0, 0]]
-    assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
+    assert b["response_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
     assert b["attention_mask"].sum(1).tolist() == [5, 2, 3, 3]

@@ -35,3 +35,86 @@ def test_judge_scores_empty_long_and_non_ascii_texts(tiny_tokenizer):
     logits = judge_logits(tiny_tokenizer, judge, texts, batch_size=3, device="cpu")
     p = torch.tensor(scores, dtype=torch.float64)
     assert torch.allclose(logits.double(), torch.log(p) - torch.log1p(-p), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ KL at temperature T
+V, EOS, PROMPT, MAX_NEW = 6, 5, [1, 2], 3
+
+
+class _Tok:  # what generate() needs of a tokenizer
+    eos_token_id = pad_token_id = EOS
+
+
+def _peaky_lm(seed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=1, n_head=2, initializer_range=0.6,
+                     eos_token_id=EOS, bos_token_id=EOS, pad_token_id=EOS)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _all_completions():
+    """Every completion generate() can return: up to MAX_NEW tokens, ending at the first EOS or at MAX_NEW."""
+    import itertools
+
+    out = []
+    for n in range(1, MAX_NEW + 1):
+        for seq in itertools.product(range(V), repeat=n):
+            if EOS not in seq[:-1] and (seq[-1] == EOS or n == MAX_NEW):
+                out.append(list(seq))
+    return out
+
+
+@torch.no_grad()
+def _brute_logp(model, completion, temperature):
+    """log pi_T(completion | PROMPT), one full forward per token: softmax(logits / T) step by step."""
+    total, ids = 0.0, list(PROMPT)
+    for tok in completion:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        total += (logits / temperature).log_softmax(-1)[tok].item()
+        ids.append(tok)
+    return total
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
+def test_kl_to_the_reference_at_temperature_t_matches_brute_force(temperature):
+    """Per-sequence log-probs under softmax(logits / T) equal a brute-force enumeration, they sum to 1 over
+    every completion generate() can return, and the Monte Carlo KL of evaluate_policy's recipe (sample at T,
+    score both models at T) lands on the exact KL(pi_T || pi_ref,T)."""
+    from eval_utils import generate, response_logps
+
+    policy, ref = _peaky_lm(0), _peaky_lm(1)
+    ys = _all_completions()
+    brute = {name: torch.tensor([_brute_logp(m, y, temperature) for y in ys], dtype=torch.float64)
+             for name, m in (("pi", policy), ("ref", ref))}
+    assert brute["pi"].exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    ours = response_logps(policy, [PROMPT] * len(ys), ys, EOS, 64, "cpu", temperature)
+    assert torch.allclose(ours.double(), brute["pi"], atol=1e-4)
+    exact_kl = float((brute["pi"].exp() * (brute["pi"] - brute["ref"])).sum())
+
+    n = 6000
+    samples = generate(policy, _Tok(), [PROMPT] * n, MAX_NEW, temperature, seed=3, batch_size=n, device="cpu")
+    log_ratio = (response_logps(policy, [PROMPT] * n, samples, EOS, n, "cpu", temperature)
+                 - response_logps(ref, [PROMPT] * n, samples, EOS, n, "cpu", temperature)).double()
+    se = log_ratio.std().item() / n ** 0.5
+    assert exact_kl > 0.05  # the two models differ enough for the test to mean something
+    assert abs(log_ratio.mean().item() - exact_kl) < 4 * se + 1e-3, (log_ratio.mean().item(), exact_kl, se)
+
+
+def test_evaluate_policy_kl_is_zero_for_a_copy_of_the_reference_and_positive_for_another_model(tiny_tokenizer):
+    import copy
+
+    from eval_utils import EvalKit, evaluate_policy
+
+    ref = _peaky_lm(1)
+    judge_cfg = DistilBertConfig(vocab_size=len(tiny_tokenizer), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                 max_position_embeddings=32, pad_token_id=tiny_tokenizer.pad_token_id)
+    judge = DistilBertForSequenceClassification(judge_cfg).eval()
+    judge.positive_index = 1
+    kit = EvalKit(_Tok(), ref, tiny_tokenizer, judge, [PROMPT] * 32, MAX_NEW, 16, "cpu", seed=0)
+    kit.tokenizer.decode = lambda ids, skip_special_tokens=True: " ".join(map(str, ids))
+    same = evaluate_policy(copy.deepcopy(ref), kit, 1.0)
+    other = evaluate_policy(_peaky_lm(0), kit, 1.0)
+    assert same["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert other["kl_to_ref"] > 0.05

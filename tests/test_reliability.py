@@ -137,6 +137,20 @@ def test_same_seed_smoke_runs_are_identical(tmp_path, smoke_run):
             assert r1[name][key] == r2[name][key], (name, key)
 
 
+def test_timer_leaves_evaluation_out_of_training_time():
+    from run_utils import Timer
+
+    timer = Timer(already=5.0)
+    time.sleep(0.05)
+    with timer.evaluating():
+        time.sleep(0.3)
+    assert 5.04 < timer.elapsed < 5.25 and 0.3 <= timer.eval_s < 0.45
+    resumed = Timer(timer.elapsed, timer.eval_s)  # what a checkpoint restores
+    with resumed.evaluating():
+        time.sleep(0.1)
+    assert resumed.eval_s >= 0.4 and resumed.elapsed < 5.3
+
+
 def test_step_indices_walk_seeded_epochs_without_state():
     from run_utils import step_indices
 

@@ -15,7 +15,7 @@ DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "re
 PPO_KEYS = {"losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac", "objective/kl",
             "objective/kl_coef", "objective/score", "objective/rlhf_reward", "charts/tokens_per_s"}
 EVAL_KEYS = {"eval/safety_score", "eval/positive_rate", "eval/kl_to_ref"}
-MODEL_KEYS = {"safety_score", "positive_rate", "kl_to_ref", "train_time_s", "win_rate_vs_ref"}
+MODEL_KEYS = {"safety_score", "positive_rate", "kl_to_ref", "train_time_s", "eval_time_s", "win_rate_vs_ref"}
 
 
 def test_offline_builders_write_loadable_models(smoke_run):
@@ -41,6 +41,10 @@ def test_dpo_model_metrics_and_learning(smoke_run):
     last = steps[-10:]
     assert sum(r["rewards/accuracies"] for r in last) / len(last) > 0.5
     assert last[-1]["rewards/margins"] > 0
+    # the logged lr is the rate the step used: linear warmup from 1 / (warmup + 1) of the peak
+    cfg = json.loads((d / "training_config.json").read_text())["dpo"]
+    warm = cfg["dpo_warmup_steps"]
+    assert steps[0]["lr"] == cfg["dpo_lr"] / (warm + 1) and steps[warm]["lr"] == cfg["dpo_lr"]
 
 
 def test_ppo_model_and_metrics(smoke_run):
@@ -48,7 +52,13 @@ def test_ppo_model_and_metrics(smoke_run):
     AutoModelForCausalLM.from_pretrained(d)
     rows = [r for r in read_metrics(d / "metrics.jsonl") if "objective/kl" in r]
     assert rows and all(PPO_KEYS <= set(r) for r in rows)
-    assert (smoke_run["dir"] / "models" / "reward_model" / "rm_report.json").exists()
+    summary = json.loads((d / "train_summary.json").read_text())
+    rm = summary["reward_model"]
+    assert 0 <= rm["heldout_pair_accuracy"] <= 1 and rm["curve"] and rm["best_step"] >= 1
+    assert len(list((smoke_run["dir"] / "models" / "reward_models").glob("*/rm_report.json"))) == 1
+    # training time counts the reward model's training, not its held-out scoring nor PPO's evaluations
+    assert summary["rm_train_s"] == rm["train_s"] and summary["train_time_s"] >= summary["rm_train_s"]
+    assert summary["eval_time_s"] > 0
 
 
 def test_results_json_and_dashboard(smoke_run):
@@ -58,7 +68,12 @@ def test_results_json_and_dashboard(smoke_run):
     for name in ("reference", "dpo", "ppo"):
         assert MODEL_KEYS <= set(res[name])
         assert set(res[name]["win_rate_vs_ref"]) == {str(t) for t in res["temperatures"]}
-    assert res["reference"]["kl_to_ref"] == 0.0
+    assert res["reference"]["kl_to_ref"] == 0.0 and res["dpo"]["kl_to_ref"] > 0
+    # training and evaluation time apart, the reference pass and the reward model itemised
+    assert res["dpo"]["eval_time_s"] > 0 and 0 < res["dpo"]["ref_logps_s"] <= res["dpo"]["train_time_s"]
+    assert 0 <= res["ppo"]["rm_train_s"] <= res["ppo"]["train_time_s"]
+    for row in ("| train_time_s |", "| eval_time_s |", "| ref_logps_s |", "| rm_train_s |"):
+        assert row in smoke_run["proc"].stdout
     assert res["frontier"]["points"] and set(res["frontier"]["envelope"]) == {"dpo", "ppo"}
     png = smoke_run["dir"] / "plots" / "dpo_results_dashboard.png"
     w, h = Image.open(png).size

@@ -2,49 +2,66 @@
 
 import torch
 
-from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss, sequence_logps
+from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
 from eval_utils import generate, response_logps
+from logprobs import ResponseLogProbs
 from ppo_utils import gae, kl_penalized_rewards, policy_loss, value_loss, whiten
 from train_dpo import reference_logps
-from train_ppo import PolicyWithValueHead, response_logps_values, rollout_batch
+from train_ppo import response_logps_values, rollout_batch
 
 PAIRS = [{"prompt": [5, 6, 7], "chosen": [8, 9, 10, 11], "rejected": [12, 13]},
          {"prompt": [20, 21], "chosen": [22, 23], "rejected": [24, 25, 26, 27, 28]},
          {"prompt": [30, 31, 32, 33], "chosen": [34], "rejected": [35, 36]}]
 
 
-def test_sequence_logps_equals_model_loss_times_response_tokens(tiny_lm):
+def test_summed_response_logps_equal_model_loss_times_response_tokens(tiny_lm):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
         out = tiny_lm(input_ids=ids, labels=ids.masked_fill(mask == 0, -100))
-        ours = sequence_logps(out.logits, ids, mask)
+        ours, _ = ResponseLogProbs(tiny_lm)(ids, torch.ones_like(ids), mask)
     # the model's loss is the mean NLL over the 4 response tokens
-    assert torch.allclose(ours, -out.loss * 4, atol=1e-5)
+    assert torch.allclose(ours.sum(-1), -out.loss * 4, atol=1e-5)
+
+
+def test_lean_head_equals_full_vocabulary_log_softmax_and_its_gradient(tiny_lm):
+    """The response-only head with a selective log-softmax against the plain recipe: full logits, full
+    log_softmax, gather, mask -- values and gradients."""
+    b = concatenated_batch(PAIRS, pad_id=0)
+    lean = ResponseLogProbs(tiny_lm)(b["input_ids"], b["attention_mask"], b["response_mask"])[0].sum(-1)
+    grad_lean = torch.autograd.grad(lean.sum(), list(tiny_lm.parameters()))
+    logits = tiny_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    full = torch.gather(logits.log_softmax(-1), 2, b["input_ids"][:, 1:, None]).squeeze(2)
+    full = (full * b["response_mask"][:, 1:]).sum(-1)
+    grad_full = torch.autograd.grad(full.sum(), list(tiny_lm.parameters()))
+    assert torch.allclose(lean, full, atol=1e-5)
+    assert all(torch.allclose(a, f, atol=1e-5) for a, f in zip(grad_lean, grad_full))
 
 
 def test_padding_and_prompt_tokens_do_not_change_logps(tiny_lm):
     b = concatenated_batch(PAIRS, pad_id=0)
+    model = ResponseLogProbs(tiny_lm)
     with torch.no_grad():
-        chosen, rejected = concatenated_forward(tiny_lm, b)
+        chosen, rejected = concatenated_forward(model, b)
         for i, p in enumerate(PAIRS):
             alone = concatenated_batch([p], pad_id=0)  # no padding at all
-            c, r = concatenated_forward(tiny_lm, alone)
+            c, r = concatenated_forward(model, alone)
             assert torch.allclose(c, chosen[i:i + 1], atol=1e-5) and torch.allclose(r, rejected[i:i + 1], atol=1e-5)
         # the same completion after a different prompt changes the value (the prompt is conditioned on) ...
-        other = concatenated_forward(tiny_lm, concatenated_batch([{**PAIRS[0], "prompt": [1, 2, 3]}], 0))[0]
+        other = concatenated_forward(model, concatenated_batch([{**PAIRS[0], "prompt": [1, 2, 3]}], 0))[0]
         assert not torch.allclose(other, chosen[:1])
 
 
 def test_one_dpo_step_changes_parameters_and_lowers_loss(tiny_lm):
     b = concatenated_batch(PAIRS, pad_id=0)
+    model = ResponseLogProbs(tiny_lm)
     with torch.no_grad():
-        ref_c, ref_r = concatenated_forward(tiny_lm, b)
+        ref_c, ref_r = concatenated_forward(model, b)
     before = [p.detach().clone() for p in tiny_lm.parameters()]
     opt = torch.optim.AdamW(tiny_lm.parameters(), lr=1e-2)
     losses = []
     for _ in range(3):
-        c, r = concatenated_forward(tiny_lm, b)
+        c, r = concatenated_forward(model, b)
         loss = dpo_loss(c, r, ref_c, ref_r, beta=0.1)[0].mean()
         opt.zero_grad()
         loss.backward()
@@ -56,13 +73,33 @@ def test_one_dpo_step_changes_parameters_and_lowers_loss(tiny_lm):
 
 
 def test_cached_reference_logps_equal_a_fresh_forward(tiny_lm, tmp_path):
-    c1, r1 = reference_logps(tiny_lm, PAIRS, 0, 2, "cpu", tmp_path, "tiny")
+    model = ResponseLogProbs(tiny_lm)
+    c1, r1, cached1 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path)
     assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 1
-    c2, r2 = reference_logps(tiny_lm, PAIRS, 0, 2, "cpu", tmp_path, "tiny")  # from the cache
+    c2, r2, cached2 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path)  # from the cache
     with torch.no_grad():
-        fc, fr = concatenated_forward(tiny_lm, concatenated_batch(PAIRS, 0))
+        fc, fr = concatenated_forward(model, concatenated_batch(PAIRS, 0))
+    assert (cached1, cached2) == (False, True)
     assert torch.equal(c1, c2) and torch.equal(r1, r2)
     assert torch.allclose(c1, fc, atol=1e-5) and torch.allclose(r1, fr, atol=1e-5)
+
+
+def test_reference_cache_is_rebuilt_when_the_weights_change_at_the_same_path(tiny_lm, tmp_path):
+    """A model retrained in place keeps its path: the cache must follow the weights, not the name."""
+    from models import load_causal_lm
+
+    path, cache = tmp_path / "model", tmp_path / "cache"
+    tiny_lm.save_pretrained(path)
+    c1, _, _ = reference_logps(ResponseLogProbs(load_causal_lm(str(path))), PAIRS, 0, 2, "cpu", cache)
+    with torch.no_grad():
+        tiny_lm.transformer.ln_f.bias.add_(0.5)  # "retrain" it ...
+    tiny_lm.save_pretrained(path)  # ... and save it where it was
+    retrained = ResponseLogProbs(load_causal_lm(str(path)))
+    c2, _, cached = reference_logps(retrained, PAIRS, 0, 2, "cpu", cache)
+    with torch.no_grad():
+        fresh, _ = concatenated_forward(retrained, concatenated_batch(PAIRS, 0))
+    assert not cached and len(list(cache.glob("ref_logps-*.pt"))) == 2
+    assert not torch.allclose(c1, c2) and torch.allclose(c2, fresh, atol=1e-5)
 
 
 def test_rollout_layout_logps_match_right_padded_scoring(tiny_lm, tiny_tokenizer):
@@ -70,7 +107,7 @@ def test_rollout_layout_logps_match_right_padded_scoring(tiny_lm, tiny_tokenizer
     responses = [[13, 14, 15], [16], [17, 18]]
     b = rollout_batch(prompts, responses, pad_id=tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        lp, _ = response_logps_values(tiny_lm, b)
+        lp, _ = response_logps_values(ResponseLogProbs(tiny_lm), b)
         summed = response_logps(tiny_lm, prompts, responses, tiny_tokenizer.pad_token_id, 8, "cpu")
     assert torch.allclose((lp * b["response_mask"]).sum(1), summed, atol=1e-4)
 
@@ -88,7 +125,7 @@ def test_generation_is_seeded_and_continues_the_prompt(tiny_lm, tiny_tokenizer):
 
 
 def test_value_head_shape_and_one_ppo_update_changes_the_policy(tiny_lm):
-    policy = PolicyWithValueHead(tiny_lm)
+    policy = ResponseLogProbs(tiny_lm, value_head=True)
     prompts, responses = [[5, 6], [7, 8, 9]], [[10, 11, 12], [13]]
     b = rollout_batch(prompts, responses, pad_id=0)
     mask = b["response_mask"].float()
