@@ -58,6 +58,10 @@ class ModelConfig:
                                     "models/offline/ (reused when present) and use them instead of "
                                     "policy_model/judge_model.")
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cuda, mps or cpu.")
+    dtype: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "Compute precision of every forward pass (builders, DPO, reward model, PPO, evaluation): bf16 "
+                "autocast or fp32. auto = bf16 on a CUDA GPU or a CPU with bf16 matrix units (AMX / AVX512-BF16, "
+                "detected), fp32 elsewhere. Weights, optimiser states and log-prob sums are fp32 either way.")
 
     def __post_init__(self):
         _check(self.device in ("auto", "cuda", "mps", "cpu"),

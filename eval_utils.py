@@ -24,13 +24,14 @@ import torch
 
 from dpo_utils import pad_sequences
 from logprobs import ResponseLogProbs
+from models import autocast, dtype_name
 from plots import read_metrics
 
 
 # ------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int, device) -> list[list[int]]:
+             batch_size: int, device, dtype: torch.dtype = torch.float32) -> list[list[int]]:
     """Sample one completion per prompt (pure sampling: top-k 0, top-p 1), batched with the KV cache.
 
     Prompts are left-padded so every row continues right after its prompt. Sampling is seeded per batch
@@ -48,9 +49,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
             input_ids = pad_sequences(chunk, tokenizer.pad_token_id, side="left").to(device)
             attention_mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="left").to(device)
             torch.manual_seed(seed * 100_003 + b)
-            gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            with autocast(device, dtype):
+                gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             for row in gen[:, input_ids.shape[1]:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
@@ -66,22 +68,25 @@ def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
 
 @torch.no_grad()
 def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N,) summed log-probs of each response given its prompt under ``softmax(logits / temperature)``, in
-    fp32 on the CPU (the LM head too, so that KL estimates carry no bf16 rounding)."""
+    fp32 on the CPU. The transformer runs at ``dtype``; the LM head and the log-softmax in fp32, so that KL
+    estimates carry no bf16 rounding of the logits."""
     scorer = ResponseLogProbs(model)
     out = []
     for s in range(0, len(prompts), batch_size):
         b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
                                                         pad_id).items()}
-        token_logps, _ = scorer(b["input_ids"], b["attention_mask"], b["response_mask"], temperature=temperature,
-                                fp32_head=True)
+        with autocast(device, dtype):
+            token_logps, _ = scorer(b["input_ids"], b["attention_mask"], b["response_mask"], temperature=temperature,
+                                    fp32_head=True)
         out.append(token_logps.sum(-1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device) -> torch.Tensor:
+def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, 2) fp32 judge logits on the CPU; texts longer than the judge's max length are truncated, empty
     ones scored."""
     max_len = min(getattr(judge_tok, "model_max_length", 512) or 512, 512,
@@ -90,19 +95,23 @@ def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device) 
     for s in range(0, len(texts), batch_size):
         enc = judge_tok(texts[s:s + batch_size], truncation=True, max_length=max_len, padding=True,
                         return_tensors="pt").to(device)
-        out.append(judge(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
+        with autocast(device, dtype):
+            out.append(judge(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     return torch.cat(out)
 
 
-def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device) -> np.ndarray:
+def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device,
+                 dtype: torch.dtype = torch.float32) -> np.ndarray:
     """(N,) judge P(POSITIVE)."""
-    return _judge_forward(judge_tok, judge, texts, batch_size, device).softmax(-1)[:, judge.positive_index].numpy()
+    logits = _judge_forward(judge_tok, judge, texts, batch_size, device, dtype)
+    return logits.softmax(-1)[:, judge.positive_index].numpy()
 
 
-def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device) -> torch.Tensor:
+def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N,) the judge's POSITIVE logit minus NEGATIVE logit (PPO-GT's reward), read off the logits directly
     rather than back from a clipped probability."""
-    logits = _judge_forward(judge_tok, judge, texts, batch_size, device)
+    logits = _judge_forward(judge_tok, judge, texts, batch_size, device, dtype)
     return logits[:, judge.positive_index] - logits[:, 1 - judge.positive_index]
 
 
@@ -120,6 +129,7 @@ class EvalKit:
     batch_size: int
     device: object
     seed: int
+    dtype: torch.dtype = torch.float32
     _ref_results: dict = field(default_factory=dict, repr=False)
 
     def reference_result(self, temperature: float) -> dict:
@@ -139,13 +149,13 @@ def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = Tr
     policy.eval()
     tok = kit.tokenizer
     responses = generate(policy, tok, kit.prompts, kit.max_new_tokens, temperature, kit.seed, kit.batch_size,
-                         kit.device)
+                         kit.device, kit.dtype)
     texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(kit.prompts, responses)]
-    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device)
+    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype)
     if with_kl:
         # Both models scored at the sampling temperature: an unbiased estimate of KL(pi_T || pi_ref,T).
         pol, ref = (response_logps(m, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device,
-                                   temperature) for m in (policy, kit.ref_model))
+                                   temperature, kit.dtype) for m in (policy, kit.ref_model))
         kl = float((pol - ref).mean())
     else:
         kl = float("nan")
@@ -218,7 +228,7 @@ def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, st
                "judge_model": cfg.model.judge_model, "n_reviews": n_reviews, "n_train_pairs": len(data.train_pairs),
                "n_eval_prompts": len(kit.prompts), "seed": cfg.run.seed, "eval_temperature": cfg.eval.eval_temperature,
                "temperatures": list(cfg.eval.temperatures), "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward,
-               "target_kl": cfg.ppo.target_kl}
+               "target_kl": cfg.ppo.target_kl, "device": str(kit.device), "precision": dtype_name(kit.dtype)}
     names = ["reference", *policies]
     for name in tqdm(names, desc="final evaluation", unit="model"):
         if name == "reference":

@@ -34,13 +34,23 @@ def run(cfg: Config, argv: list[str]) -> int:
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     dataset.check_usable(train_df, eval_df, cfg.data)  # before minutes of model building, not after
 
+    import torch
     import transformers
 
     import eval_utils
     import plots
     import train_dpo
     import train_ppo
-    from models import load_causal_lm, load_judge, load_tokenizer, max_positions, resolve_device
+    from models import (
+        bf16_native,
+        dtype_name,
+        load_causal_lm,
+        load_judge,
+        load_tokenizer,
+        max_positions,
+        resolve_device,
+        resolve_dtype,
+    )
     from offline_models import ensure_offline_models
     from run_utils import seed_everything
 
@@ -50,6 +60,10 @@ def run(cfg: Config, argv: list[str]) -> int:
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if dtype == torch.bfloat16 and not bf16_native(device):
+        print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
+              f"picks fp32 here")
     if cfg.model.build_offline_models:
         cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
 
@@ -62,10 +76,11 @@ def run(cfg: Config, argv: list[str]) -> int:
                           f"positions; lower it")
     judge_tok, judge = load_judge(cfg.model.judge_model, device)
     data = dataset.prepare(cfg, tokenizer, train_df, eval_df)
-    print(f"data: {len(data.train_pairs)} training pairs, {len(data.eval_pairs)} held-out pairs, "
-          f"{len(data.eval_prompts)} evaluation prompts; device {device}")
+    print(f"data: {len(data.train_pairs)} training pairs, {len(data.val_pairs)} validation pairs, "
+          f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts; device {device}, "
+          f"precision {dtype_name(dtype)} (--dtype {cfg.model.dtype})")
     kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
-                             cfg.eval.eval_batch_size, device, cfg.run.seed)
+                             cfg.eval.eval_batch_size, device, cfg.run.seed, dtype)
 
     policies, runs = {}, []
     if not cfg.run.ppo_only:

@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from dpo_utils import pad_sequences
+from models import autocast, dtype_name, resolve_dtype
 from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
@@ -57,6 +58,7 @@ def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
     settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
+                "precision": dtype_name(resolve_dtype(cfg.model.dtype, "cpu")),
                 "n_train_reviews": len(train_df),
                 "data_fingerprint": h.hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -80,6 +82,7 @@ def _sample_texts(df, n: int, seed: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- base LM
 def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed)
     torch.manual_seed(cfg.data.split_seed)
     t0 = time.time()
@@ -122,7 +125,8 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
     for _ in bar:
         x, mask = batch(train_ids, oc.lm_batch_size, rng)
         # labels = input ids with padding set to -100; the model shifts them by one token internally.
-        loss = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+        with autocast("cpu", dtype):
+            loss = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,7 +135,7 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
         bar.set_postfix(loss=f"{loss.item():.2f}")
     model.eval()
     erng = np.random.default_rng(cfg.data.split_seed + 7)
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", dtype):
         losses = [model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss.item()
                   for x, m in (batch(eval_ids, 64, erng) for _ in range(8))]
     report = {"heldout_loss": float(np.mean(losses)), "n_params": sum(p.numel() for p in model.parameters()),
@@ -199,6 +203,7 @@ def train_ngram_teacher(train_ids: list[list[int]], labels: torch.Tensor, crop_l
 
 
 def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed + 1)
     torch.manual_seed(cfg.data.split_seed + 1)
     t0 = time.time()
@@ -265,7 +270,9 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
                 p = teacher(bodies)
                 target = (1 - oc.judge_distill_weight) * target + oc.judge_distill_weight * torch.stack([1 - p, p], -1)
             x, mask = batch(bodies)
-            loss = F.cross_entropy(model(input_ids=x, attention_mask=mask).logits, target, reduction="sum")
+            with autocast("cpu", dtype):
+                logits = model(input_ids=x, attention_mask=mask).logits
+            loss = F.cross_entropy(logits.float(), target, reduction="sum")
             (loss / len(idx)).backward()
             total += loss.item() / len(idx)
         opt.step()
@@ -275,7 +282,7 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
 
     def accuracy(n_tokens):
         hits = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast("cpu", dtype):
             for s in range(0, n_eval, 100):
                 x, mask = batch([t[: n_tokens - 2] for t in eval_ids[s:s + 100]])
                 hits.append(model(input_ids=x, attention_mask=mask).logits.argmax(-1) == y_eval[s:s + 100])

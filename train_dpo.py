@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_scores
 from logprobs import ResponseLogProbs
-from models import autocast, autocast_dtype, load_causal_lm, weights_fingerprint
+from models import autocast, dtype_name, load_causal_lm, weights_fingerprint
 from run_utils import (
     MetricsLog,
     SignalFlag,
@@ -34,12 +34,12 @@ from run_utils import (
 
 @torch.no_grad()
 def reference_logps(model: ResponseLogProbs, pairs: list[dict], pad_id: int, batch_size: int, device,
-                    cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                    cache_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(N,), (N,) reference log-probs of the chosen and rejected completions, and whether they came from the
     cache. The cache key is everything the numbers depend on: the weights themselves (not their path, which
     a model retrained in place keeps), the autocast precision, the device type, the padding id and the
     pairs."""
-    key = hashlib.sha256(json.dumps([weights_fingerprint(model), str(autocast_dtype(device)),
+    key = hashlib.sha256(json.dumps([weights_fingerprint(model), dtype_name(dtype),
                                      torch.device(device).type, pad_id,
                                      [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]]).encode())
     path = Path(cache_dir) / f"ref_logps-{key.hexdigest()[:16]}.pt"
@@ -50,7 +50,7 @@ def reference_logps(model: ResponseLogProbs, pairs: list[dict], pad_id: int, bat
     for s in tqdm(range(0, len(pairs), batch_size), desc="dpo: reference log-probs", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in concatenated_batch(pairs[s:s + batch_size], pad_id).items()}
         # Same precision as the training forward, so that at step 1 policy and reference log-probs agree.
-        with autocast(device):
+        with autocast(device, dtype):
             c, r = concatenated_forward(model, batch)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
@@ -69,10 +69,10 @@ def generated_pairs(cfg, prompts: list[list[int]], kit: EvalKit) -> list[dict]:
     samples, scores = [], []
     for i in tqdm(range(k), desc="dpo: sample pairs from the reference", unit="round"):
         resp = generate(kit.ref_model, kit.tokenizer, prompts, cfg.data.response_tokens, 1.0, cfg.run.seed + 1000 + i,
-                        kit.batch_size, kit.device)
+                        kit.batch_size, kit.device, kit.dtype)
         texts = [kit.tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
         samples.append(resp)
-        scores.append(judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device))
+        scores.append(judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype))
     scores = np.stack(scores)  # (k, N)
     best, worst = scores.argmax(0), scores.argmin(0)
     return [{"prompt": p, "chosen": samples[best[j]][j], "rejected": samples[worst[j]][j]}
@@ -104,7 +104,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
     # --- reference log-probs, once (the policy equals the reference before step 1) ---
     t_ref = time.time()
     ref_chosen_logps, ref_rejected_logps, ref_cached = reference_logps(
-        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache")
+        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache", kit.dtype)
     ref_logps_s = time.time() - t_ref
 
     # --- optimiser: linear warmup, then constant (as the reference implementation) ---
@@ -137,7 +137,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
                 mb = idx[micro * dc.dpo_batch_size:(micro + 1) * dc.dpo_batch_size]
                 batch = concatenated_batch([pairs[i] for i in mb], tok.pad_token_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device):
+                with autocast(device, kit.dtype):
                     policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps[mb].to(device),
@@ -195,8 +195,9 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
                                        f"the same command plus --resume", 130)
 
     # --- save (atomic: a crash here never leaves a half-written model nor destroys the previous one) ---
-    summary = {"method": "dpo", "train_time_s": timer.elapsed, "eval_time_s": timer.eval_s,
-               "ref_logps_s": ref_logps_s, "ref_logps_cached": ref_cached, "steps": dc.dpo_steps, "pairs": len(pairs)}
+    summary = {"method": "dpo", "precision": dtype_name(kit.dtype), "train_time_s": timer.elapsed,
+               "eval_time_s": timer.eval_s, "ref_logps_s": ref_logps_s, "ref_logps_cached": ref_cached,
+               "steps": dc.dpo_steps, "pairs": len(pairs)}
 
     def write(tmp: Path):
         policy.lm.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification
 from dpo_utils import pad_sequences
 from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_logits, response_batch
 from logprobs import ResponseLogProbs
-from models import autocast, autocast_dtype, load_causal_lm
+from models import autocast, dtype_name, load_causal_lm
 from ppo_utils import (
     AdaptiveKLController,
     FixedKLController,
@@ -78,7 +78,7 @@ def train_reward_model(cfg, data, kit: EvalKit):
     pc, device, pad = cfg.ppo, kit.device, kit.tokenizer.pad_token_id
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
                 "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
-                "precision": str(autocast_dtype(device)),
+                "precision": dtype_name(kit.dtype),
                 "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cfg.run.output_dir) / "reward_models" / key
@@ -95,7 +95,7 @@ def train_reward_model(cfg, data, kit: EvalKit):
     def scores(pairs):
         completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         b = response_batch([p["prompt"] for p in pairs] * 2, completions, pad)
-        with autocast(device):
+        with autocast(device, kit.dtype):
             r = rm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
         r = r.squeeze(-1).float()
         return r[: len(pairs)], r[len(pairs):]
@@ -164,7 +164,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
 
         def score_fn(prompts, responses):
             b = response_batch(prompts, responses, tok.pad_token_id)
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, kit.dtype):
                 return rm(input_ids=b["input_ids"].to(device),
                           attention_mask=b["attention_mask"].to(device)).logits.squeeze(-1).float().cpu()
     else:
@@ -172,7 +172,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
 
         def score_fn(prompts, responses):
             texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
-            return judge_logits(kit.judge_tok, kit.judge, texts, kit.batch_size, device)
+            return judge_logits(kit.judge_tok, kit.judge, texts, kit.batch_size, device, kit.dtype)
 
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)
     policy.eval()  # dropout off throughout: PPO's ratios assume the sampling and training log-probs agree
@@ -201,12 +201,12 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             # --- rollout ---
             prompts = [prompts_all[i] for i in step_indices(step, B, len(prompts_all), [rc.seed, 7])]
             responses = generate(policy.lm, tok, prompts, cfg.data.response_tokens, 1.0, rc.seed * 7919 + step,
-                                 kit.batch_size, device)
+                                 kit.batch_size, device, kit.dtype)
             t_gen = time.time()
             b = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in rollout_batch(prompts, responses, tok.pad_token_id).items()}
             mask = b["response_mask"].float()
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, kit.dtype):
                 old_logprobs, old_values = response_logps_values(policy, b)
                 ref_logprobs, _ = response_logps_values(ref, b)
             old_values = old_values.float() * mask
@@ -230,7 +230,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                 for mb_idx in np.split(rng.permutation(B), B // mb_size):
                     mb_idx = torch.as_tensor(mb_idx, device=device)
                     mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
-                    with autocast(device):
+                    with autocast(device, kit.dtype):
                         new_logprobs, new_values = response_logps_values(policy, mb)
                     mb_mask = mask[mb_idx]
                     pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask,
@@ -298,7 +298,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                                        f"with the same command plus --resume", 130)
 
     # --- save (atomic) ---
-    summary = {"method": "ppo", "train_time_s": timer.elapsed, "eval_time_s": timer.eval_s, "rm_train_s": rm_train_s,
+    summary = {"method": "ppo", "precision": dtype_name(kit.dtype), "train_time_s": timer.elapsed,
+               "eval_time_s": timer.eval_s, "rm_train_s": rm_train_s,
                "rm_test_s": rm_report["test_s"] if rm_report else 0.0, "iterations": pc.ppo_steps,
                "reward": pc.ppo_reward, "reward_model": rm_report}
 

@@ -137,6 +137,21 @@ def test_same_seed_smoke_runs_are_identical(tmp_path, smoke_run):
             assert r1[name][key] == r2[name][key], (name, key)
 
 
+def test_same_seed_bf16_runs_are_identical_too(tmp_path, smoke_run):
+    """Determinism holds per precision: two bf16 runs agree with each other (not with fp32)."""
+    runs = []
+    for d in ("a", "b"):
+        copy_offline_models(smoke_run["dir"] / "models", tmp_path / d / "models")
+        proc = run_main(*_args(tmp_path / d, "--dpo-only", "--dtype", "bf16", "--dpo_steps", "12",
+                               "--dpo_eval_every", "6"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(tmp_path / d / "models" / "dpo_toxic_reduced_model")
+    assert _strip(read_metrics(runs[0] / "metrics.jsonl")) == _strip(read_metrics(runs[1] / "metrics.jsonl"))
+    assert json.loads((runs[0] / "train_summary.json").read_text())["precision"] == "bf16"
+    fp32 = _strip(read_metrics(smoke_run["dir"] / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl"))
+    assert _strip(read_metrics(runs[0] / "metrics.jsonl"))[5]["loss"] != fp32[5]["loss"]  # step 5: policy != ref
+
+
 def test_timer_leaves_evaluation_out_of_training_time():
     from run_utils import Timer
 

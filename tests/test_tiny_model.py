@@ -147,3 +147,23 @@ def test_value_head_shape_and_one_ppo_update_changes_the_policy(tiny_lm):
         after, _ = response_logps_values(policy, b)
     # the first rollout had the higher score: its tokens became more likely
     assert ((after - old_lp) * mask)[0].sum() > ((after - old_lp) * mask)[1].sum()
+
+
+def test_dtype_auto_asks_the_hardware(monkeypatch):
+    from models import resolve_dtype
+
+    assert resolve_dtype("fp32", "cpu") == torch.float32 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+    for amx, avx512_bf16, expected in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert resolve_dtype("auto", "cpu") == expected
+
+
+def test_reference_cache_is_kept_apart_per_precision(tiny_lm, tmp_path):
+    model = ResponseLogProbs(tiny_lm)
+    c32, _, _ = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, torch.float32)
+    c16, _, cached = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, torch.bfloat16)
+    assert not cached and len(list(tmp_path.glob("ref_logps-*.pt"))) == 2
+    assert c16.dtype == torch.float32 and not torch.equal(c16, c32)  # bf16 forward, fp32 sums
+    assert torch.allclose(c16, c32, atol=0.5)
