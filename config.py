@@ -19,9 +19,14 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from transformers import HfArgumentParser
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CSV = ROOT / "data" / "IMDB Dataset.csv"  # the IMDb data, when --data is not given
+HUB_DATASET = "stanfordnlp/imdb"  # ... and when that file is missing too
 
 
 class ConfigError(ValueError):
@@ -107,7 +112,8 @@ class OfflineConfig:
 
 @dataclass
 class DataConfig:
-    data: str | None = _f(None, "IMDb CSV (review,sentiment) or extracted aclImdb/ folder. Default: "
+    data: str | None = _f(None, "IMDb CSV (review,sentiment), extracted aclImdb/ folder, or a directory in the hub "
+                             "dataset's layout (save_to_disk, or <split>-*.parquet files; text,label). Default: "
                              "data/IMDB Dataset.csv, else the hub dataset stanfordnlp/imdb.")
     max_reviews: int | None = _f(None, "Use only this many reviews (a seeded sample); None = all.")
     eval_fraction: float = _f(0.1, "Fraction of reviews held out: evaluation prompts and held-out pairs.")
@@ -136,6 +142,20 @@ class DataConfig:
                f"{self.prompt_max_tokens}-token prompt; raise it above --prompt_max_tokens")
         _check(self.n_pairs is None or self.n_pairs >= 1, f"--n_pairs must be >= 1 (got {self.n_pairs})")
         _check(self.n_val_pairs >= 1, f"--n_val_pairs must be >= 1 (got {self.n_val_pairs})")
+
+
+@dataclass
+class SFTConfig:
+    sft_steps: int = _f(0, "Supervised fine-tuning steps on training reviews before preference learning (0 = none, "
+                        "as the spec fine-tunes plain distilgpt2). The result is the reference and the initial "
+                        "policy, as the SFT model is in the DPO paper's IMDb pipeline.")
+    sft_batch_size: int = _f(16, "Sequences (review openings and windows of max_length tokens) per SFT step.")
+    sft_lr: float = _f(5e-5, "Peak learning rate of SFT (warmup, then cosine decay).")
+
+    def __post_init__(self):
+        _check(self.sft_steps >= 0, f"--sft_steps must be >= 0 (got {self.sft_steps})")
+        _check(self.sft_batch_size >= 1, f"--sft_batch_size must be >= 1 (got {self.sft_batch_size})")
+        _check(self.sft_lr > 0, f"--sft_lr must be > 0 (got {self.sft_lr})")
 
 
 @dataclass
@@ -259,8 +279,8 @@ class RunConfig:
             _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
 
 
-SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "dpo": DPOConfig,
-            "ppo": PPOConfig, "eval": EvalConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "sft": SFTConfig,
+            "dpo": DPOConfig, "ppo": PPOConfig, "eval": EvalConfig, "run": RunConfig}
 
 
 @dataclass
@@ -268,6 +288,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -24,11 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import ConfigError, DataConfig
+from config import DEFAULT_CSV, HUB_DATASET, ROOT, ConfigError, DataConfig
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CSV = ROOT / "data" / "IMDB Dataset.csv"
-HUB_DATASET = "stanfordnlp/imdb"
 _LABELS = {"positive": 1, "negative": 0, "pos": 1, "neg": 0, "1": 1, "0": 0}
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -68,38 +65,79 @@ def _read_aclimdb(path: Path) -> pd.DataFrame:
                     raise ConfigError(f"{f} is not UTF-8 text; re-extract aclImdb_v1.tar.gz") from None
     if not rows:
         raise ConfigError(f"{path} is a folder but holds no aclImdb/{{train,test}}/{{pos,neg}}/*.txt reviews; "
-                          f"pass --data a CSV or an extracted aclImdb/ folder")
+                          f"pass --data a CSV, an extracted aclImdb/ folder or a hub-layout dataset directory")
     return pd.DataFrame(rows, columns=["review", "sentiment"])
 
 
-def _read_hub() -> pd.DataFrame:
-    try:
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists() or any(path.rglob("*.parquet"))
+
+
+def _read_hf_dataset(path: Path, source: str) -> pd.DataFrame:
+    """The hub IMDb layout (``stanfordnlp/imdb``): splits with a ``text`` column and an integer ``label``
+    (0 negative, 1 positive, -1 for the unlabelled ``unsupervised`` split, which is dropped). Reads a
+    directory written by ``DatasetDict.save_to_disk`` or one of parquet files named ``<split>-*.parquet``
+    (the hub repository's own layout, which is what a hub download gives)."""
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         import datasets
 
-        ds = datasets.load_dataset(HUB_DATASET)
+        ds = datasets.load_from_disk(str(path))
+        splits = ds if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+        frames = {s: splits[s].to_pandas() for s in splits}
+    else:
+        frames = {}
+        for f in sorted(path.rglob("*.parquet")):
+            frames.setdefault(f.name.split("-")[0].split(".")[0], []).append(pd.read_parquet(f))
+        frames = {s: pd.concat(parts, ignore_index=True) for s, parts in frames.items()}
+    bad = [s for s, df in frames.items() if not {"text", "label"} <= set(df.columns)]
+    if bad:
+        cols = ", ".join(map(str, frames[bad[0]].columns))
+        raise ConfigError(f"{source}: split {bad[0]!r} has columns {cols}; expected the hub IMDb layout text,label")
+    df = pd.concat(frames.values(), ignore_index=True)
+    unknown = sorted(set(df["label"].tolist()) - {-1, 0, 1})
+    if unknown:
+        raise ConfigError(f"{source}: labels {unknown[:5]} are not IMDb's (0 negative, 1 positive, -1 unlabelled)")
+    unlabelled = df["label"] == -1
+    if unlabelled.any():
+        print(f"data: skipped {int(unlabelled.sum())} unlabelled review(s) (label -1, the 'unsupervised' split) "
+              f"of {source}")
+    df = df[~unlabelled]
+    return pd.DataFrame({"review": df["text"].astype(str), "sentiment": df["label"].astype(int).astype(str)})
+
+
+def _read_hub(repo_id: str = HUB_DATASET) -> pd.DataFrame:
+    """Download (or read from the local cache) the hub dataset's parquet files and read them as above."""
+    from huggingface_hub import snapshot_download
+
+    import hub
+
+    try:
+        path = snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"],
+                                 local_files_only=hub.LOCAL_FILES_ONLY)
     except Exception as e:  # offline, no cache, hub down: all the user can do is give a file
         raise ConfigError(f"no IMDb data: {DEFAULT_CSV.relative_to(ROOT)} is missing and the hub dataset "
-                          f"{HUB_DATASET} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' "
+                          f"{repo_id} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' "
                           f"in data/ or pass --data PATH") from None
-    frames = [ds[s].to_pandas() for s in ("train", "test") if s in ds]
-    df = pd.concat(frames, ignore_index=True).rename(columns={"text": "review", "label": "sentiment"})
-    df["sentiment"] = df["sentiment"].astype(str)
-    return df
+    return _read_hf_dataset(Path(path), repo_id)
 
 
 def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
     """Load labelled IMDb reviews as a DataFrame with columns ``review`` (clean text) and ``label`` (1/0).
 
-    Sources in order: ``path`` (CSV or aclImdb folder), ``data/IMDB Dataset.csv``, the hub dataset.
+    Sources in order: ``path`` (a CSV, an extracted aclImdb folder, or a directory in the hub dataset's layout:
+    ``save_to_disk`` or parquet files), ``data/IMDB Dataset.csv``, the hub dataset ``stanfordnlp/imdb``.
     Raises :class:`ConfigError` (one line for the user) on any bad input.
     """
     if path is not None:
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"data file {path} does not exist; pass --data a CSV (review,sentiment) or an "
-                              f"extracted aclImdb/ folder")
-        df = _read_aclimdb(p) if p.is_dir() else _read_csv(p)
+            raise ConfigError(f"data file {path} does not exist; pass --data a CSV (review,sentiment), an "
+                              f"extracted aclImdb/ folder or a hub-layout dataset directory")
         source = str(p)
+        if p.is_dir():
+            df = _read_hf_dataset(p, source) if _is_hf_dataset_dir(p) else _read_aclimdb(p)
+        else:
+            df = _read_csv(p)
     elif DEFAULT_CSV.exists():
         df, source = _read_csv(DEFAULT_CSV), str(DEFAULT_CSV.relative_to(ROOT))
     else:

@@ -28,6 +28,16 @@ def run(cfg: Config, argv: list[str]) -> int:
         print(f"plots: redrew {path}")
         return 0
     t_start = time.time()
+    import hub
+    from config import DEFAULT_CSV, HUB_DATASET
+
+    # Hub ids first: an unreachable hub is reported in seconds, before the data is read or torch imported.
+    needed = [] if cfg.model.build_offline_models else [("model", "--policy_model", cfg.model.policy_model),
+                                                        ("judge", "--judge_model", cfg.model.judge_model)]
+    if cfg.data.data is None and not DEFAULT_CSV.exists():
+        needed.append(("dataset", "--data", HUB_DATASET))
+    hub.hub_preflight(needed)
+
     import dataset
 
     reviews = dataset.load_reviews(cfg.data.data)
@@ -41,6 +51,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     import plots
     import train_dpo
     import train_ppo
+    import train_sft
     from models import (
         bf16_native,
         dtype_name,
@@ -66,6 +77,8 @@ def run(cfg: Config, argv: list[str]) -> int:
               f"picks fp32 here")
     if cfg.model.build_offline_models:
         cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
+    if cfg.sft.sft_steps > 0:  # the fine-tuned LM becomes the reference and the initial policy
+        cfg = cfg.replace(model={"policy_model": train_sft.ensure_sft_model(cfg, train_df, eval_df, device, dtype)})
 
     tokenizer = load_tokenizer(cfg.model.policy_model)
     ref_model = load_causal_lm(cfg.model.policy_model, device)

@@ -1,4 +1,8 @@
-"""The one place that loads tokenizers, causal LMs and the judge, from a hub id or a local directory."""
+"""The one place that loads tokenizers, causal LMs and the judge, from a hub id or a local directory.
+
+Hub ids are loaded from the local cache only (``local_files_only``) when :func:`hub.hub_preflight` found the
+hub unusable.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import hub
 from config import ConfigError
 
 
@@ -23,18 +28,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _looks_local(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else (./x, /abs, a/b/c, ~) is meant as a directory.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-
-
 def _load(loader, name: str, what: str, **kw):
-    if _looks_local(name):
+    if hub.looks_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise ConfigError(f"{what} path {name} does not exist; pass an existing directory saved with "
                               f"save_pretrained, or a hub id")
         name = str(path)
+    if hub.LOCAL_FILES_ONLY:
+        kw = {**kw, "local_files_only": True}
     try:
         return loader.from_pretrained(name, **kw)
     except OSError as e:

@@ -48,19 +48,23 @@ OPENING_TOKENS = 64  # generations are short: the judge must also be right on re
 BUILDER_VERSION = {"lm_": 3, "judge_": 4}
 
 
-def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
-    """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
-    starting with ``prefix``), seed and the training reviews. Changing the judge never rebuilds the LM."""
+def data_fingerprint(train_df) -> str:
+    """A cheap hash of the training reviews (every ~1/500th of them, and their number is kept beside it)."""
     h = hashlib.sha256()
     for text in train_df["review"].iloc[:: max(1, len(train_df) // 500)]:
         h.update(text.encode())
+    return h.hexdigest()[:16]
+
+
+def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
+    """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
+    starting with ``prefix``), seed and the training reviews. Changing the judge never rebuilds the LM."""
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
     settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
                 "precision": dtype_name(resolve_dtype(cfg.model.dtype, "cpu")),
-                "n_train_reviews": len(train_df),
-                "data_fingerprint": h.hexdigest()[:16]}
+                "n_train_reviews": len(train_df), "data_fingerprint": data_fingerprint(train_df)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return key, settings
 
@@ -81,6 +85,62 @@ def _sample_texts(df, n: int, seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- base LM
+def review_token_ids(tok, df, cap: int, min_tokens: int = 8) -> list[list[int]]:
+    """Each review's first ``cap`` tokens (reviews shorter than ``min_tokens`` dropped)."""
+    ids = tok(df["review"].tolist(), add_special_tokens=False, truncation=True, max_length=cap)["input_ids"]
+    return [t for t in ids if len(t) >= min_tokens]
+
+
+def lm_batch(ids: list[list[int]], n: int, seq_len: int, pad_id: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` sequences of up to ``seq_len`` tokens: half review openings (what prompts are), half windows from
+    a random place (what continuations look like). Returns (input_ids, attention_mask), each (n, T)."""
+    rows = []
+    for i in rng.integers(0, len(ids), n):
+        t = ids[i]
+        start = 0 if rng.random() < 0.5 or len(t) <= seq_len else int(rng.integers(0, len(t) - seq_len))
+        rows.append(t[start:start + seq_len])
+    return pad_sequences(rows, pad_id), pad_sequences([[1] * len(r) for r in rows], 0)
+
+
+def lm_loss(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # labels = input ids with padding set to -100; the model shifts them by one token internally.
+    return model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+
+
+@torch.no_grad()
+def heldout_lm_loss(model, eval_ids, seq_len: int, pad_id: int, seed: int, dtype, device="cpu") -> float:
+    """Mean next-token loss on 8 seeded batches of 64 held-out sequences (the same ones for the same seed)."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(seed)
+    with autocast(device, dtype):
+        losses = [lm_loss(model, x.to(device), m.to(device)).item()
+                  for x, m in (lm_batch(eval_ids, 64, seq_len, pad_id, rng) for _ in range(8))]
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def fit_causal_lm(model, train_ids, *, steps: int, batch_size: int, seq_len: int, lr: float, pad_id: int, rng,
+                  dtype, device="cpu", desc: str, betas=(0.9, 0.95), weight_decay: float = 0.01) -> None:
+    """Next-token training on review openings and windows (:func:`lm_batch`): AdamW, warmup then cosine decay,
+    gradients clipped at 1. Shared by the offline GPT-2's pre-training and the optional SFT stage."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    sched = _one_cycle(opt, steps)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for _ in bar:
+        x, mask = lm_batch(train_ids, batch_size, seq_len, pad_id, rng)
+        with autocast(device, dtype):
+            loss = lm_loss(model, x.to(device), mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.2f}")
+    model.eval()
+
+
 def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
     dtype = resolve_dtype(cfg.model.dtype, "cpu")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed)
@@ -92,24 +152,9 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
                             min_frequency=2, special_tokens=[EOS], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
                                   unk_token=EOS, pad_token=EOS, model_input_names=["input_ids", "attention_mask"])
-    # Reviews are cut to a few windows' worth of tokens: pre-training sees openings (what prompts are) and
-    # random windows (what continuations look like).
-    cap = 4 * oc.lm_seq_len
-
-    def encode(df):
-        return [t for t in tok(df["review"].tolist(), add_special_tokens=False, truncation=True,
-                               max_length=cap)["input_ids"] if len(t) >= 8]
-
-    train_ids, eval_ids = encode(train_df), encode(eval_df)
+    # Reviews are cut to a few windows' worth of tokens.
+    train_ids, eval_ids = (review_token_ids(tok, df, 4 * oc.lm_seq_len) for df in (train_df, eval_df))
     print(f"offline: tokenizer ({len(tok)} tokens) in {time.time() - t0:.0f}s")
-
-    def batch(ids, n, rng):
-        rows = []
-        for i in rng.integers(0, len(ids), n):
-            t = ids[i]
-            start = 0 if rng.random() < 0.5 or len(t) <= oc.lm_seq_len else int(rng.integers(0, len(t) - oc.lm_seq_len))
-            rows.append(t[start:start + oc.lm_seq_len])
-        return pad_sequences(rows, tok.eos_token_id), pad_sequences([[1] * len(r) for r in rows], 0)
 
     config = GPT2Config(vocab_size=len(tok), n_positions=max(oc.lm_seq_len, cfg.data.max_length), n_embd=oc.lm_n_embd,
                         n_layer=oc.lm_n_layer, n_head=oc.lm_n_head, bos_token_id=tok.eos_token_id,
@@ -118,27 +163,10 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
                         # with dropout off anyway. Attention dropout alone cost ~40% of each CPU step.
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=oc.lm_lr, weight_decay=0.01, betas=(0.9, 0.95))
-    sched = _one_cycle(opt, oc.lm_steps)
-    model.train()
-    bar = tqdm(range(oc.lm_steps), desc="offline: pre-train GPT-2", unit="step")
-    for _ in bar:
-        x, mask = batch(train_ids, oc.lm_batch_size, rng)
-        # labels = input ids with padding set to -100; the model shifts them by one token internally.
-        with autocast("cpu", dtype):
-            loss = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.2f}")
-    model.eval()
-    erng = np.random.default_rng(cfg.data.split_seed + 7)
-    with torch.no_grad(), autocast("cpu", dtype):
-        losses = [model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss.item()
-                  for x, m in (batch(eval_ids, 64, erng) for _ in range(8))]
-    report = {"heldout_loss": float(np.mean(losses)), "n_params": sum(p.numel() for p in model.parameters()),
+    fit_causal_lm(model, train_ids, steps=oc.lm_steps, batch_size=oc.lm_batch_size, seq_len=oc.lm_seq_len,
+                  lr=oc.lm_lr, pad_id=tok.eos_token_id, rng=rng, dtype=dtype, desc="offline: pre-train GPT-2")
+    loss = heldout_lm_loss(model, eval_ids, oc.lm_seq_len, tok.eos_token_id, cfg.data.split_seed + 7, dtype)
+    report = {"heldout_loss": loss, "n_params": sum(p.numel() for p in model.parameters()),
               "tokens_seen": oc.lm_steps * oc.lm_batch_size * oc.lm_seq_len, "build_s": time.time() - t0}
     print(f"offline: GPT-2 ({report['n_params'] / 1e6:.1f}M params) held-out loss {report['heldout_loss']:.2f} "
           f"after {report['tokens_seen'] / 1e6:.2f}M tokens, {report['build_s']:.0f}s")

@@ -96,3 +96,92 @@ def smoke_run(tmp_path_factory):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"dir": out, "proc": proc, "results": json.loads((out / "plots" / "results.json").read_text())}
+
+
+# ------------------------------------------------------------------ hub-format fixtures (the paper path)
+EOT = "<|endoftext|>"
+
+
+def _fixture_reviews(n: int = 240, seed: int = 0) -> pd.DataFrame:
+    """Distinct, long enough reviews of both sentiments (random words around sentiment words)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    filler = ["the", "film", "plot", "actor", "scene", "story", "music", "and", "it", "was", "a", "this"]
+    rows = []
+    for i in range(n):
+        words = list(rng.choice(filler, 20)) + [f"w{i}"]
+        mood = (POS if i % 2 == 0 else NEG)[i % 4].split()
+        rows.append((" ".join(mood[:4] + words + mood[4:]), i % 2 == 0))
+    return pd.DataFrame(rows, columns=["text", "positive"])
+
+
+def build_hub_fixtures(root: Path) -> dict[str, Path]:
+    """Tiny models and data saved exactly in the hub's formats, offline, in a second or two:
+
+    * ``gpt2``: like ``distilgpt2`` -- byte-level BPE ``GPT2TokenizerFast`` with ``<|endoftext|>`` as bos, eos
+      and unk, **no pad token**, and a config without ``pad_token_id``;
+    * ``judge``: like the SST-2 DistilBERT -- uncased WordPiece tokenizer, ``{0: NEGATIVE, 1: POSITIVE}``;
+    * ``imdb_disk`` / ``imdb_parquet``: IMDb in the hub dataset's layout (``text``, integer ``label``;
+      ``train``, ``test`` and an ``unsupervised`` split labelled -1), written by ``save_to_disk`` and as the hub
+      repository's own parquet files.
+    """
+    import datasets
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        DistilBertTokenizerFast,
+        GPT2TokenizerFast,
+    )
+
+    reviews = _fixture_reviews()
+    texts = reviews["text"].tolist()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=[EOT], show_progress=False)
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                    bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    assert lm.config.pad_token_id is None and tok.pad_token is None
+    tok.save_pretrained(root / "gpt2")
+    lm.save_pretrained(root / "gpt2")
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts, vocab_size=300, min_frequency=1, show_progress=False)
+    jtok = DistilBertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True,
+                                   model_max_length=512)
+    judge = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=len(jtok), dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=128,
+        pad_token_id=jtok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    jtok.save_pretrained(root / "judge")
+    judge.save_pretrained(root / "judge")
+
+    half = len(reviews) // 2
+    labelled = reviews.assign(label=reviews["positive"].astype(int))[["text", "label"]]
+    splits = {"train": labelled.iloc[:half], "test": labelled.iloc[half:],
+              "unsupervised": pd.DataFrame({"text": [f"an unlabelled review number {i}" for i in range(30)],
+                                            "label": -1})}
+    dd = datasets.DatasetDict({name: datasets.Dataset.from_pandas(df, preserve_index=False)
+                               for name, df in splits.items()})
+    dd.save_to_disk(str(root / "imdb_disk"))
+    (root / "imdb_parquet" / "plain_text").mkdir(parents=True)
+    for name, df in splits.items():
+        df.to_parquet(root / "imdb_parquet" / "plain_text" / f"{name}-00000-of-00001.parquet", index=False)
+    return {name: root / name for name in ("gpt2", "judge", "imdb_disk", "imdb_parquet")}
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, files_from: Path) -> None:
+    """Lay ``files_from`` out as a downloaded snapshot of ``repo_id`` in a Hugging Face hub cache."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+@pytest.fixture(scope="session")
+def hub_fixtures(tmp_path_factory):
+    return build_hub_fixtures(tmp_path_factory.mktemp("hub_fixtures"))

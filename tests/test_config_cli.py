@@ -66,17 +66,3 @@ def test_cli_help_lists_the_flags():
 def test_unknown_preset_from_the_real_cli():
     proc = run_cli("--preset", "gigantic")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_unreachable_hub_model_names_the_ways_out(tmp_path):
-    csv = tmp_path / "tiny.csv"
-    rows = [f"a fine film number {i} that I liked a lot,positive\nan awful film {i} that I hated a lot,negative\n"
-            for i in range(20)]
-    csv.write_text("review,sentiment\n" + "".join(rows))
-    # HF_HUB_OFFLINE=1 (set by run_cli) makes the hub unreachable at once, as it is on this machine
-    proc = run_cli("--data", str(csv), "--n_val_pairs", "2", "--policy_model", "distilgpt2",
-                   "--output_dir", str(tmp_path / "m"), "--plots_dir", str(tmp_path / "p"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "distilgpt2" in err[0] and "--preset offline" in err[0] and "local directory" in err[0]
-    assert not (tmp_path / "m").exists()

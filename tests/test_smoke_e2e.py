@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from conftest import copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -130,3 +131,21 @@ def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):
     assert ppo.returncode == 0, ppo.stderr[-2000:]
     summary = json.loads((tmp_path / "models" / "ppo_toxic_reduced_model" / "train_summary.json").read_text())
     assert summary["reward"] == "judge" and summary["reward_model"] is None
+
+
+def test_sft_stage_fine_tunes_the_base_lm_and_becomes_the_reference(tmp_path, smoke_run):
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    args = ["--preset", "smoke", "--dpo-only", "--dpo_steps", "2", "--sft_steps", "20", "--sft_lr", "3e-3",
+            "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
+    proc = run_main(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sft_dir,) = (tmp_path / "models" / "sft").iterdir()
+    report = json.loads((sft_dir / "sft_report.json").read_text())
+    assert report["steps"] == 20 and report["heldout_loss_after"] < report["heldout_loss_before"]
+    cfg = json.loads((tmp_path / "models" / "dpo_toxic_reduced_model" / "training_config.json").read_text())
+    assert cfg["model"]["policy_model"] == str(sft_dir)  # the reference and the initial policy
+    (base_dir,) = (tmp_path / "models" / "offline").glob("base_lm-*")
+    base, sft = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (base_dir, sft_dir))
+    assert any(not torch.equal(base[k], sft[k]) for k in base)
+    again = run_main(*args)  # the same settings reuse the fine-tuned model
+    assert again.returncode == 0 and "sft: reusing" in again.stdout
