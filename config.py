@@ -263,6 +263,10 @@ class RunConfig:
     plots_only: bool = _f(False, "Redraw the dashboard from results.json and the metrics files; no training.")
     sweep: bool = _f(False, "Also train DPO over sweep_betas and PPO over sweep_target_kls for the Pareto plot.")
     resume: bool = _f(False, "Continue DPO/PPO from the last checkpoint of an interrupted run.")
+    report_to: Literal["none", "tensorboard", "wandb"] = _f(
+        "none", "Also send every metrics.jsonl row to an experiment tracker (through accelerate): TensorBoard "
+                "event files under <output_dir>/tracking/<run>/ (uv sync --group tensorboard), or Weights & Biases "
+                "(pip install wandb). The resolved config is logged as hyperparameters.")
     seed: int = _f(0, "Seed of the data split, pairing, sampling and initialisation.")
     output_dir: str = _f("models", "Where models, metrics and checkpoints are written.")
     plots_dir: str = _f("evaluation_plots", "Where the dashboard, plots and results.json are written.")

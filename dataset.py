@@ -73,7 +73,7 @@ def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_dict.json").exists() or (path / "state.json").exists() or any(path.rglob("*.parquet"))
 
 
-def _read_hf_dataset(path: Path, source: str) -> pd.DataFrame:
+def _read_hf_dataset(path: Path, source: str, notes: list[str]) -> pd.DataFrame:
     """The hub IMDb layout (``stanfordnlp/imdb``): splits with a ``text`` column and an integer ``label``
     (0 negative, 1 positive, -1 for the unlabelled ``unsupervised`` split, which is dropped). Reads a
     directory written by ``DatasetDict.save_to_disk`` or one of parquet files named ``<split>-*.parquet``
@@ -99,13 +99,13 @@ def _read_hf_dataset(path: Path, source: str) -> pd.DataFrame:
         raise ConfigError(f"{source}: labels {unknown[:5]} are not IMDb's (0 negative, 1 positive, -1 unlabelled)")
     unlabelled = df["label"] == -1
     if unlabelled.any():
-        print(f"data: skipped {int(unlabelled.sum())} unlabelled review(s) (label -1, the 'unsupervised' split) "
-              f"of {source}")
+        notes.append(f"data: skipped {int(unlabelled.sum())} unlabelled review(s) (label -1, the 'unsupervised' "
+                     f"split) of {source}")
     df = df[~unlabelled]
     return pd.DataFrame({"review": df["text"].astype(str), "sentiment": df["label"].astype(int).astype(str)})
 
 
-def _read_hub(repo_id: str = HUB_DATASET) -> pd.DataFrame:
+def _read_hub(repo_id: str, notes: list[str]) -> pd.DataFrame:
     """Download (or read from the local cache) the hub dataset's parquet files and read them as above."""
     from huggingface_hub import snapshot_download
 
@@ -118,7 +118,10 @@ def _read_hub(repo_id: str = HUB_DATASET) -> pd.DataFrame:
         raise ConfigError(f"no IMDb data: {DEFAULT_CSV.relative_to(ROOT)} is missing and the hub dataset "
                           f"{repo_id} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' "
                           f"in data/ or pass --data PATH") from None
-    return _read_hf_dataset(Path(path), repo_id)
+    return _read_hf_dataset(Path(path), repo_id, notes)
+
+
+_PARSED: dict[tuple, tuple[pd.DataFrame, list[str]]] = {}  # CSV file (path, size, mtime) -> parsed reviews
 
 
 def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
@@ -126,8 +129,29 @@ def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
 
     Sources in order: ``path`` (a CSV, an extracted aclImdb folder, or a directory in the hub dataset's layout:
     ``save_to_disk`` or parquet files), ``data/IMDB Dataset.csv``, the hub dataset ``stanfordnlp/imdb``.
-    Raises :class:`ConfigError` (one line for the user) on any bad input.
+    Raises :class:`ConfigError` (one line for the user) on any bad input. A CSV file is parsed once per process
+    (while its size and modification time stay the same): the runs of a study share it.
     """
+    file = Path(path) if path is not None else DEFAULT_CSV
+    key = None
+    if file.is_file():
+        st = file.stat()
+        key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _PARSED:
+        notes: list[str] = []
+        parsed = _parse_reviews(path, notes)
+        if key is None:
+            for note in notes if verbose else []:
+                print(note)
+            return parsed
+        _PARSED[key] = (parsed, notes)
+    parsed, notes = _PARSED[key]
+    for note in notes if verbose else []:
+        print(note)
+    return parsed.copy()
+
+
+def _parse_reviews(path: str | None, notes: list[str]) -> pd.DataFrame:
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -135,13 +159,13 @@ def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
                               f"extracted aclImdb/ folder or a hub-layout dataset directory")
         source = str(p)
         if p.is_dir():
-            df = _read_hf_dataset(p, source) if _is_hf_dataset_dir(p) else _read_aclimdb(p)
+            df = _read_hf_dataset(p, source, notes) if _is_hf_dataset_dir(p) else _read_aclimdb(p)
         else:
             df = _read_csv(p)
     elif DEFAULT_CSV.exists():
         df, source = _read_csv(DEFAULT_CSV), str(DEFAULT_CSV.relative_to(ROOT))
     else:
-        df, source = _read_hub(), HUB_DATASET
+        df, source = _read_hub(HUB_DATASET, notes), HUB_DATASET
 
     labels = df["sentiment"].astype(str).str.strip().str.lower()
     unknown = labels[~labels.isin(_LABELS)]
@@ -153,23 +177,21 @@ def load_reviews(path: str | None = None, verbose: bool = True) -> pd.DataFrame:
     out = pd.DataFrame({"review": reviews, "label": labels.map(_LABELS).astype(int)})
     empty = out["review"].str.len() == 0
     if empty.any():
-        if verbose:
-            print(f"data: dropped {int(empty.sum())} empty review(s) from {source}")
+        notes.append(f"data: dropped {int(empty.sum())} empty review(s) from {source}")
         out = out[~empty].reset_index(drop=True)
-    out = _dedupe(out, source, verbose)
-    if verbose:
-        print(f"data: {len(out)} reviews from {source} ({int(out.label.sum())} positive)")
+    out = _dedupe(out, source, notes)
+    notes.append(f"data: {len(out)} reviews from {source} ({int(out.label.sum())} positive)")
     return out
 
 
-def _dedupe(df: pd.DataFrame, source: str, verbose: bool) -> pd.DataFrame:
+def _dedupe(df: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
     """One row per review text (the IMDb CSV repeats 410 texts in 422 extra rows): split by row, a held-out
     review's exact copy could sit in the training set. A text given both labels is dropped altogether."""
     conflicting = df.groupby("review")["label"].transform("nunique") > 1
     repeated = df.duplicated("review", keep="first") & ~conflicting
-    if verbose and (repeated.any() or conflicting.any()):
-        print(f"data: dropped {int(repeated.sum())} duplicate review(s) and {int(conflicting.sum())} row(s) whose "
-              f"text has both labels, from {source}")
+    if repeated.any() or conflicting.any():
+        notes.append(f"data: dropped {int(repeated.sum())} duplicate review(s) and {int(conflicting.sum())} row(s) "
+                     f"whose text has both labels, from {source}")
     return df[~(repeated | conflicting)].reset_index(drop=True)
 
 

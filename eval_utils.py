@@ -23,15 +23,16 @@ import numpy as np
 import torch
 
 from dpo_utils import pad_sequences
-from logprobs import ResponseLogProbs
+from logprobs import as_scorer, generation_ready
 from models import autocast, dtype_name
 from plots import read_metrics
+from run_utils import gather_share, padded_share
 
 
 # ------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int, device, dtype: torch.dtype = torch.float32) -> list[list[int]]:
+             batch_size: int, device, dtype: torch.dtype = torch.float32, synced_gpus: bool = False) -> list[list[int]]:
     """Sample one completion per prompt (pure sampling: top-k 0, top-p 1), batched with the KV cache.
 
     Prompts are left-padded so every row continues right after its prompt. Sampling is seeded per batch
@@ -39,6 +40,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     the first EOS (kept, so a completion is never empty) or after ``max_new_tokens`` tokens. Nothing but the
     temperature reshapes the distribution (no top-k, top-p or minimum length), so the log-probs that
     :func:`response_logps` computes at the same temperature are those of the distribution sampled from.
+    ``synced_gpus`` keeps FSDP processes stepping together until all of them are done.
     """
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
@@ -52,7 +54,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
             with autocast(device, dtype):
                 gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                                      temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=synced_gpus)
             for row in gen[:, input_ids.shape[1]:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
@@ -71,8 +73,8 @@ def response_logps(model, prompts, responses, pad_id: int, batch_size: int, devi
                    temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N,) summed log-probs of each response given its prompt under ``softmax(logits / temperature)``, in
     fp32 on the CPU. The transformer runs at ``dtype``; the LM head and the log-softmax in fp32, so that KL
-    estimates carry no bf16 rounding of the logits."""
-    scorer = ResponseLogProbs(model)
+    estimates carry no bf16 rounding of the logits. ``model`` is a causal LM or a (prepared) ResponseLogProbs."""
+    scorer = as_scorer(model)
     out = []
     for s in range(0, len(prompts), batch_size):
         b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
@@ -130,6 +132,7 @@ class EvalKit:
     device: object
     seed: int
     dtype: torch.dtype = torch.float32
+    acc: object = None  # the run's Accelerator (None: one process)
     _ref_results: dict = field(default_factory=dict, repr=False)
 
     def reference_result(self, temperature: float) -> dict:
@@ -141,28 +144,42 @@ class EvalKit:
 
 def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = True) -> dict:
     """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference
-    (``with_kl=False`` skips the two log-prob passes and reports NaN, for the win-rate sweep).
+    (``with_kl=False`` skips the two log-prob passes and reports NaN, for the win-rate sweep). ``policy`` is a
+    causal LM or a training run's (prepared) ResponseLogProbs. Under several processes each samples and
+    scores its share of the prompts and every process gets all the results.
 
     Returns metrics plus ``responses``, ``texts`` and ``scores`` (per prompt) for win rates and examples.
     """
-    was_training = policy.training
-    policy.eval()
-    tok = kit.tokenizer
-    responses = generate(policy, tok, kit.prompts, kit.max_new_tokens, temperature, kit.seed, kit.batch_size,
-                         kit.device, kit.dtype)
-    texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(kit.prompts, responses)]
-    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype)
+    acc, tok = kit.acc, kit.tokenizer
+    scorer = as_scorer(policy)
+    lm = getattr(scorer, "module", scorer).lm
+    was_training = lm.training
+    lm.eval()
+    prompts = padded_share(kit.prompts, acc)
+    rank, synced = (0, False) if acc is None else (acc.process_index, fsdp_world(acc))
+    with generation_ready(scorer):
+        responses = generate(lm, tok, prompts, kit.max_new_tokens, temperature, kit.seed + 1_000_003 * rank,
+                             kit.batch_size, kit.device, kit.dtype, synced)
+    texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
+    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype).tolist()
+    log_ratios = [float("nan")] * len(prompts)
     if with_kl:
         # Both models scored at the sampling temperature: an unbiased estimate of KL(pi_T || pi_ref,T).
-        pol, ref = (response_logps(m, kit.prompts, responses, tok.pad_token_id, kit.batch_size, kit.device,
-                                   temperature, kit.dtype) for m in (policy, kit.ref_model))
-        kl = float((pol - ref).mean())
-    else:
-        kl = float("nan")
-    policy.train(was_training)
+        pol, ref = (response_logps(m, prompts, responses, tok.pad_token_id, kit.batch_size, kit.device,
+                                   temperature, kit.dtype) for m in (scorer, kit.ref_model))
+        log_ratios = (pol - ref).tolist()
+    n = len(kit.prompts)
+    responses, texts, scores, log_ratios = (gather_share(x, n, acc) for x in (responses, texts, scores, log_ratios))
+    lm.train(was_training)
+    scores = np.asarray(scores)
     return {"safety_score": float(scores.mean()), "positive_rate": float((scores > 0.5).mean()),
-            "kl_to_ref": kl, "response_len": float(np.mean([len(r) for r in responses])),
+            "kl_to_ref": float(np.mean(log_ratios)), "response_len": float(np.mean([len(r) for r in responses])),
             "responses": responses, "texts": texts, "scores": scores}
+
+
+def fsdp_world(acc) -> bool:
+    """Several FSDP processes: their generate() calls must step together (``synced_gpus``)."""
+    return acc is not None and acc.num_processes > 1 and acc.distributed_type.name == "FSDP"
 
 
 def eval_metrics(result: dict) -> dict:
@@ -242,9 +259,10 @@ def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, st
               for r in results["runs"] for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]
     results["frontier"] = {"points": points, "envelope": {
         m: upper_envelope([(p["kl"], p["safety"]) for p in points if p["method"] == m]) for m in policies}}
-    out = Path(cfg.run.plots_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    if kit.acc is None or kit.acc.is_main_process:
+        out = Path(cfg.run.plots_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out / "results.json")
     return results

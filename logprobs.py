@@ -9,6 +9,8 @@ materialised.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -25,6 +27,28 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     # fp32: the log-ratios DPO and PPO are made of are small differences of large sums; bf16 loses them.
     logits = logits.float()
     return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def as_scorer(model) -> torch.nn.Module:
+    """``model`` itself when it is a :class:`ResponseLogProbs` (possibly inside a DDP wrapper, whose forward
+    then runs), else a :class:`ResponseLogProbs` around the causal LM ``model``."""
+    return model if isinstance(getattr(model, "module", model), ResponseLogProbs) else ResponseLogProbs(model)
+
+
+@contextlib.contextmanager
+def generation_ready(model):
+    """Make ``model.lm.generate()`` safe under FSDP2: ``generate`` calls the LM directly, bypassing the
+    wrapper's forward, which is what gathers the root's own parameters (embeddings, final norm, LM head); they
+    are gathered for the duration instead (the transformer blocks gather theirs in their own hooks). A no-op
+    for a plain or DDP-wrapped model."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class ResponseLogProbs(torch.nn.Module):

@@ -38,6 +38,13 @@ def run(cfg: Config, argv: list[str]) -> int:
         needed.append(("dataset", "--data", HUB_DATASET))
     hub.hub_preflight(needed)
 
+    from models import resolve_device
+    from run_utils import make_accelerator
+
+    # One process, or one of N under `accelerate launch` / `torchrun`, each with its own device; only the
+    # main process prints.
+    acc = make_accelerator(resolve_device(cfg.model.device), cfg.run.report_to, cfg.run.output_dir)
+
     import dataset
 
     reviews = dataset.load_reviews(cfg.data.data)
@@ -59,7 +66,6 @@ def run(cfg: Config, argv: list[str]) -> int:
         load_judge,
         load_tokenizer,
         max_positions,
-        resolve_device,
         resolve_dtype,
     )
     from offline_models import ensure_offline_models
@@ -70,15 +76,18 @@ def run(cfg: Config, argv: list[str]) -> int:
     transformers.utils.logging.disable_progress_bar()
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
     seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.model.device)
+    device = acc.device
     dtype = resolve_dtype(cfg.model.dtype, device)
     if dtype == torch.bfloat16 and not bf16_native(device):
         print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
               f"picks fp32 here")
-    if cfg.model.build_offline_models:
-        cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
-    if cfg.sft.sft_steps > 0:  # the fine-tuned LM becomes the reference and the initial policy
-        cfg = cfg.replace(model={"policy_model": train_sft.ensure_sft_model(cfg, train_df, eval_df, device, dtype)})
+    # The main process builds (or fine-tunes) first; the others then find the result and reuse it.
+    with acc.main_process_first():
+        if cfg.model.build_offline_models:
+            cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
+        if cfg.sft.sft_steps > 0:  # the fine-tuned LM becomes the reference and the initial policy
+            cfg = cfg.replace(model={"policy_model": train_sft.ensure_sft_model(cfg, train_df, eval_df, device,
+                                                                                dtype)})
 
     tokenizer = load_tokenizer(cfg.model.policy_model)
     ref_model = load_causal_lm(cfg.model.policy_model, device)
@@ -90,10 +99,11 @@ def run(cfg: Config, argv: list[str]) -> int:
     judge_tok, judge = load_judge(cfg.model.judge_model, device)
     data = dataset.prepare(cfg, tokenizer, train_df, eval_df)
     print(f"data: {len(data.train_pairs)} training pairs, {len(data.val_pairs)} validation pairs, "
-          f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts; device {device}, "
-          f"precision {dtype_name(dtype)} (--dtype {cfg.model.dtype})")
+          f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts; device {device}"
+          f"{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, precision {dtype_name(dtype)} "
+          f"(--dtype {cfg.model.dtype})")
     kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
-                             cfg.eval.eval_batch_size, device, cfg.run.seed, dtype)
+                             cfg.eval.eval_batch_size, device, cfg.run.seed, dtype, acc)
 
     policies, runs = {}, []
     if not cfg.run.ppo_only:
@@ -111,9 +121,11 @@ def run(cfg: Config, argv: list[str]) -> int:
             runs.append(("ppo", f"target_kl={target}", out["model_dir"]))
 
     results = eval_utils.final_evaluation(cfg, kit, policies, runs, data, n_reviews=len(reviews), command=command)
-    path = plots.draw_dashboard(cfg.run.plots_dir)
-    print(plots.summary_table(results))
-    print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
+    if acc.is_main_process:  # the main process alone writes results and plots
+        path = plots.draw_dashboard(cfg.run.plots_dir)
+        print(plots.summary_table(results))
+        print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
+    acc.end_training()
     return 0
 
 

@@ -19,14 +19,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise ``x`` (B, T) to zero mean and unit variance over the masked positions; zero elsewhere."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes=None) -> torch.Tensor:
+    """Normalise ``x`` (B, T) to zero mean and unit variance over the masked positions; zero elsewhere.
+
+    ``sum_over_processes`` (a function summing a tensor over data-parallel processes) makes the mean and
+    variance those of the global batch, of which each process holds a share.
+    """
+    m = mask.to(x.dtype)
+    total = sum_over_processes or (lambda t: t)
+    n, s, s2 = total(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])).unbind()
+    mean = s / n.clamp(min=1)
+    var = s2 / n.clamp(min=1) - mean ** 2
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

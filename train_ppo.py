@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
+from config import ConfigError
 from dpo_utils import pad_sequences
-from eval_utils import EvalKit, eval_metrics, evaluate_policy, generate, judge_logits, response_batch
-from logprobs import ResponseLogProbs
+from eval_utils import EvalKit, eval_metrics, evaluate_policy, fsdp_world, generate, judge_logits, response_batch
+from logprobs import ResponseLogProbs, generation_ready
 from models import autocast, dtype_name, load_causal_lm
 from ppo_utils import (
     AdaptiveKLController,
@@ -38,9 +39,15 @@ from run_utils import (
     MetricsLog,
     SignalFlag,
     StopTraining,
+    any_process,
     atomic_write_dir,
     checkpoint,
+    gather_share,
+    local_share,
+    mean_over_processes,
+    padded_share,
     resume_or_start,
+    save_policy,
     seed_everything,
     step_indices,
 )
@@ -74,8 +81,9 @@ def response_logps_values(model: ResponseLogProbs, b) -> tuple[torch.Tensor, tor
 def train_reward_model(cfg, data, kit: EvalKit):
     """Bradley-Terry reward model -log sigma(r(x, y_w) - r(x, y_l)) on the training pairs, trained until its
     accuracy on the validation pairs stops rising (the best checkpoint is kept), then scored once on the
-    held-out pairs. Cached under ``reward_models/<settings hash>/``; returns ``(model, report)``."""
-    pc, device, pad = cfg.ppo, kit.device, kit.tokenizer.pad_token_id
+    held-out pairs. Data-parallel like DPO. Cached under ``reward_models/<settings hash>/``; returns
+    ``(model, report)``."""
+    pc, device, pad, acc = cfg.ppo, kit.device, kit.tokenizer.pad_token_id, kit.acc
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
                 "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
                 "precision": dtype_name(kit.dtype),
@@ -86,11 +94,15 @@ def train_reward_model(cfg, data, kit: EvalKit):
         report = json.loads((out / "rm_report.json").read_text())
         print(f"ppo: reusing reward model {out} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f})")
         return AutoModelForSequenceClassification.from_pretrained(out).to(device).eval(), report
+    if pc.rm_batch_size % acc.num_processes:
+        raise ConfigError(f"--rm_batch_size {pc.rm_batch_size} must be a multiple of the {acc.num_processes} processes")
 
     torch.manual_seed(cfg.run.seed)  # the scalar head's initialisation
     rm = AutoModelForSequenceClassification.from_pretrained(cfg.model.policy_model, num_labels=1).to(device)
     rm.config.pad_token_id = pad
     rm.eval()  # dropout off; gradients still flow
+    opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr)
+    rm, opt = acc.prepare(rm, opt)
 
     def scores(pairs):
         completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
@@ -101,29 +113,30 @@ def train_reward_model(cfg, data, kit: EvalKit):
         return r[: len(pairs)], r[len(pairs):]
 
     @torch.no_grad()
-    def pair_accuracy(pairs):
-        return float(torch.cat([torch.gt(*scores(pairs[s:s + 64])).float() for s in range(0, len(pairs), 64)]).mean())
+    def pair_accuracy(pairs):  # each process scores its share; all get the mean
+        share = padded_share(pairs, acc)
+        wins = torch.cat([torch.gt(*scores(share[s:s + 64])).float() for s in range(0, len(share), 64)]).tolist()
+        return float(np.mean(gather_share(wins, len(pairs), acc)))
 
-    opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr)
     t0 = time.time()
     best = {"acc": -1.0, "step": 0, "state": None}
     curve = []
     bar = tqdm(range(1, pc.rm_steps + 1), desc="ppo: reward model", unit="step")
     for step in bar:
-        idx = step_indices(step, pc.rm_batch_size, len(data.train_pairs), [cfg.run.seed, 3])
+        idx = local_share(step_indices(step, pc.rm_batch_size, len(data.train_pairs), [cfg.run.seed, 3]), acc)
         r_w, r_l = scores([data.train_pairs[i] for i in idx])
         loss = -F.logsigmoid(r_w - r_l).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
         # --- early stopping on the validation pairs (training reviews the training pairs do not use) ---
         if step % pc.rm_eval_every == 0 or step == pc.rm_steps:
-            acc = pair_accuracy(data.val_pairs)
-            curve.append({"step": step, "val_pair_accuracy": acc})
-            bar.set_postfix(val_acc=f"{acc:.3f}")
-            if acc > best["acc"]:
-                best = {"acc": acc, "step": step, "state": {k: v.detach().clone() for k, v in rm.state_dict().items()}}
+            val = pair_accuracy(data.val_pairs)
+            curve.append({"step": step, "val_pair_accuracy": val})
+            bar.set_postfix(val_acc=f"{val:.3f}")
+            if val > best["acc"]:
+                best = {"acc": val, "step": step, "state": {k: v.detach().clone() for k, v in rm.state_dict().items()}}
             elif step - best["step"] >= pc.rm_patience * pc.rm_eval_every:
                 break
     bar.close()
@@ -139,23 +152,32 @@ def train_reward_model(cfg, data, kit: EvalKit):
     print(f"ppo: reward model held-out pair accuracy {report['heldout_pair_accuracy']:.3f} ({len(held)} pairs); "
           f"validation {best['acc']:.3f} at step {best['step']} of {report['steps_run']} ({train_s:.0f}s)")
 
-    def write(tmp: Path):
-        rm.save_pretrained(tmp)
-        (tmp / "rm_settings.json").write_text(json.dumps(settings, indent=2))
-        (tmp / "rm_report.json").write_text(json.dumps(report, indent=2))
+    state = acc.get_state_dict(rm)  # every process (FSDP gathers the shards); the main one writes
+    if acc.is_main_process:
+        def write(tmp: Path):
+            acc.unwrap_model(rm).save_pretrained(tmp, state_dict=state)
+            (tmp / "rm_settings.json").write_text(json.dumps(settings, indent=2))
+            (tmp / "rm_report.json").write_text(json.dumps(report, indent=2))
 
-    atomic_write_dir(out, write)
-    return rm, report
+        atomic_write_dir(out, write)
+    acc.wait_for_everyone()
+    acc.free_memory()  # the reward model only scores from now on: PPO's checkpoints hold the policy alone
+    return rm.eval(), report
 
 
 # ---------------------------------------------------------------------------------------------------- PPO
 def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evaluate: bool = True) -> dict:
     """Train the reward model (unless ``ppo_reward="judge"``), then PPO; ``evaluate=False`` skips the
-    held-out evaluations (benchmarks time the training alone)."""
-    pc, rc = cfg.ppo, cfg.run
+    held-out evaluations (benchmarks time the training alone). Data-parallel over ``kit.acc``'s processes:
+    each samples and scores its share of every rollout batch; advantages are whitened and the KL controller
+    fed over the global batch."""
+    pc, rc, acc = cfg.ppo, cfg.run, kit.acc
     out_dir = Path(rc.output_dir)
     run_dir, final_dir = out_dir / "runs" / name, out_dir / name
     device, tok = kit.device, kit.tokenizer
+    for flag, value in (("--ppo_batch_size", pc.ppo_batch_size), ("--ppo_mini_batch_size", pc.ppo_mini_batch_size)):
+        if value % acc.num_processes:
+            raise ConfigError(f"{flag} {value} must be a multiple of the {acc.num_processes} processes")
     seed_everything(rc.seed)
 
     # --- reward: learned Bradley-Terry model (RLHF) or the oracle judge's logit (PPO-GT) ---
@@ -176,8 +198,9 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
 
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)
     policy.eval()  # dropout off throughout: PPO's ratios assume the sampling and training log-probs agree
-    ref = ResponseLogProbs(kit.ref_model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.ppo_lr, eps=1e-5)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    ref = ResponseLogProbs(kit.ref_model)
     kl_ctl = (FixedKLController(pc.init_kl_coef) if pc.target_kl is None
               else AdaptiveKLController(pc.init_kl_coef, pc.target_kl, pc.kl_horizon))
     prompts_all = data.train_prompts
@@ -185,23 +208,28 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
     # --- resume ---
     # PPO's training time starts with its reward model's, the stage DPO does without.
     rm_train_s = rm_report["train_s"] if rm_report else 0.0
-    stateful = {"model": policy, "optimizer": optimizer, "kl_ctl": kl_ctl}
-    start, timer, consecutive_bad, resumed = resume_or_start(run_dir, rc.resume, stateful, rm_train_s, name="ppo")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed else None)
-    cfg.save(run_dir / "training_config.json")
+    start, timer, consecutive_bad, resumed = resume_or_start(acc, run_dir, rc.resume, rm_train_s, "ppo",
+                                                             {"kl_ctl": kl_ctl})
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start if resumed else None, acc, name, cfg.to_dict())
+    if acc.is_main_process:
+        cfg.save(run_dir / "training_config.json")
     if start == 0 and evaluate:
         with timer.evaluating():
             metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
-    B, mb_size = pc.ppo_batch_size, pc.ppo_mini_batch_size
+    B, mb_size = pc.ppo_batch_size // acc.num_processes, pc.ppo_mini_batch_size // acc.num_processes  # per process
+    sum_over_processes = (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None
     bar = tqdm(range(start + 1, pc.ppo_steps + 1), desc="ppo", unit="iter", initial=start, total=pc.ppo_steps)
     with SignalFlag() as interrupted:
         for step in bar:
             t0 = time.time()
-            # --- rollout ---
-            prompts = [prompts_all[i] for i in step_indices(step, B, len(prompts_all), [rc.seed, 7])]
-            responses = generate(policy.lm, tok, prompts, cfg.data.response_tokens, 1.0, rc.seed * 7919 + step,
-                                 kit.batch_size, device, kit.dtype)
+            # --- rollout (each process samples its share of the batch's prompts) ---
+            prompts = local_share([prompts_all[i] for i in step_indices(step, pc.ppo_batch_size, len(prompts_all),
+                                                                        [rc.seed, 7])], acc)
+            with generation_ready(policy):
+                responses = generate(acc.unwrap_model(policy).lm, tok, prompts, cfg.data.response_tokens, 1.0,
+                                     rc.seed * 7919 + step + 1_000_003 * acc.process_index, kit.batch_size, device,
+                                     kit.dtype, fsdp_world(acc))
             t_gen = time.time()
             b = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in rollout_batch(prompts, responses, tok.pad_token_id).items()}
@@ -216,11 +244,11 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             scores = score_fn(prompts, responses).to(device)
             t_score = time.time()
 
-            # --- advantages ---
+            # --- advantages (whitened over the global batch) ---
             rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
             advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.gae_lambda)
-            advantages = whiten(advantages, mask)
-            seq_kl = kl.sum(1).mean().item()
+            advantages = whiten(advantages, mask, sum_over_processes=sum_over_processes)
+            seq_kl = mean_over_processes(kl.sum(1).mean().item(), acc)
 
             # --- update ---
             stats = {"pg_loss": [], "v_loss": [], "approx_kl": [], "clipfrac": []}
@@ -241,9 +269,10 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                     if step in rc.debug_nan_steps:  # test hook for the non-finite guard
                         loss = loss * float("nan")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item()
-                    if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+                    acc.backward(loss)
+                    # The norm of the gradient averaged over processes: every process takes the same decision.
+                    grad_norm = acc.clip_grad_norm_(policy.parameters(), 1.0).item()
+                    if not math.isfinite(grad_norm):
                         bad = True  # skip this minibatch; never step on a non-finite gradient
                         continue
                     optimizer.step()
@@ -254,26 +283,28 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             t_update = time.time()
             consecutive_bad = consecutive_bad + 1 if bad else 0
             kl_ctl_value = kl_ctl.value
-            kl_ctl.update(seq_kl, B)
+            kl_ctl.update(seq_kl, pc.ppo_batch_size)
 
-            # --- log ---
+            # --- log (means over every process's share) ---
             n_tokens = int(mask.sum().item()) + sum(len(p) for p in prompts)
-            row = {"step": step,
-                   "losses/policy_loss": float(np.mean(stats["pg_loss"])) if stats["pg_loss"] else float("nan"),
-                   "losses/value_loss": float(np.mean(stats["v_loss"])) if stats["v_loss"] else float("nan"),
-                   "losses/approx_kl": float(np.mean(stats["approx_kl"])) if stats["approx_kl"] else float("nan"),
-                   "losses/clipfrac": float(np.mean(stats["clipfrac"])) if stats["clipfrac"] else float("nan"),
-                   "objective/kl": seq_kl, "objective/kl_coef": kl_ctl_value,
-                   "objective/score": scores.mean().item(),
-                   "objective/rlhf_reward": (scores - kl_ctl_value * kl.sum(1)).mean().item(),
-                   "objective/response_len": mask.sum(1).mean().item(), "nonfinite_skipped": int(bad),
-                   # phase timings: sampling, policy/value/reference log-probs, reward, PPO epochs
+            row = mean_over_processes({
+                "losses/policy_loss": np.mean(stats["pg_loss"]) if stats["pg_loss"] else float("nan"),
+                "losses/value_loss": np.mean(stats["v_loss"]) if stats["v_loss"] else float("nan"),
+                "losses/approx_kl": np.mean(stats["approx_kl"]) if stats["approx_kl"] else float("nan"),
+                "losses/clipfrac": np.mean(stats["clipfrac"]) if stats["clipfrac"] else float("nan"),
+                "objective/score": scores.mean().item(),
+                "objective/rlhf_reward": (scores - kl_ctl_value * kl.sum(1)).mean().item(),
+                "objective/response_len": mask.sum(1).mean().item()}, acc)
+            row = {"step": step, **row, "objective/kl": seq_kl, "objective/kl_coef": kl_ctl_value,
+                   "nonfinite_skipped": int(bad),
+                   # phase timings (main process): sampling, policy/value/reference log-probs, reward, PPO epochs
                    "charts/generation_s": t_gen - t0, "charts/logps_s": t_logps - t_gen,
                    "charts/score_s": t_score - t_logps, "charts/update_s": t_update - t_score,
-                   "charts/tokens_per_s": n_tokens * (1 + pc.ppo_epochs) / (t_update - t0), "time_s": timer.elapsed}
+                   "charts/tokens_per_s": n_tokens * acc.num_processes * (1 + pc.ppo_epochs) / (t_update - t0),
+                   "time_s": timer.elapsed}
             if evaluate and (step % pc.ppo_eval_every == 0 or step == pc.ppo_steps):
                 with timer.evaluating():
-                    row.update(eval_metrics(evaluate_policy(policy.lm, kit, cfg.eval.eval_temperature)))
+                    row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
             metrics.log(row)
             bar.set_postfix(score=f"{row['objective/score']:.2f}", kl=f"{seq_kl:.2f}")
             if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -286,14 +317,15 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             # --- checkpoint ---
             # Non-finite minibatches were skipped, so the current weights are the last good ones.
             diverged = consecutive_bad >= rc.max_nonfinite_skips
-            if step % rc.save_every == 0 or interrupted.signum or diverged:
-                ckpt = checkpoint(run_dir, step, stateful, timer, 0 if diverged else consecutive_bad,
-                                  rc.keep_checkpoints)
+            stop = any_process(interrupted.signum is not None, acc)
+            if step % rc.save_every == 0 or stop or diverged:
+                ckpt = checkpoint(acc, run_dir, step, timer, 0 if diverged else consecutive_bad, rc.keep_checkpoints,
+                                  {"kl_ctl": kl_ctl})
                 if diverged:
                     raise StopTraining(f"ppo: {consecutive_bad} consecutive iterations had a non-finite loss or "
                                        f"gradient (last at {step}); the last good weights are in {ckpt}; lower "
                                        f"--ppo_lr and add --resume", 1)
-                if interrupted.signum:
+                if stop:
                     raise StopTraining(f"ppo: interrupted at iteration {step}; checkpoint saved in {ckpt}. Resume "
                                        f"with the same command plus --resume", 130)
 
@@ -302,16 +334,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                "eval_time_s": timer.eval_s, "rm_train_s": rm_train_s,
                "rm_test_s": rm_report["test_s"] if rm_report else 0.0, "iterations": pc.ppo_steps,
                "reward": pc.ppo_reward, "reward_model": rm_report}
-
-    def write(tmp: Path):
-        policy.lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(policy.v_head.state_dict(), tmp / "value_head.pt")
-        cfg.save(tmp / "training_config.json")
-        (tmp / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
-
-    atomic_write_dir(final_dir, write)
+    save_policy(acc, policy, tok, cfg, run_dir, final_dir, summary)
+    metrics.close()
     print(f"ppo: saved {final_dir} ({summary['train_time_s']:.0f}s of training, of which {rm_train_s:.0f}s the "
           f"reward model; {summary['eval_time_s']:.0f}s of evaluation)")
-    return {"model_dir": str(final_dir), "policy": policy.lm, **summary}
+    return {"model_dir": str(final_dir), "policy": policy, **summary}

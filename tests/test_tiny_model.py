@@ -5,6 +5,7 @@ import torch
 from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
 from eval_utils import generate, response_logps
 from logprobs import ResponseLogProbs
+from models import weights_fingerprint
 from ppo_utils import gae, kl_penalized_rewards, policy_loss, value_loss, whiten
 from train_dpo import reference_logps
 from train_ppo import response_logps_values, rollout_batch
@@ -74,9 +75,10 @@ def test_one_dpo_step_changes_parameters_and_lowers_loss(tiny_lm):
 
 def test_cached_reference_logps_equal_a_fresh_forward(tiny_lm, tmp_path):
     model = ResponseLogProbs(tiny_lm)
-    c1, r1, cached1 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path)
+    w = weights_fingerprint(tiny_lm)
+    c1, r1, cached1 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, w)
     assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 1
-    c2, r2, cached2 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path)  # from the cache
+    c2, r2, cached2 = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, w)  # from the cache
     with torch.no_grad():
         fc, fr = concatenated_forward(model, concatenated_batch(PAIRS, 0))
     assert (cached1, cached2) == (False, True)
@@ -90,12 +92,13 @@ def test_reference_cache_is_rebuilt_when_the_weights_change_at_the_same_path(tin
 
     path, cache = tmp_path / "model", tmp_path / "cache"
     tiny_lm.save_pretrained(path)
-    c1, _, _ = reference_logps(ResponseLogProbs(load_causal_lm(str(path))), PAIRS, 0, 2, "cpu", cache)
+    first = load_causal_lm(str(path))
+    c1, _, _ = reference_logps(ResponseLogProbs(first), PAIRS, 0, 2, "cpu", cache, weights_fingerprint(first))
     with torch.no_grad():
         tiny_lm.transformer.ln_f.bias.add_(0.5)  # "retrain" it ...
     tiny_lm.save_pretrained(path)  # ... and save it where it was
     retrained = ResponseLogProbs(load_causal_lm(str(path)))
-    c2, _, cached = reference_logps(retrained, PAIRS, 0, 2, "cpu", cache)
+    c2, _, cached = reference_logps(retrained, PAIRS, 0, 2, "cpu", cache, weights_fingerprint(retrained.lm))
     with torch.no_grad():
         fresh, _ = concatenated_forward(retrained, concatenated_batch(PAIRS, 0))
     assert not cached and len(list(cache.glob("ref_logps-*.pt"))) == 2
@@ -161,9 +164,9 @@ def test_dtype_auto_asks_the_hardware(monkeypatch):
 
 
 def test_reference_cache_is_kept_apart_per_precision(tiny_lm, tmp_path):
-    model = ResponseLogProbs(tiny_lm)
-    c32, _, _ = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, torch.float32)
-    c16, _, cached = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, torch.bfloat16)
+    model, w = ResponseLogProbs(tiny_lm), weights_fingerprint(tiny_lm)
+    c32, _, _ = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, w, torch.float32)
+    c16, _, cached = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, w, torch.bfloat16)
     assert not cached and len(list(tmp_path.glob("ref_logps-*.pt"))) == 2
     assert c16.dtype == torch.float32 and not torch.equal(c16, c32)  # bf16 forward, fp32 sums
     assert torch.allclose(c16, c32, atol=0.5)
