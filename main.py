@@ -8,6 +8,7 @@ dashboard in evaluation_plots/. Exit codes: 0 done, 1 training diverged, 2 bad i
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -74,6 +75,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # e.g. a note at every checkpoint on the tied LM head
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
     seed_everything(cfg.run.seed)
     device = acc.device
@@ -131,17 +133,19 @@ def run(cfg: Config, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Under a launcher every process meets the same error: the first one alone reports it.
+    report = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         cfg = parse_config(argv)
         return run(cfg, argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}", file=sys.stderr)
         return 2
     except StopTraining as e:
-        print(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
+        report(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        report("interrupted", file=sys.stderr)
         return 130
 
 

@@ -42,8 +42,14 @@ def make_accelerator(device: torch.device, report_to: str = "none", output_dir="
     CPU it forms a gloo group (``cpu=True``); trackers (``--report_to``) write under ``<output_dir>/tracking``.
 
     Processes other than the main one print nothing and show no progress bars."""
+    import importlib.util
+
     from accelerate import Accelerator
 
+    need = {"tensorboard": ("tensorboard", "uv sync --group tensorboard"), "wandb": ("wandb", "pip install wandb")}
+    if report_to in need and importlib.util.find_spec(need[report_to][0]) is None:
+        raise StopTraining(f"--report_to {report_to} needs the {need[report_to][0]} package: {need[report_to][1]}, "
+                           f"or --report_to none", 2)
     acc = Accelerator(cpu=device.type == "cpu", log_with=None if report_to == "none" else report_to,
                       project_dir=str(Path(output_dir) / "tracking"))
     if not acc.is_main_process:
@@ -241,10 +247,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 class SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written).
+
+    A second signal gives up on the clean exit, except under a launcher (``torchrun``/``accelerate launch``):
+    it passes the user's Ctrl-C on to every process, which then sees it twice, and it kills processes that
+    outstay its own shutdown timeout anyway."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self._old = {}
 
     def __enter__(self):
@@ -253,7 +264,7 @@ class SignalFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: give up on the clean exit
+        if self.signum is not None and not self.launched:  # a second Ctrl-C: give up on the clean exit
             raise KeyboardInterrupt
         self.signum = signum
 

@@ -108,3 +108,15 @@ def test_adaptive_kl_controller_moves_towards_target():
     fixed = FixedKLController(0.3)
     fixed.update(100.0, 10)
     assert fixed.value == 0.3
+
+
+def test_whiten_over_process_shares_equals_whitening_the_global_batch():
+    """Each process whitens its share with the global batch's mean and variance (sums over processes)."""
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(6, 5, generator=g) * 3 + 1, (torch.rand(6, 5, generator=g) > 0.3).float()
+    shares = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    sums = [torch.stack([m.sum(), (s * m).sum(), (s * s * m).sum()]) for s, m in shares]
+    total = sum(sums)
+    assert torch.allclose(torch.cat([whiten(s, m, sum_over_processes=lambda t: total) for s, m in shares]),
+                          whiten(x, mask), atol=1e-5)
+    assert not torch.allclose(whiten(*shares[0]), whiten(x, mask)[:3], atol=1e-3)  # a share's own stats differ

@@ -149,3 +149,35 @@ def test_sft_stage_fine_tunes_the_base_lm_and_becomes_the_reference(tmp_path, sm
     assert any(not torch.equal(base[k], sft[k]) for k in base)
     again = run_main(*args)  # the same settings reuse the fine-tuned model
     assert again.returncode == 0 and "sft: reusing" in again.stdout
+
+
+def test_report_to_tensorboard_writes_the_metrics_jsonl_names(tmp_path, smoke_run):
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main("--preset", "smoke", "--report_to", "tensorboard", "--dpo_steps", "10", "--ppo_steps", "2",
+                    "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = {}
+    for run in ("dpo_toxic_reduced_model", "ppo_toxic_reduced_model"):
+        events[run] = EventAccumulator(str(tmp_path / "models" / "tracking" / run))  # the scalars' event file
+        events[run].Reload()
+    dpo_tags, ppo_tags = (set(events[r].Tags()["scalars"]) for r in events)
+    assert {"rewards/margins", "loss", "eval/safety_score", "eval/kl_to_ref"} <= dpo_tags
+    assert {"objective/kl", "losses/policy_loss", "eval/safety_score"} <= ppo_tags
+    # the same numbers as metrics.jsonl, at the same steps
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")}
+    for ev in events["dpo_toxic_reduced_model"].Scalars("rewards/margins"):
+        assert abs(ev.value - rows[ev.step]["rewards/margins"]) < 1e-6
+    assert "wandb" not in sys.modules  # W&B is imported only when asked for
+
+
+def test_report_to_a_missing_tracker_is_a_one_line_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    proc = run_main("--preset", "smoke", "--report_to", "wandb", "--output_dir", str(tmp_path / "m"))
+    assert proc.returncode == 2 and "pip install wandb" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,88 @@
+"""Data parallelism under ``accelerate launch`` on the CPU (2 processes, gloo). ``uv run pytest -m distributed``.
+
+Two processes must reproduce one process at the same global batch, write everything once, stop together on
+Ctrl-C and resume under the launcher.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, copy_offline_models, require_imdb
+from transformers import AutoModelForCausalLM
+
+from plots import read_metrics
+from run_utils import latest_checkpoint
+
+pytestmark = pytest.mark.distributed
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def launch(out: Path, *args: str, **popen) -> subprocess.Popen:
+    """``accelerate launch --multi_gpu --num_processes 2 main.py --preset smoke ...`` (on a CPU: two gloo processes)."""
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "main.py"), "--preset", "smoke",
+           "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def test_two_processes_reproduce_one_process_and_ppo_completes(tmp_path, smoke_run):
+    """The smoke DPO at the same global batch: the same per-step losses and final weights as one process
+    (smoke_run), within float32 reduction-order noise; PPO (its reward model too) runs data-parallel and writes
+    a loadable model; outputs are written once."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = launch(tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "x 2 processes" in out and out.count("dpo: saved") == 1  # the main process alone prints
+    one = [r for r in read_metrics(smoke_run["dir"] / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")
+           if "loss" in r]
+    two = [r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(two) == 40
+    for a, b in zip(one, two):  # stated tolerance: 1e-5 on the loss, 1e-4 on the gradient norm
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
+    w1 = AutoModelForCausalLM.from_pretrained(smoke_run["dir"] / "models" / "dpo_toxic_reduced_model").state_dict()
+    w2 = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "dpo_toxic_reduced_model").state_dict()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    ppo = tmp_path / "models" / "ppo_toxic_reduced_model"
+    AutoModelForCausalLM.from_pretrained(ppo)
+    rows = [r for r in read_metrics(ppo / "metrics.jsonl") if "objective/kl" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["objective/kl"])) for r in rows)
+    for name in ("results.json", "dpo_results_dashboard.png"):
+        assert (tmp_path / "plots" / name).exists()
+
+
+def test_ctrl_c_stops_both_processes_at_one_step_and_resume_works_under_the_launcher(tmp_path, smoke_run):
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    args = ["--dpo-only", "--dpo_steps", "400", "--dpo_eval_every", "1000", "--save_every", "1000"]
+    proc = launch(tmp_path, *args, start_new_session=True)
+    metrics = tmp_path / "models" / "runs" / "dpo_toxic_reduced_model" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not metrics.exists() or len(read_metrics(metrics)) < 10:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and both processes
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.count("dpo: interrupted at step") == 1 and "--resume" in err  # one report, from rank 0
+    ckpt = latest_checkpoint(metrics.parent)
+    assert ckpt is not None and all((ckpt / f"random_states_{i}.pkl").exists() for i in (0, 1))
+    step = int(ckpt.name[5:])
+    assert step < 400 and not (tmp_path / "models" / "dpo_toxic_reduced_model").exists()
+
+    resumed = launch(tmp_path, *args, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming from {ckpt}" in out
+    rows = [r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 401))  # nothing lost, nothing repeated
