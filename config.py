@@ -330,13 +330,20 @@ PRESET_NAMES = ("paper", "offline", "smoke")
 
 def _preset(name: str) -> Config:
     if name == "paper":
+        # Sources and deviations: README, "The paper preset's hyperparameters".
         return Config(
-            dpo=DPOConfig(dpo_steps=1000, dpo_batch_size=32, dpo_lr=5e-6, dpo_warmup_steps=100,
-                          dpo_eval_every=100),
-            ppo=PPOConfig(rm_steps=500, rm_batch_size=32, rm_lr=1e-5, ppo_steps=200, ppo_batch_size=128,
-                          ppo_mini_batch_size=32, ppo_lr=1.4e-5, ppo_eval_every=20),
+            # DPO paper App. B: beta 0.1, batch 64, RMSprop, lr 1e-6, 150 warmup steps; one epoch of the ~21.8k
+            # training pairs (340 x 64), as the reference implementation's n_epochs: 1.
+            dpo=DPOConfig(beta=0.1, dpo_steps=340, dpo_batch_size=64, dpo_optimizer="rmsprop", dpo_lr=1e-6,
+                          dpo_warmup_steps=150, dpo_eval_every=50),
+            # Reward model: up to 3 epochs, keeping the best validation checkpoint (DPO paper App. C.1).
+            # PPO: TRL's gpt2-sentiment example (lr 1.41e-5, 128 rollouts, init KL coef 0.2, target 6, horizon
+            # 10000, 4 epochs, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1) for its ~20k rollouts.
+            ppo=PPOConfig(rm_steps=1020, rm_batch_size=64, rm_lr=1e-5, rm_eval_every=50, rm_patience=6,
+                          ppo_steps=160, ppo_batch_size=128, ppo_mini_batch_size=32, ppo_epochs=4, ppo_lr=1.41e-5,
+                          init_kl_coef=0.2, target_kl=6.0, kl_horizon=10000, ppo_eval_every=20),
             eval=EvalConfig(n_eval_prompts=512, eval_batch_size=128),
-            run=RunConfig(preset="paper", save_every=200))
+            run=RunConfig(preset="paper", save_every=100))
     if name == "offline":
         return Config(
             model=ModelConfig(build_offline_models=True),

@@ -39,11 +39,15 @@ def as_scorer(model) -> torch.nn.Module:
 def generation_ready(model):
     """Make ``model.lm.generate()`` safe under FSDP2: ``generate`` calls the LM directly, bypassing the
     wrapper's forward, which is what gathers the root's own parameters (embeddings, final norm, LM head); they
-    are gathered for the duration instead (the transformer blocks gather theirs in their own hooks). A no-op
-    for a plain or DDP-wrapped model."""
+    are gathered for the duration instead (the transformer blocks gather theirs in their own hooks). The root
+    is initialised as the root first: otherwise the first block to run would claim that role. A no-op for a
+    plain or DDP-wrapped model."""
     if not hasattr(model, "unshard"):
         yield
         return
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard.state(model)._lazy_init()
     model.unshard()
     try:
         yield
