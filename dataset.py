@@ -206,15 +206,33 @@ def split_reviews(df: pd.DataFrame, cfg: DataConfig, seed: int) -> tuple[pd.Data
     return df.iloc[order[n_eval:]].reset_index(drop=True), df.iloc[order[:n_eval]].reset_index(drop=True)
 
 
-def _tokenize(tokenizer, texts, max_tokens: int) -> list[list[int]]:
-    return tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+CHARS_PER_TOKEN = 8  # a generous bound: IMDb text averages about 4.5 characters per BPE or WordPiece token
+
+
+def encode_openings(tokenizer, texts, max_tokens: int) -> list[list[int]]:
+    """The first ``max_tokens`` token ids of each text (no special tokens), without tokenizing all of every
+    long review. Each text is first cut at the last space before ``CHARS_PER_TOKEN * max_tokens`` characters:
+    byte-level BPE and WordPiece both split words at whitespace before anything else, so a cut between words
+    leaves every token before it unchanged. The few texts whose cut leaves fewer than ``max_tokens`` tokens
+    are tokenized whole. Identical to ``tokenizer(texts, truncation=True, max_length=max_tokens)``; a third
+    of its time on IMDb reviews at 56 tokens (none at 256: most reviews are shorter than the cut)."""
+    texts = [str(t) for t in texts]
+    limit = CHARS_PER_TOKEN * max_tokens
+    cut = [t if len(t) <= limit or t.rfind(" ", 0, limit) <= 0 else t[:t.rfind(" ", 0, limit)] for t in texts]
+    enc = lambda batch: tokenizer(batch, add_special_tokens=False, truncation=True,  # noqa: E731
+                                  max_length=max_tokens)["input_ids"]
+    ids = enc(cut)
+    short = [i for i, (c, t, x) in enumerate(zip(cut, texts, ids)) if len(c) < len(t) and len(x) < max_tokens]
+    for i, x in zip(short, enc([texts[i] for i in short]) if short else []):
+        ids[i] = x
+    return ids
 
 
 def build_pairs(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n_pairs: int | None = None,
                 what: str = "training") -> list[dict]:
     """Preference pairs ``{"prompt", "chosen", "rejected"}`` (token id lists) as described in the module doc."""
     rng = np.random.default_rng(seed + 1)
-    ids = _tokenize(tokenizer, df["review"], cfg.prompt_max_tokens + cfg.response_tokens)
+    ids = encode_openings(tokenizer, df["review"], cfg.prompt_max_tokens + cfg.response_tokens)
     # A review must have at least one completion token after the longest prompt.
     ok = np.array([len(t) > cfg.prompt_max_tokens for t in ids])
     labels = df["label"].to_numpy()
@@ -241,7 +259,8 @@ def build_pairs(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n_pairs
 def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n: int) -> list[list[int]]:
     """``n`` prompts: openings (2-8 tokens) of the reviews in ``df`` (cycled if there are fewer reviews)."""
     rng = np.random.default_rng(seed + 2)
-    ids = [t for t in _tokenize(tokenizer, df["review"], cfg.prompt_max_tokens) if len(t) >= cfg.prompt_min_tokens]
+    ids = [t for t in encode_openings(tokenizer, df["review"], cfg.prompt_max_tokens)
+           if len(t) >= cfg.prompt_min_tokens]
     if not ids:
         raise ConfigError("no held-out review is long enough for a prompt; use more reviews")
     order = rng.permutation(len(ids))
@@ -295,5 +314,8 @@ def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> St
     # Pairs come in random order and no review is in two pairs: the last n_val are a disjoint validation set.
     train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
     eval_pairs = build_pairs(eval_df, tokenizer, dc, dc.split_seed + 100, what="held-out")
-    eval_prompts = build_prompts(eval_df, tokenizer, dc, dc.split_seed, cfg.eval.n_eval_prompts)
+    if cfg.eval.eval_prompts == "validation":  # tuning: the validation reviews' openings, cycled if needed
+        eval_prompts = [val_pairs[i % n_val]["prompt"] for i in range(cfg.eval.n_eval_prompts)]
+    else:
+        eval_prompts = build_prompts(eval_df, tokenizer, dc, dc.split_seed, cfg.eval.n_eval_prompts)
     return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, train_df, eval_df)

@@ -195,29 +195,16 @@ def win_rate(policy_scores, ref_scores) -> float:
     return float(((p > r) + 0.5 * (p == r)).mean())
 
 
-def upper_envelope(points) -> list[tuple[float, float]]:
-    """Pareto frontier of (kl, safety) points: those no other point beats with lower-or-equal KL.
-
-    Returned sorted by KL, safety strictly increasing along it.
-    """
-    best, out = -np.inf, []
-    for kl, safety in sorted(points, key=lambda p: (p[0], -p[1])):
-        if safety > best:
-            out.append((float(kl), float(safety)))
-            best = safety
-    return out
-
-
-
 # ----------------------------------------------------------------------------------- final evaluation
-def _examples(kit: EvalKit, result: dict, n: int) -> list[dict]:
+def _examples(kit: EvalKit, result: dict, indices: list[int]) -> list[dict]:
     tok = kit.tokenizer
-    return [{"prompt": tok.decode(kit.prompts[i], skip_special_tokens=True),
+    return [{"prompt_index": int(i), "prompt": tok.decode(kit.prompts[i], skip_special_tokens=True),
              "completion": tok.decode(result["responses"][i], skip_special_tokens=True),
-             "p_positive": round(float(result["scores"][i]), 4)} for i in range(min(n, len(kit.prompts)))]
+             "p_positive": round(float(result["scores"][i]), 4)} for i in indices]
 
 
 TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_test_s")
+EXAMPLES_SEED = 20231129  # which held-out prompts are shown as examples (drawn at random, the same for all models)
 
 
 def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
@@ -230,35 +217,57 @@ def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
         pol_t = res if t == temp else (kit.reference_result(t) if policy is kit.ref_model
                                        else evaluate_policy(policy, kit, t, with_kl=False))
         wins[str(t)] = win_rate(pol_t["scores"], kit.reference_result(t)["scores"])
+    shown = np.random.default_rng(EXAMPLES_SEED).choice(len(kit.prompts), min(cfg.eval.n_examples, len(kit.prompts)),
+                                                        replace=False)
     return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
             "response_len": res["response_len"], **{k: times[k] for k in TIME_KEYS if k in times},
-            "win_rate_vs_ref": wins,
-            "examples": _examples(kit, res, cfg.eval.n_examples)}
+            "win_rate_vs_ref": wins, "examples": _examples(kit, res, sorted(shown))}
 
 
-def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, str, str]], data, n_reviews: int,
-                     command: str) -> dict:
-    """Evaluate the reference and each trained policy on the same held-out prompts; write results.json."""
+def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str) -> dict:
+    """Evaluate the reference and the first seed's default policies on the held-out prompts at every
+    temperature (win rates, examples), gather every run's evaluation points into the frontier and the
+    matched-KL table, and write results.json.
+
+    Args:
+        first: ``{method: train() output with its policy}``, the first seed's default runs.
+        runs: ``{"spec": study.RunSpec, "summary": train() output}`` for every run of every seed.
+    """
     from tqdm.auto import tqdm
 
+    import study
+
+    seeds = sorted({r["spec"].seed for r in runs})
     results = {"preset": cfg.run.preset, "command": command, "policy_model": cfg.model.policy_model,
                "judge_model": cfg.model.judge_model, "n_reviews": n_reviews, "n_train_pairs": len(data.train_pairs),
-               "n_eval_prompts": len(kit.prompts), "seed": cfg.run.seed, "eval_temperature": cfg.eval.eval_temperature,
-               "temperatures": list(cfg.eval.temperatures), "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward,
-               "target_kl": cfg.ppo.target_kl, "device": str(kit.device), "precision": dtype_name(kit.dtype)}
-    names = ["reference", *policies]
-    for name in tqdm(names, desc="final evaluation", unit="model"):
+               "n_eval_prompts": len(kit.prompts), "seed": seeds[0], "seeds": seeds,
+               "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures),
+               "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward, "target_kl": cfg.ppo.target_kl,
+               "device": str(kit.device), "precision": dtype_name(kit.dtype), "examples_seed": EXAMPLES_SEED}
+    for name in tqdm(["reference", *first], desc="final evaluation", unit="model"):
         if name == "reference":
             results[name] = _model_entry(kit, cfg, kit.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})
         else:
-            results[name] = _model_entry(kit, cfg, policies[name]["policy"], policies[name])
-    results["runs"] = [{"method": m, "label": label, "main": i < len(policies),
-                        "metrics": str(Path(d) / "metrics.jsonl")} for i, (m, label, d) in enumerate(runs)]
-    points = [{"method": r["method"], "label": r["label"], "step": row["step"], "kl": row["eval/kl_to_ref"],
-               "safety": row["eval/safety_score"]}
-              for r in results["runs"] for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]
-    results["frontier"] = {"points": points, "envelope": {
-        m: upper_envelope([(p["kl"], p["safety"]) for p in points if p["method"] == m]) for m in policies}}
+            results[name] = _model_entry(kit, cfg, first[name]["policy"], first[name])
+
+    # --- every run's evaluation points: the frontier, each run's final point, the matched-KL table ---
+    results["runs"] = [{"method": r["spec"].method, "label": r["spec"].setting, "seed": r["spec"].seed,
+                        "main": r["spec"].main, "name": r["spec"].name,
+                        "metrics": str(Path(r["summary"]["model_dir"]) / "metrics.jsonl"),
+                        **{k: r["summary"][k] for k in TIME_KEYS if k in r["summary"]}} for r in runs]
+    points, finals = [], []
+    for r in results["runs"]:
+        rows = [row for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]
+        mine = [{"method": r["method"], "label": r["label"], "seed": r["seed"], "step": row["step"],
+                 "time_s": row.get("time_s", 0.0), "kl": row["eval/kl_to_ref"], "safety": row["eval/safety_score"],
+                 "positive_rate": row["eval/positive_rate"]} for row in rows]
+        points += mine
+        finals.append({**mine[-1], "main": r["main"], "train_time_s": r.get("train_time_s")})
+    kls = list(cfg.eval.matched_kls)
+    results["frontier"] = {"points": points, "curves": frontier_curves(points, seeds)}
+    results["study"] = {"seeds": seeds, "final_points": finals, "matched_kls": kls,
+                        "matched_kl": study.matched_kl_table(points, kls),
+                        "default_runs": default_runs(finals)}
     if kit.acc is None or kit.acc.is_main_process:
         out = Path(cfg.run.plots_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -266,3 +275,39 @@ def final_evaluation(cfg, kit: EvalKit, policies: dict, runs: list[tuple[str, st
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(out / "results.json")
     return results
+
+
+def frontier_curves(points: list[dict], seeds: list[int], n: int = 60) -> dict:
+    """Each method's frontier on a KL grid, per seed, then its mean and std over the seeds (for the Pareto
+    panel): ``{method: {"kl", "mean", "std", "n"}}``, NaN where no seed's frontier reaches."""
+    import study
+
+    curves = {}
+    for method in study.METHODS:
+        mine = [p for p in points if p["method"] == method]
+        if not mine:
+            continue
+        grid = np.linspace(0.0, max(p["kl"] for p in mine), n).tolist()
+        per_seed = np.array([study.frontier_at([p for p in mine if p["seed"] == s], grid) for s in seeds
+                             if any(p["seed"] == s for p in mine)])
+        ok = np.isfinite(per_seed)
+        counts = ok.sum(0)
+        mean = np.where(counts > 0, np.nansum(per_seed, 0) / np.maximum(counts, 1), np.nan)
+        std = np.array([np.std(per_seed[ok[:, j], j], ddof=1) if counts[j] > 1 else np.nan for j in range(n)])
+        curves[method] = {"kl": grid, "mean": mean.tolist(), "std": std.tolist(), "n": counts.tolist()}
+    return curves
+
+
+def default_runs(finals: list[dict]) -> dict:
+    """The default single runs (default beta, default target KL) of every seed: each final metric's mean and
+    std over the seeds, per method."""
+    import study
+
+    out = {}
+    for method in study.METHODS:
+        mine = [f for f in finals if f["method"] == method and f["main"]]
+        if mine:
+            out[method] = {"n_seeds": len(mine), **{
+                key: study.mean_and_std([f[key] for f in mine])
+                for key in ("safety", "positive_rate", "kl", "train_time_s")}}
+    return out

@@ -17,6 +17,9 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+# The suite forks subprocesses after tokenizing in-process: keep the tokenizers single-threaded, as a parallel
+# tokenizer warns in every forked child (on its stderr, which tests read).
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 ROOT = Path(__file__).resolve().parents[1]
 IMDB_CSV = ROOT / "data" / "IMDB Dataset.csv"
 

@@ -170,6 +170,20 @@ def test_eval_prompts_and_held_out_pairs_come_from_reviews_absent_from_training(
     assert len(data.val_pairs) == 10 and not val & used
 
 
+def test_validation_prompts_for_tuning_are_the_validation_pairs_prompts(tmp_path, tiny_tokenizer):
+    from config import PRESETS
+    from dataset import prepare
+
+    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(200))), verbose=False)
+    cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10}, eval={"eval_prompts": "validation", "n_eval_prompts": 25})
+    train_df, eval_df = split_reviews(df, cfg.data, 0)
+    data = prepare(cfg, tiny_tokenizer, train_df, eval_df)
+    val_prompts = [p["prompt"] for p in data.val_pairs]
+    assert data.eval_prompts == [val_prompts[i % 10] for i in range(25)]
+    heldout = prepare(cfg.replace(eval={"eval_prompts": "heldout"}), tiny_tokenizer, train_df, eval_df)
+    assert heldout.eval_prompts != data.eval_prompts and heldout.val_pairs == data.val_pairs
+
+
 def test_the_split_and_prompts_follow_the_split_seed_not_the_run_seed(tmp_path, tiny_tokenizer):
     from config import PRESETS
     from dataset import prepare
@@ -196,3 +210,22 @@ def test_degenerate_data_is_caught_before_any_model_is_built(tmp_path, rows, wor
                     "--plots_dir", str(tmp_path / "plots"))
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "models").exists()
+
+
+def test_encode_openings_equals_tokenizing_whole_texts(tiny_tokenizer):
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from dataset import encode_openings
+
+    rng = np.random.default_rng(0)
+    words = ["a", "film", "wonderful,", "terrible!", "x" * 40, "(great)", "don't", "é", "12345", "the"]
+    texts = [" ".join(rng.choice(words, n)) for n in rng.integers(1, 400, 60)]
+    texts += ["nospace" * 300, "", "short", "word " * 500, " leading space and " * 40]
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts, vocab_size=120, min_frequency=1, show_progress=False)
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]")
+    for tok in (tiny_tokenizer, wordpiece):
+        for n in (1, 8, 56):
+            full = tok(texts, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+            assert encode_openings(tok, texts, n) == full, (type(tok).__name__, n)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from eval_utils import judge_logits, judge_scores, upper_envelope, win_rate
+from eval_utils import judge_logits, judge_scores, win_rate
 
 
 def test_win_rate_counts_ties_half():
@@ -13,12 +13,6 @@ def test_win_rate_counts_ties_half():
     assert win_rate([0.0], [1.0]) == 0.0
     with pytest.raises(ValueError):
         win_rate([0.1, 0.2], [0.1])
-
-
-def test_upper_envelope_of_a_hand_made_point_set():
-    pts = [(5.0, 0.7), (1.0, 0.5), (2.0, 0.4), (3.0, 0.8), (3.0, 0.6), (0.5, 0.55), (9.0, 0.79), (10.0, 0.9)]
-    assert upper_envelope(pts) == [(0.5, 0.55), (3.0, 0.8), (10.0, 0.9)]
-    assert upper_envelope([]) == []
 
 
 def test_judge_scores_empty_long_and_non_ascii_texts(tiny_tokenizer):

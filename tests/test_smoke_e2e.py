@@ -1,6 +1,7 @@
 """End-to-end runs of ``main.py --preset smoke`` (real IMDb data, self-built tiny models)."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def test_results_json_and_dashboard(smoke_run):
     assert 0 <= res["ppo"]["rm_train_s"] <= res["ppo"]["train_time_s"]
     for row in ("| train_time_s |", "| eval_time_s |", "| ref_logps_s |", "| rm_train_s |"):
         assert row in smoke_run["proc"].stdout
-    assert res["frontier"]["points"] and set(res["frontier"]["envelope"]) == {"dpo", "ppo"}
+    assert res["frontier"]["points"] and set(res["frontier"]["curves"]) == {"dpo", "ppo"}
+    assert {p["seed"] for p in res["frontier"]["points"]} == {0} and res["seeds"] == [0]
     png = smoke_run["dir"] / "plots" / "dpo_results_dashboard.png"
     w, h = Image.open(png).size
     assert w >= 1000 and h >= 700
@@ -109,16 +111,38 @@ def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
         assert Path(plots / "dpo_results_dashboard.png").stat().st_size > 10_000
 
 
-def test_sweep_adds_every_run_to_the_frontier(tmp_path, smoke_run):
+def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips_finished_runs(tmp_path, smoke_run):
+    """`uv run main.py --preset smoke --sweep --seeds 0 1`: every run of the grid for both seeds, every run's
+    final point in results.json, a matched-KL table with a mean and a std in every cell; then the same command
+    with --resume trains nothing and writes the same table."""
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    proc = run_main("--preset", "smoke", "--sweep", "--dpo_steps", "6", "--ppo_steps", "2",
-                    "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
+    args = ["--preset", "smoke", "--sweep", "--seeds", "0", "1", "--output_dir", str(tmp_path / "models"),
+            "--plots_dir", str(tmp_path / "plots")]
+    proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "plots" / "results.json").read_text())
-    labels = {(r["method"], r["label"]) for r in res["runs"]}
-    assert {("dpo", "beta=0.1"), ("dpo", "beta=1.0"), ("ppo", "target_kl=3.0"), ("ppo", "target_kl=12.0")} <= labels
-    assert {p["label"] for p in res["frontier"]["points"]} >= {"beta=1.0", "target_kl=12.0"}
-    assert [r["main"] for r in res["runs"]][:2] == [True, True] and not any(r["main"] for r in res["runs"][2:])
+    study = res["study"]
+    finals = study["final_points"]
+    grid = {(f["method"], f["label"], f["seed"]) for f in finals}
+    assert len(finals) == len(grid) == 2 * (2 + 3 + 1)  # per seed: betas 0.1, 1; targets 6, 3, 12; PPO-GT
+    assert {f["method"] for f in finals} == {"dpo", "ppo", "ppo_gt"} and study["seeds"] == [0, 1]
+    for f in finals:
+        assert {"kl", "safety", "positive_rate", "train_time_s"} <= set(f)
+    table = study["matched_kl"]
+    assert set(table) == {"dpo", "ppo", "ppo_gt"}
+    for method, cells in table.items():
+        assert set(cells) == {str(k) for k in study["matched_kls"]}
+        for cell in cells.values():  # both seeds reach every matched KL: a mean and a std everywhere
+            assert cell["n"] == 2, (method, cell)
+            assert all(math.isfinite(cell[k]) for k in ("safety_mean", "safety_std", "positive_rate_mean",
+                                                         "positive_rate_std"))
+    assert "matched KL:" in proc.stdout and "not reached" not in proc.stdout
+
+    again = run_main(*args, "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished earlier with the same settings: skipped") == 12
+    assert "dpo: saved" not in again.stdout and "ppo: saved" not in again.stdout
+    assert json.loads((tmp_path / "plots" / "results.json").read_text())["study"]["matched_kl"] == table
 
 
 def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):

@@ -1,0 +1,146 @@
+"""The study: DPO and PPO over a grid of settings and seeds, compared at matched KL.
+
+``uv run main.py --preset offline --sweep --seeds 0 1 2`` trains, for every seed, DPO over ``--sweep_betas``,
+PPO over ``--sweep_target_kls`` and PPO with the judge's reward (PPO-GT, the upper bound), besides the default
+DPO and PPO runs. A seed changes the preference-pair sample, the initialisation of the reward model's head
+and every sampling seed; the base models, the held-out prompts and the judge stay the same. Every held-out
+evaluation logged during training is a point (KL to the reference, safety); each method's frontier is the
+upper envelope of its points, and the matched-KL table reads the frontiers at fixed KLs.
+
+The frontier functions are pure (lists of points in, numbers out) and tested exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("dpo", "ppo", "ppo_gt")
+METHOD_LABELS = {"dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    method: str  # "dpo", "ppo" or "ppo_gt"
+    setting: str  # e.g. "beta=0.1", "target_kl=6.0"
+    seed: int
+    name: str  # run directory name under models/ (and models/runs/)
+    overrides: dict  # Config.replace(**overrides) on top of the run's config
+    main: bool  # the default single run (default beta / target KL) of its method
+
+
+def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
+    """Every run of the study, seed by seed: the default DPO and PPO runs, and with ``--sweep`` the beta grid,
+    the target-KL grid and PPO-GT. The first seed's default runs keep the spec's names
+    (``models/dpo_toxic_reduced_model``, ``models/ppo_toxic_reduced_model``); the others live in
+    ``models/sweep/seed<k>/``."""
+    rc, runs = cfg.run, []
+    for i, seed in enumerate(seeds):
+        where = "" if i == 0 else f"sweep/seed{seed}/"
+        betas = [cfg.dpo.beta] + ([b for b in cfg.eval.sweep_betas if b != cfg.dpo.beta] if rc.sweep else [])
+        targets = [cfg.ppo.target_kl] + ([t for t in cfg.eval.sweep_target_kls if t != cfg.ppo.target_kl]
+                                         if rc.sweep else [])
+        if not rc.ppo_only:
+            for j, beta in enumerate(betas):
+                name = f"{where}dpo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/dpo_beta{beta}"
+                runs.append(RunSpec("dpo", f"beta={beta}", seed, name, {"dpo": {"beta": beta}}, j == 0))
+        if not rc.dpo_only:
+            # --ppo_reward judge makes the default PPO runs PPO-GT; with the learned reward, the sweep adds one
+            # PPO-GT run at the default target as the upper bound.
+            method = "ppo_gt" if cfg.ppo.ppo_reward == "judge" else "ppo"
+            for j, target in enumerate(targets):
+                name = f"{where}ppo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/ppo_kl{target}"
+                runs.append(RunSpec(method, f"target_kl={target}", seed, name, {"ppo": {"target_kl": target}},
+                                    j == 0))
+            if rc.sweep and cfg.eval.sweep_ppo_gt and method == "ppo":
+                runs.append(RunSpec("ppo_gt", f"target_kl={cfg.ppo.target_kl}", seed, f"sweep/seed{seed}/ppo_gt",
+                                    {"ppo": {"ppo_reward": "judge"}}, False))
+    return runs
+
+
+def finished(run_cfg, spec: RunSpec) -> dict | None:
+    """The saved summary of a run that completed with this very configuration (its final model directory is
+    only ever written whole), or None. A run whose saved config differs in anything but the run-control
+    flags is not finished: it is trained again."""
+    final = Path(run_cfg.run.output_dir) / spec.name
+    if not (final / "train_summary.json").exists() or not (final / "training_config.json").exists():
+        return None
+    saved, now = json.loads((final / "training_config.json").read_text()), run_cfg.to_dict()
+    same = all(saved.get(sec) == now[sec] for sec in now if sec != "run") and saved["run"]["seed"] == now["run"]["seed"]
+    return json.loads((final / "train_summary.json").read_text()) if same else None
+
+
+# ----------------------------------------------------------------------------------------- frontiers
+def upper_envelope(points) -> list[tuple[float, float]]:
+    """Pareto frontier of (kl, safety) points: those no other point beats with lower-or-equal KL.
+
+    Returned sorted by KL, safety strictly increasing along it.
+    """
+    best, out = -np.inf, []
+    for kl, safety in sorted(points, key=lambda p: (p[0], -p[1])):
+        if safety > best:
+            out.append((float(kl), float(safety)))
+            best = safety
+    return out
+
+
+def frontier_at(points: list[dict], kls: list[float], key: str = "safety") -> list[float]:
+    """Read a frontier at given KLs.
+
+    Args:
+        points: dicts with ``kl``, ``safety`` (and ``key``): one method's evaluations (one seed).
+        kls: where to read it.
+        key: the value to read (``safety``, or ``positive_rate`` of the same frontier points).
+    Returns:
+        One value per KL: the best the method does within that KL budget, i.e. linear interpolation between
+        consecutive frontier points (the upper envelope of (kl, safety)), flat after the envelope's last point up
+        to the largest KL any point reached (a run that went further without gaining is dominated, not missing);
+        NaN outside the KL range the points span (not reached, never extrapolated).
+    """
+    env = upper_envelope([(p["kl"], p["safety"]) for p in points])
+    if not env:
+        return [float("nan")] * len(kls)
+    by_point = {(p["kl"], p["safety"]): p[key] for p in points}
+    xs = [kl for kl, _ in env]
+    ys = [by_point[(kl, s)] for kl, s in env]
+    reached = max(p["kl"] for p in points)
+    return [float(np.interp(k, xs, ys)) if xs[0] <= k <= reached else float("nan") for k in kls]
+
+
+def matched_kl_table(points: list[dict], kls: list[float], methods=METHODS) -> dict:
+    """Each method's safety and positive rate on its frontier at each KL: mean and std (ddof 1) over the
+    seeds whose frontier reaches that KL, with their number ``n``.
+
+    Args:
+        points: dicts with ``method``, ``seed``, ``kl``, ``safety``, ``positive_rate``.
+    Returns:
+        ``{method: {str(kl): {"safety_mean", "safety_std", "positive_rate_mean", "positive_rate_std", "n"}}}``;
+        a std is NaN with fewer than two seeds.
+    """
+    table = {}
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        if not mine:
+            continue
+        per_seed = {key: np.array([frontier_at([p for p in mine if p["seed"] == s], kls, key)
+                                   for s in sorted({p["seed"] for p in mine})])
+                    for key in ("safety", "positive_rate")}
+        table[method] = {}
+        for j, k in enumerate(kls):
+            cell = {"n": int(np.isfinite(per_seed["safety"][:, j]).sum())}
+            for key, values in per_seed.items():
+                v = values[:, j][np.isfinite(values[:, j])]
+                cell[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
+                cell[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+            table[method][str(k)] = cell
+    return table
+
+
+def mean_and_std(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))

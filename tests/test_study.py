@@ -1,0 +1,66 @@
+"""The study's grid and its frontier arithmetic, exactly (no model)."""
+
+import math
+
+import pytest
+
+from config import PRESETS
+from study import frontier_at, matched_kl_table, study_runs, upper_envelope
+
+
+def test_upper_envelope_of_a_hand_made_point_set():
+    pts = [(5.0, 0.7), (1.0, 0.5), (2.0, 0.4), (3.0, 0.8), (3.0, 0.6), (0.5, 0.55), (9.0, 0.79), (10.0, 0.9)]
+    assert upper_envelope(pts) == [(0.5, 0.55), (3.0, 0.8), (10.0, 0.9)]
+    assert upper_envelope([]) == []
+
+
+def _p(kl, safety, positive_rate=None, method="dpo", seed=0):
+    return {"method": method, "seed": seed, "kl": kl, "safety": safety,
+            "positive_rate": safety if positive_rate is None else positive_rate}
+
+
+def test_frontier_is_read_by_linear_interpolation_on_the_envelope_and_never_extrapolated_past_the_points():
+    # (2, 0.4) is dominated by (1, 0.5): the envelope is (0, 0.45) - (1, 0.5) - (4, 0.8)
+    pts = [_p(0, 0.45, 0.4), _p(1, 0.5, 0.5), _p(2, 0.4, 0.1), _p(4, 0.8, 0.9)]
+    safety = frontier_at(pts, [0, 0.5, 2, 4, 5])
+    assert safety[:4] == pytest.approx([0.45, 0.475, 0.6, 0.8]) and math.isnan(safety[4])
+    # the positive rate of the same frontier points, interpolated the same way
+    assert frontier_at(pts, [2.5], key="positive_rate") == pytest.approx([0.5 + 1.5 / 3 * 0.4])
+    assert all(math.isnan(v) for v in frontier_at([], [1.0]))
+
+
+def test_frontier_is_flat_after_its_last_point_up_to_the_largest_kl_reached():
+    # (6, 0.7) went further than (4, 0.8) without gaining: within a budget of 5 or 6 nats the best is still 0.8
+    pts = [_p(0, 0.45), _p(4, 0.8), _p(6, 0.7)]
+    safety = frontier_at(pts, [5, 6, 6.5])
+    assert safety[:2] == pytest.approx([0.8, 0.8]) and math.isnan(safety[2])
+
+
+def test_matched_kl_table_mean_std_and_unreached_cells():
+    pts = [_p(0, 0.4, seed=0), _p(4, 0.8, seed=0), _p(0, 0.4, seed=1), _p(4, 0.6, seed=1),
+           _p(0, 0.4, seed=2), _p(2, 0.5, seed=2),  # seed 2 never reaches KL 4
+           _p(0, 0.4, method="ppo", seed=0), _p(8, 0.6, method="ppo", seed=0)]
+    table = matched_kl_table(pts, [2.0, 4.0, 9.0])
+    c = table["dpo"]["2.0"]  # seeds at KL 2: 0.6, 0.5, 0.5
+    assert c["n"] == 3 and c["safety_mean"] == pytest.approx(1.6 / 3)
+    assert c["safety_std"] == pytest.approx(math.sqrt(((0.6 - 1.6 / 3) ** 2 + 2 * (0.5 - 1.6 / 3) ** 2) / 2))
+    assert table["dpo"]["4.0"]["n"] == 2 and table["dpo"]["4.0"]["safety_mean"] == pytest.approx(0.7)
+    assert table["dpo"]["9.0"]["n"] == 0 and math.isnan(table["dpo"]["9.0"]["safety_mean"])
+    # one seed: a mean but no std
+    assert table["ppo"]["4.0"]["safety_mean"] == pytest.approx(0.5) and math.isnan(table["ppo"]["4.0"]["safety_std"])
+    assert "ppo_gt" not in table
+
+
+def test_study_grid_names_and_seeds():
+    cfg = PRESETS["smoke"].replace(run={"sweep": True}, eval={"sweep_betas": [0.1, 1.0], "sweep_target_kls": [3.0]})
+    runs = study_runs(cfg, [0, 1])
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)  # per seed: 2 betas, 2 targets (default 6 + 3), PPO-GT
+    first = [r for r in runs if r.seed == 0 and r.main]
+    assert {r.name for r in first} == {"dpo_toxic_reduced_model", "ppo_toxic_reduced_model"}  # the spec's names
+    assert {r.method for r in runs} == {"dpo", "ppo", "ppo_gt"}
+    assert all(r.name.startswith("sweep/seed1/") for r in runs if r.seed == 1)
+    # --ppo_reward judge: the default PPO is PPO-GT itself, and no extra PPO-GT run
+    gt = study_runs(cfg.replace(ppo={"ppo_reward": "judge"}), [0])
+    assert {r.method for r in gt if r.method != "dpo"} == {"ppo_gt"} and len(gt) == 4
+    assert len(study_runs(PRESETS["smoke"], [0])) == 2  # no sweep: the two default runs
