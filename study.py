@@ -1,7 +1,7 @@
 """The study: DPO and PPO over a grid of settings and seeds, compared at matched KL.
 
 ``uv run main.py --preset offline --sweep --seeds 0 1 2`` trains, for every seed, DPO over ``--sweep_betas``,
-PPO over ``--sweep_target_kls`` and PPO with the judge's reward (PPO-GT, the upper bound), besides the default
+PPO at each fixed KL coefficient of ``--sweep_kl_coefs`` and PPO with the judge's reward (PPO-GT, the upper bound), besides the default
 DPO and PPO runs. A seed changes the preference-pair sample, the initialisation of the reward model's head
 and every sampling seed; the base models, the held-out prompts and the judge stay the same. Every held-out
 evaluation logged during training is a point (KL to the reference, safety); each method's frontier is the
@@ -27,7 +27,7 @@ class RunSpec:
     """One training run of the study."""
 
     method: str  # "dpo", "ppo" or "ppo_gt"
-    setting: str  # e.g. "beta=0.1", "target_kl=6.0"
+    setting: str  # e.g. "beta=0.1", "target_kl=6.0", "kl_coef=0.5"
     seed: int
     name: str  # run directory name under models/ (and models/runs/)
     overrides: dict  # Config.replace(**overrides) on top of the run's config
@@ -36,29 +36,32 @@ class RunSpec:
 
 def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
     """Every run of the study, seed by seed: the default DPO and PPO runs, and with ``--sweep`` the beta grid,
-    the target-KL grid and PPO-GT. The first seed's default runs keep the spec's names
+    PPO at each fixed KL coefficient and PPO-GT. The first seed's default runs keep the spec's names
     (``models/dpo_toxic_reduced_model``, ``models/ppo_toxic_reduced_model``); the others live in
     ``models/sweep/seed<k>/``."""
     rc, runs = cfg.run, []
     for i, seed in enumerate(seeds):
         where = "" if i == 0 else f"sweep/seed{seed}/"
         betas = [cfg.dpo.beta] + ([b for b in cfg.eval.sweep_betas if b != cfg.dpo.beta] if rc.sweep else [])
-        targets = [cfg.ppo.target_kl] + ([t for t in cfg.eval.sweep_target_kls if t != cfg.ppo.target_kl]
-                                         if rc.sweep else [])
+        # PPO: the default run (adaptive KL controller), then one run per fixed KL coefficient
+        default = ("target_kl", cfg.ppo.target_kl) if cfg.ppo.target_kl is not None else ("kl_coef", cfg.ppo.init_kl_coef)
+        settings = [default] + ([("kl_coef", c) for c in cfg.eval.sweep_kl_coefs if ("kl_coef", c) != default]
+                                if rc.sweep else [])
         if not rc.ppo_only:
             for j, beta in enumerate(betas):
                 name = f"{where}dpo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/dpo_beta{beta}"
                 runs.append(RunSpec("dpo", f"beta={beta}", seed, name, {"dpo": {"beta": beta}}, j == 0))
         if not rc.dpo_only:
             # --ppo_reward judge makes the default PPO runs PPO-GT; with the learned reward, the sweep adds one
-            # PPO-GT run at the default target as the upper bound.
+            # PPO-GT run at the default setting as the upper bound.
             method = "ppo_gt" if cfg.ppo.ppo_reward == "judge" else "ppo"
-            for j, target in enumerate(targets):
-                name = f"{where}ppo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/ppo_kl{target}"
-                runs.append(RunSpec(method, f"target_kl={target}", seed, name, {"ppo": {"target_kl": target}},
-                                    j == 0))
+            for j, (kind, value) in enumerate(settings):
+                name = f"{where}ppo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/ppo_klcoef{value}"
+                over = {"ppo": {"target_kl": value}} if kind == "target_kl" else \
+                    {"ppo": {"target_kl": None, "init_kl_coef": value}}
+                runs.append(RunSpec(method, f"{kind}={value}", seed, name, over, j == 0))
             if rc.sweep and cfg.eval.sweep_ppo_gt and method == "ppo":
-                runs.append(RunSpec("ppo_gt", f"target_kl={cfg.ppo.target_kl}", seed, f"sweep/seed{seed}/ppo_gt",
+                runs.append(RunSpec("ppo_gt", f"{default[0]}={default[1]}", seed, f"sweep/seed{seed}/ppo_gt",
                                     {"ppo": {"ppo_reward": "judge"}}, False))
     return runs
 

@@ -52,10 +52,10 @@ def test_matched_kl_table_mean_std_and_unreached_cells():
 
 
 def test_study_grid_names_and_seeds():
-    cfg = PRESETS["smoke"].replace(run={"sweep": True}, eval={"sweep_betas": [0.1, 1.0], "sweep_target_kls": [3.0]})
+    cfg = PRESETS["smoke"].replace(run={"sweep": True}, eval={"sweep_betas": [0.1, 1.0], "sweep_kl_coefs": [0.5]})
     runs = study_runs(cfg, [0, 1])
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)  # per seed: 2 betas, 2 targets (default 6 + 3), PPO-GT
+    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)  # per seed: 2 betas, PPO at target 6 and at kl_coef 0.5, PPO-GT
     first = [r for r in runs if r.seed == 0 and r.main]
     assert {r.name for r in first} == {"dpo_toxic_reduced_model", "ppo_toxic_reduced_model"}  # the spec's names
     assert {r.method for r in runs} == {"dpo", "ppo", "ppo_gt"}
@@ -64,3 +64,7 @@ def test_study_grid_names_and_seeds():
     gt = study_runs(cfg.replace(ppo={"ppo_reward": "judge"}), [0])
     assert {r.method for r in gt if r.method != "dpo"} == {"ppo_gt"} and len(gt) == 4
     assert len(study_runs(PRESETS["smoke"], [0])) == 2  # no sweep: the two default runs
+    # the sweep's PPO runs have a fixed coefficient: no adaptive target
+    fixed = [r for r in runs if r.setting == "kl_coef=0.5"]
+    assert len(fixed) == 2 and all(r.overrides == {"ppo": {"target_kl": None, "init_kl_coef": 0.5}} for r in fixed)
+    assert cfg.replace(**fixed[0].overrides).ppo.target_kl is None
