@@ -100,7 +100,10 @@ class ResponseLogProbs(torch.nn.Module):
                 logits = head(h.float())
         else:
             logits = head(h)
-        lp = selective_log_softmax(logits.float() / temperature, input_ids[:, 1:][pred])
+        logits = logits.float()
+        if temperature != 1.0:  # training always scores at T = 1: skip a full pass over the logits there
+            logits = logits / temperature
+        lp = selective_log_softmax(logits, input_ids[:, 1:][pred])
         zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.float32, device=input_ids.device)
         token_logps = torch.cat([zeros, torch.zeros_like(pred, dtype=torch.float32).masked_scatter(pred, lp)], 1)
         values = None

@@ -1,11 +1,12 @@
 """The study: DPO and PPO over a grid of settings and seeds, compared at matched KL.
 
 ``uv run main.py --preset offline --sweep --seeds 0 1 2`` trains, for every seed, DPO over ``--sweep_betas``,
-PPO at each fixed KL coefficient of ``--sweep_kl_coefs`` and PPO with the judge's reward (PPO-GT, the upper bound), besides the default
-DPO and PPO runs. A seed changes the preference-pair sample, the initialisation of the reward model's head
-and every sampling seed; the base models, the held-out prompts and the judge stay the same. Every held-out
-evaluation logged during training is a point (KL to the reference, safety); each method's frontier is the
-upper envelope of its points, and the matched-KL table reads the frontiers at fixed KLs.
+PPO at each fixed KL coefficient of ``--sweep_kl_coefs`` and PPO with the judge's reward (PPO-GT, the upper
+bound), besides the default DPO and PPO runs. A seed changes the preference-pair sample, the initialisation
+of the reward model's head and every sampling seed; the base models, the held-out prompts and the judge stay
+the same. Every held-out evaluation logged during training is a point (KL to the reference, safety); each
+method's frontier is the upper envelope of its points, and the matched-KL table reads the frontiers at fixed
+KLs.
 
 The frontier functions are pure (lists of points in, numbers out) and tested exactly.
 """
@@ -44,7 +45,8 @@ def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
         where = "" if i == 0 else f"sweep/seed{seed}/"
         betas = [cfg.dpo.beta] + ([b for b in cfg.eval.sweep_betas if b != cfg.dpo.beta] if rc.sweep else [])
         # PPO: the default run (adaptive KL controller), then one run per fixed KL coefficient
-        default = ("target_kl", cfg.ppo.target_kl) if cfg.ppo.target_kl is not None else ("kl_coef", cfg.ppo.init_kl_coef)
+        default = (("target_kl", cfg.ppo.target_kl) if cfg.ppo.target_kl is not None
+                   else ("kl_coef", cfg.ppo.init_kl_coef))
         settings = [default] + ([("kl_coef", c) for c in cfg.eval.sweep_kl_coefs if ("kl_coef", c) != default]
                                 if rc.sweep else [])
         if not rc.ppo_only:

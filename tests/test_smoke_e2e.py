@@ -124,7 +124,8 @@ def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips
     study = res["study"]
     finals = study["final_points"]
     grid = {(f["method"], f["label"], f["seed"]) for f in finals}
-    assert len(finals) == len(grid) == 2 * (2 + 3 + 1)  # per seed: betas 0.1, 1; PPO at target 6, kl_coef 0.5, 2; PPO-GT
+    # per seed: betas 0.1, 1; PPO at target 6, kl_coef 0.5, 2; PPO-GT
+    assert len(finals) == len(grid) == 2 * (2 + 3 + 1)
     assert {f["method"] for f in finals} == {"dpo", "ppo", "ppo_gt"} and study["seeds"] == [0, 1]
     for f in finals:
         assert {"kl", "safety", "positive_rate", "train_time_s"} <= set(f)

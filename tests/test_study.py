@@ -55,7 +55,8 @@ def test_study_grid_names_and_seeds():
     cfg = PRESETS["smoke"].replace(run={"sweep": True}, eval={"sweep_betas": [0.1, 1.0], "sweep_kl_coefs": [0.5]})
     runs = study_runs(cfg, [0, 1])
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)  # per seed: 2 betas, PPO at target 6 and at kl_coef 0.5, PPO-GT
+    # per seed: 2 betas, PPO at target 6 and at kl_coef 0.5, PPO-GT
+    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)
     first = [r for r in runs if r.seed == 0 and r.main]
     assert {r.name for r in first} == {"dpo_toxic_reduced_model", "ppo_toxic_reduced_model"}  # the spec's names
     assert {r.method for r in runs} == {"dpo", "ppo", "ppo_gt"}
