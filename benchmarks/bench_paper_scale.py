@@ -34,8 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from common import PeakMemory, machine  # noqa: E402
+from common import DISTILGPT2, SST2_JUDGE, PeakMemory, build_standins, machine  # noqa: E402
 
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
@@ -45,47 +44,6 @@ from eval_utils import EvalKit, evaluate_policy  # noqa: E402
 from models import dtype_name, load_causal_lm, load_judge, load_tokenizer, resolve_device, resolve_dtype  # noqa: E402
 from plots import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
-
-DISTILGPT2 = {"n_layer": 6, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-SST2_JUDGE = {"n_layers": 6, "dim": 768, "n_heads": 12, "hidden_dim": 3072, "vocab_size": 30522,
-              "max_position_embeddings": 512}
-
-
-def build_standins(root: Path, train_df) -> tuple[str, str]:
-    """Random-init models of the paper's shapes, saved like hub models, with tokenizers trained on reviews."""
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
-    from transformers import (
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-        DistilBertTokenizerFast,
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPT2TokenizerFast,
-    )
-
-    texts = train_df["review"].sample(n=min(8000, len(train_df)), random_state=0).tolist()
-    eot = "<|endoftext|>"
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=DISTILGPT2["vocab_size"], min_frequency=2, special_tokens=[eot],
-                            show_progress=False)
-    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, unk_token=eot)
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(**DISTILGPT2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
-    tok.save_pretrained(root / "policy")
-    lm.save_pretrained(root / "policy")
-
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(texts, vocab_size=SST2_JUDGE["vocab_size"], min_frequency=2, show_progress=False)
-    jtok = DistilBertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True,
-                                   model_max_length=512)
-    judge = DistilBertForSequenceClassification(DistilBertConfig(
-        **SST2_JUDGE, pad_token_id=jtok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
-    jtok.save_pretrained(root / "judge")
-    judge.save_pretrained(root / "judge")
-    return str(root / "policy"), str(root / "judge")
 
 
 def step_times(rows: list[dict]) -> list[float]:

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 import dataset  # noqa: E402
 from config import PRESETS  # noqa: E402
 from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss  # noqa: E402
+from logprobs import ResponseLogProbs  # noqa: E402
 from models import load_causal_lm, load_tokenizer  # noqa: E402
 from offline_models import ensure_offline_models  # noqa: E402
 
@@ -32,10 +33,10 @@ def main() -> int:
     a = ap.parse_args()
     cfg = PRESETS["offline"]
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
-    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.run.seed)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     path = ensure_offline_models(cfg, train_df, eval_df)["policy_model"]
     tok = load_tokenizer(path)
-    policy = load_causal_lm(path)
+    policy = ResponseLogProbs(load_causal_lm(path))  # the training loop's own log-prob head
     pairs = dataset.build_pairs(train_df, tok, cfg.data, cfg.run.seed, n_pairs=a.batch * (a.steps + 1))
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
     batches = [concatenated_batch(pairs[i * a.batch:(i + 1) * a.batch], tok.pad_token_id) for i in range(a.steps + 1)]
