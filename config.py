@@ -250,7 +250,7 @@ class EvalConfig:
     sweep_kl_coefs: list[float] = _f(
         [0.2, 0.5, 1.0], "--sweep: fixed KL coefficients of extra PPO runs (no adaptive target), PPO's analogue of "
                          "DPO's beta. A sweep of target KLs spans nothing within a short budget: the adaptive "
-                         "controller's error is clipped at 20%, so every target above 1.25x the KL a run reaches "
+                         "controller's error is clipped at 0.2, so every target above 1.25x the KL a run reaches "
                          "drives its coefficient identically (README, the study).")
     sweep_ppo_gt: bool = _f(True, "--sweep: also train PPO with the judge's reward (PPO-GT, the upper bound).")
     matched_kls: list[float] = _f([2.0, 4.0, 6.0, 8.0], "KLs (nats) at which the matched-KL table reads each "
