@@ -264,10 +264,10 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
         points += mine
         finals.append({**mine[-1], "main": r["main"], "train_time_s": r.get("train_time_s")})
     kls = list(cfg.eval.matched_kls)
-    results["frontier"] = {"points": points, "curves": frontier_curves(points, seeds)}
+    results["frontier"] = {"points": points, "curves": study.frontier_curves(points, seeds)}
     results["study"] = {"seeds": seeds, "final_points": finals, "matched_kls": kls,
                         "matched_kl": study.matched_kl_table(points, kls),
-                        "default_runs": default_runs(finals)}
+                        "default_runs": study.default_runs(finals)}
     if kit.acc is None or kit.acc.is_main_process:
         out = Path(cfg.run.plots_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -276,38 +276,3 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
         tmp.replace(out / "results.json")
     return results
 
-
-def frontier_curves(points: list[dict], seeds: list[int], n: int = 60) -> dict:
-    """Each method's frontier on a KL grid, per seed, then its mean and std over the seeds (for the Pareto
-    panel): ``{method: {"kl", "mean", "std", "n"}}``, NaN where no seed's frontier reaches."""
-    import study
-
-    curves = {}
-    for method in study.METHODS:
-        mine = [p for p in points if p["method"] == method]
-        if not mine:
-            continue
-        grid = np.linspace(0.0, max(p["kl"] for p in mine), n).tolist()
-        per_seed = np.array([study.frontier_at([p for p in mine if p["seed"] == s], grid) for s in seeds
-                             if any(p["seed"] == s for p in mine)])
-        ok = np.isfinite(per_seed)
-        counts = ok.sum(0)
-        mean = np.where(counts > 0, np.nansum(per_seed, 0) / np.maximum(counts, 1), np.nan)
-        std = np.array([np.std(per_seed[ok[:, j], j], ddof=1) if counts[j] > 1 else np.nan for j in range(n)])
-        curves[method] = {"kl": grid, "mean": mean.tolist(), "std": std.tolist(), "n": counts.tolist()}
-    return curves
-
-
-def default_runs(finals: list[dict]) -> dict:
-    """The default single runs (default beta, default target KL) of every seed: each final metric's mean and
-    std over the seeds, per method."""
-    import study
-
-    out = {}
-    for method in study.METHODS:
-        mine = [f for f in finals if f["method"] == method and f["main"]]
-        if mine:
-            out[method] = {"n_seeds": len(mine), **{
-                key: study.mean_and_std([f[key] for f in mine])
-                for key in ("safety", "positive_rate", "kl", "train_time_s")}}
-    return out

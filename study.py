@@ -149,3 +149,35 @@ def matched_kl_table(points: list[dict], kls: list[float], methods=METHODS) -> d
 def mean_and_std(values) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+
+
+def frontier_curves(points: list[dict], seeds: list[int], n: int = 60) -> dict:
+    """Each method's frontier on a KL grid, per seed, then its mean and std over the seeds (for the Pareto
+    panel): ``{method: {"kl", "mean", "std", "n"}}``, NaN where no seed's frontier reaches."""
+    curves = {}
+    for method in METHODS:
+        mine = [p for p in points if p["method"] == method]
+        if not mine:
+            continue
+        grid = np.linspace(0.0, max(p["kl"] for p in mine), n).tolist()
+        per_seed = np.array([frontier_at([p for p in mine if p["seed"] == s], grid) for s in seeds
+                             if any(p["seed"] == s for p in mine)])
+        ok = np.isfinite(per_seed)
+        counts = ok.sum(0)
+        mean = np.where(counts > 0, np.nansum(per_seed, 0) / np.maximum(counts, 1), np.nan)
+        std = np.array([np.std(per_seed[ok[:, j], j], ddof=1) if counts[j] > 1 else np.nan for j in range(n)])
+        curves[method] = {"kl": grid, "mean": mean.tolist(), "std": std.tolist(), "n": counts.tolist()}
+    return curves
+
+
+def default_runs(finals: list[dict]) -> dict:
+    """The default single runs (default beta, default target KL) of every seed: each final metric's mean and
+    std over the seeds, per method."""
+    out = {}
+    for method in METHODS:
+        mine = [f for f in finals if f["method"] == method and f["main"]]
+        if mine:
+            out[method] = {"n_seeds": len(mine), **{
+                key: mean_and_std([f[key] for f in mine])
+                for key in ("safety", "positive_rate", "kl", "train_time_s")}}
+    return out
