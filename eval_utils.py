@@ -16,48 +16,113 @@ Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dpo_utils import pad_sequences
 from logprobs import as_scorer, generation_ready
-from models import autocast, dtype_name
+from models import autocast, dtype_name, machine_info
 from plots import read_metrics
-from run_utils import gather_share, padded_share
+from run_utils import chunk_share, gather_indexed
 
 
 # ------------------------------------------------------------------------------------------- sampling
+class _ChooseTokens(LogitsProcessor):
+    """Chooses every new token of a batched ``generate()`` itself and records its log-prob.
+
+    ``generate()`` runs greedy; this processor turns the scores into ``-inf`` everywhere but the chosen token.
+    The token is either drawn from ``softmax(logits / T)`` by inverting its CDF at a uniform of the row's own
+    (``uniforms``: (B, steps), one per row and step, from the row's own seed, so that a row's sample does not
+    depend on which other rows share its batch or process), or ``forced`` ((B, steps) token ids: scoring given
+    completions along the same path). Either way ``logps`` records ``log softmax(logits / T)`` of that token,
+    computed from the very logits the choice was made from: at any precision the log-probs are those of the
+    distribution sampled from, which is what makes the KL estimate unbiased under bf16 autocast.
+    """
+
+    def __init__(self, temperature: float, uniforms: torch.Tensor | None = None, forced: torch.Tensor | None = None):
+        self.temperature, self.uniforms, self.forced = temperature, uniforms, forced
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = len(self.logps)
+        logits = scores.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        if self.forced is not None:
+            token = self.forced[:, t]
+        else:
+            # Inverse CDF in float64: the interval of each token is its probability to ~1e-16, so the sampled
+            # distribution is the recorded one. u in (0, 1], and the first index whose CDF reaches u * total is
+            # never a token of probability 0.
+            cdf = logp.double().exp().cumsum(-1)
+            u = (1.0 - self.uniforms[:, t].double()) * cdf[:, -1]
+            token = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        self.logps.append(logp.gather(-1, token.unsqueeze(-1)).squeeze(-1))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, token.unsqueeze(-1), 0.0)
+
+
+def prompt_uniforms(seed, prompt_ids: list[int], steps: int) -> torch.Tensor:
+    """(N, steps) uniforms in [0, 1), row ``i`` from the seed sequence ``[*seed, prompt_ids[i]]`` alone: the same
+    prompt gets the same draws whatever batch, process or process count it is sampled in."""
+    seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    return torch.from_numpy(np.stack([np.random.default_rng([*seed, int(i)]).random(steps) for i in prompt_ids]))
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int, device, dtype: torch.dtype = torch.float32, synced_gpus: bool = False) -> list[list[int]]:
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed,
+             batch_size: int, device, dtype: torch.dtype = torch.float32, synced_gpus: bool = False, *,
+             prompt_ids: list[int] | None = None, forced: list[list[int]] | None = None, return_logps: bool = False):
     """Sample one completion per prompt (pure sampling: top-k 0, top-p 1), batched with the KV cache.
 
-    Prompts are left-padded so every row continues right after its prompt. Sampling is seeded per batch
-    inside a forked RNG, so evaluating never changes the training run's random stream. A completion ends at
-    the first EOS (kept, so a completion is never empty) or after ``max_new_tokens`` tokens. Nothing but the
-    temperature reshapes the distribution (no top-k, top-p or minimum length), so the log-probs that
-    :func:`response_logps` computes at the same temperature are those of the distribution sampled from.
-    ``synced_gpus`` keeps FSDP processes stepping together until all of them are done.
+    Prompts are left-padded so every row continues right after its prompt. Each prompt's draws come from its
+    own seed, ``[seed, prompt_ids[i]]`` (``prompt_ids`` default to the positions 0..N-1; pass global indices
+    when sampling a share of a larger set): a completion depends on the prompt, the seed and the weights, not
+    on the batch or the process that samples it. No global RNG is touched. A completion ends at the first
+    EOS (kept, so a completion is never empty) or after ``max_new_tokens`` tokens. Nothing but the temperature
+    reshapes the distribution.
+
+    ``forced``: completions to score instead of sampling (one per prompt): the model runs exactly the path of
+    sampling (same padding, KV cache and precision), so a model scored on its own samples gets the very
+    log-probs it sampled with, and a copy of the sampler gets a log-ratio of exactly 0.
+    ``return_logps``: also return each completion's per-token log-probs under ``softmax(logits / T)``, from
+    the logits the tokens were drawn (or forced) from. ``synced_gpus`` keeps FSDP processes stepping together.
+
+    Returns the completions (lists of token ids), or ``(completions, logps)`` with ``return_logps``.
     """
     eos = tokenizer.eos_token_id
-    out: list[list[int]] = []
-    devices = [device] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        for b, start in enumerate(range(0, len(prompts), batch_size)):
-            chunk = prompts[start:start + batch_size]
-            input_ids = pad_sequences(chunk, tokenizer.pad_token_id, side="left").to(device)
-            attention_mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="left").to(device)
-            torch.manual_seed(seed * 100_003 + b)
-            with autocast(device, dtype):
-                gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                     temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=synced_gpus)
-            for row in gen[:, input_ids.shape[1]:].tolist():
-                out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+    prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    out, out_logps = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        input_ids = pad_sequences(chunk, tokenizer.pad_token_id, side="left").to(device)
+        attention_mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="left").to(device)
+        if forced is not None:
+            rows = forced[start:start + batch_size]
+            steps = max(len(r) for r in rows)
+            chooser = _ChooseTokens(temperature, forced=pad_sequences(rows, eos).to(device))
+        else:
+            steps = max_new_tokens
+            chooser = _ChooseTokens(temperature, uniforms=prompt_uniforms(seed, prompt_ids[start:start + batch_size],
+                                                                          steps).to(device))
+        config = GenerationConfig(do_sample=False, max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=eos)
+        with autocast(device, dtype):
+            gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=LogitsProcessorList([chooser]), synced_gpus=synced_gpus)
+        new = gen[:, input_ids.shape[1]:].tolist() if forced is None else forced[start:start + batch_size]
+        logps = torch.stack(chooser.logps, 1).cpu().tolist()
+        for row, lp in zip(new, logps):
+            row = row[: row.index(eos) + 1] if eos in row else row
+            out.append(list(row))
+            out_logps.append(lp[: len(row)])
+    return (out, out_logps) if return_logps else out
 
 
 def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -133,7 +198,12 @@ class EvalKit:
     seed: int
     dtype: torch.dtype = torch.float32
     acc: object = None  # the run's Accelerator (None: one process)
+    judge_dtype: torch.dtype | None = None  # the judge's own precision (None: ``dtype``)
     _ref_results: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.judge_dtype is None:
+            self.judge_dtype = self.dtype
 
     def reference_result(self, temperature: float) -> dict:
         """The reference's evaluation at ``temperature``, computed once (it never changes)."""
@@ -144,37 +214,47 @@ class EvalKit:
 
 def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = True) -> dict:
     """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference
-    (``with_kl=False`` skips the two log-prob passes and reports NaN, for the win-rate sweep). ``policy`` is a
-    causal LM or a training run's (prepared) ResponseLogProbs. Under several processes each samples and
-    scores its share of the prompts and every process gets all the results.
+    (``with_kl=False`` skips the reference's pass and reports NaN, for the win-rate sweep). ``policy`` is a
+    causal LM or a training run's (prepared) ResponseLogProbs.
 
-    Returns metrics plus ``responses``, ``texts`` and ``scores`` (per prompt) for win rates and examples.
+    The prompts are cut into fixed chunks of ``kit.batch_size`` by their index; under several processes chunk c
+    goes to process c mod k. Each prompt is sampled with its own seed (``[kit.seed, index]``), in the same
+    chunk (so with the same padding) and judged in the same batch whatever the process count: the same
+    weights give the same per-prompt results on 1 process or k. The policy's log-probs are those it sampled
+    with, and the reference is scored on the same path (:func:`generate` with ``forced``), so the KL estimate
+    is unbiased at any precision and exactly 0 for a copy of the reference.
+
+    Returns metrics plus ``responses``, ``texts``, ``scores`` and ``log_ratios`` (per prompt, in prompt order).
     """
     acc, tok = kit.acc, kit.tokenizer
     scorer = as_scorer(policy)
     lm = getattr(scorer, "module", scorer).lm
     was_training = lm.training
     lm.eval()
-    prompts = padded_share(kit.prompts, acc)
-    rank, synced = (0, False) if acc is None else (acc.process_index, fsdp_world(acc))
+    synced = fsdp_world(acc)
+    mine = {}
     with generation_ready(scorer):
-        responses = generate(lm, tok, prompts, kit.max_new_tokens, temperature, kit.seed + 1_000_003 * rank,
-                             kit.batch_size, kit.device, kit.dtype, synced)
-    texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
-    scores = judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype).tolist()
-    log_ratios = [float("nan")] * len(prompts)
-    if with_kl:
-        # Both models scored at the sampling temperature: an unbiased estimate of KL(pi_T || pi_ref,T).
-        pol, ref = (response_logps(m, prompts, responses, tok.pad_token_id, kit.batch_size, kit.device,
-                                   temperature, kit.dtype) for m in (scorer, kit.ref_model))
-        log_ratios = (pol - ref).tolist()
-    n = len(kit.prompts)
-    responses, texts, scores, log_ratios = (gather_share(x, n, acc) for x in (responses, texts, scores, log_ratios))
+        for idx in chunk_share(len(kit.prompts), kit.batch_size, acc):
+            prompts = [kit.prompts[i] for i in idx]
+            responses, logps = generate(lm, tok, prompts, kit.max_new_tokens, temperature, kit.seed, len(idx),
+                                        kit.device, kit.dtype, synced, prompt_ids=idx, return_logps=True)
+            texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
+            scores = judge_scores(kit.judge_tok, kit.judge, texts, len(idx), kit.device, kit.judge_dtype).tolist()
+            ratios = [float("nan")] * len(idx)
+            if with_kl:
+                # The reference scored at the sampling temperature on the policy's own path: sum_t log pi_T -
+                # log pi_ref,T per completion, an unbiased estimate of KL(pi_T || pi_ref,T).
+                _, ref_logps = generate(kit.ref_model, tok, prompts, kit.max_new_tokens, temperature, kit.seed,
+                                        len(idx), kit.device, kit.dtype, prompt_ids=idx, forced=responses,
+                                        return_logps=True)
+                ratios = [math.fsum(a) - math.fsum(b) for a, b in zip(logps, ref_logps)]
+            mine.update({i: (r, t, sc, lr) for i, r, t, sc, lr in zip(idx, responses, texts, scores, ratios)})
+    responses, texts, scores, log_ratios = (list(x) for x in zip(*gather_indexed(mine, len(kit.prompts), acc)))
     lm.train(was_training)
     scores = np.asarray(scores)
     return {"safety_score": float(scores.mean()), "positive_rate": float((scores > 0.5).mean()),
             "kl_to_ref": float(np.mean(log_ratios)), "response_len": float(np.mean([len(r) for r in responses])),
-            "responses": responses, "texts": texts, "scores": scores}
+            "responses": responses, "texts": texts, "scores": scores, "log_ratios": log_ratios}
 
 
 def fsdp_world(acc) -> bool:
@@ -221,7 +301,9 @@ def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
                                                         replace=False)
     return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
             "response_len": res["response_len"], **{k: times[k] for k in TIME_KEYS if k in times},
-            "win_rate_vs_ref": wins, "examples": _examples(kit, res, sorted(shown))}
+            "win_rate_vs_ref": wins, "examples": _examples(kit, res, sorted(shown)),
+            # per held-out prompt, in prompt order: anyone can recompute a mean, a paired difference or an interval
+            "per_prompt": {"scores": [float(x) for x in res["scores"]], "log_ratios": list(res["log_ratios"])}}
 
 
 def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str) -> dict:
@@ -243,7 +325,9 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
                "n_eval_prompts": len(kit.prompts), "seed": seeds[0], "seeds": seeds,
                "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures),
                "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward, "target_kl": cfg.ppo.target_kl,
-               "device": str(kit.device), "precision": dtype_name(kit.dtype), "examples_seed": EXAMPLES_SEED}
+               "device": str(kit.device), "precision": dtype_name(kit.dtype),
+               "judge_precision": dtype_name(kit.judge_dtype), "machine": machine_info(kit.device),
+               "examples_seed": EXAMPLES_SEED}
     for name in tqdm(["reference", *first], desc="final evaluation", unit="model"):
         if name == "reference":
             results[name] = _model_entry(kit, cfg, kit.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})

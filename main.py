@@ -68,9 +68,11 @@ def run(cfg: Config, argv: list[str]) -> int:
         bf16_native,
         dtype_name,
         load_causal_lm,
+        load_config,
         load_judge,
         load_tokenizer,
         max_positions,
+        model_width,
         resolve_dtype,
     )
     from offline_models import ensure_offline_models
@@ -83,14 +85,16 @@ def run(cfg: Config, argv: list[str]) -> int:
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
     seed_everything(cfg.run.seed)
     device = acc.device
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    if dtype == torch.bfloat16 and not bf16_native(device):
-        print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
-              f"picks fp32 here")
     # The main process builds (or fine-tunes) first; the others then find the result and reuse it.
     with acc.main_process_first():
         if cfg.model.build_offline_models:
             cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
+    # --dtype auto: by the hardware and the policy's width (models.auto_dtype), read from its config alone.
+    dtype = resolve_dtype(cfg.model.dtype, device, model_width(load_config(cfg.model.policy_model)))
+    if dtype == torch.bfloat16 and not bf16_native(device):
+        print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
+              f"picks fp32 here")
+    with acc.main_process_first():
         if cfg.sft.sft_steps > 0:  # the fine-tuned LM becomes the reference and the initial policy
             cfg = cfg.replace(model={"policy_model": train_sft.ensure_sft_model(cfg, train_df, eval_df, device,
                                                                                 dtype)})
@@ -103,6 +107,7 @@ def run(cfg: Config, argv: list[str]) -> int:
         raise ConfigError(f"--max_length {cfg.data.max_length} exceeds the model's {max_positions(ref_model)} "
                           f"positions; lower it")
     judge_tok, judge = load_judge(cfg.model.judge_model, device)
+    judge_dtype = resolve_dtype(cfg.model.dtype, device, model_width(judge))  # a narrow judge stays fp32 under auto
 
     # --- the runs: the default DPO and PPO, with --sweep the grids and PPO-GT, for every seed ---
     seeds = cfg.run.seeds or [cfg.run.seed]
@@ -116,9 +121,10 @@ def run(cfg: Config, argv: list[str]) -> int:
         print(f"data: {len(data.train_pairs)} training pairs, {len(data.val_pairs)} validation pairs, "
               f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts (seed {seed}); "
               f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
-              f"precision {dtype_name(dtype)} (--dtype {cfg.model.dtype})")
+              f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype})")
         kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
-                                 cfg.eval.eval_batch_size, device, seed, dtype, acc)
+                                 cfg.eval.eval_batch_size, device, seed, dtype, acc,
+                                 judge_dtype=judge_dtype)
         for spec in (s for s in specs if s.seed == seed):
             rcfg = scfg.replace(**spec.overrides)
             trainer = train_dpo if spec.method == "dpo" else train_ppo

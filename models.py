@@ -7,10 +7,11 @@ hub unusable.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hub
 from config import ConfigError
@@ -82,24 +83,109 @@ def load_judge(name: str, device: torch.device | str = "cpu"):
     return tok, model
 
 
+# Below this width (the model's hidden size) bf16 autocast does not pay on a CPU, even with bf16 matrix units:
+# the matrices are too small for AMX / AVX512-BF16 to win back the casts autocast adds around every op.
+# Measured with benchmarks/bench_dtype_cpu.py (BENCHMARKS.md, "bf16 or fp32 on a CPU").
+CPU_BF16_MIN_WIDTH = 128
+# Set to 1 or 0 to make the CPU probe report bf16 matrix units or not, whatever the CPU has: the test suite's
+# way to take the bf16 branch of ``--dtype auto`` on a CPU without them (and the fp32 branch on one with them).
+FORCE_CPU_BF16_ENV = "DPO_FORCE_CPU_BF16_UNITS"
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX tiles or AVX512-BF16), asked of torch's own CPU feature
+    detection, or as forced by ``$DPO_FORCE_CPU_BF16_UNITS`` (``1`` / ``0``)."""
+    forced = os.environ.get(FORCE_CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def bf16_native(device) -> bool:
-    """Whether ``device`` has bf16 matrix units: a CUDA GPU that supports bf16, or a CPU with AMX or
-    AVX512-BF16 (asked of torch's own CPU feature detection, not guessed from the model name). Without
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 units (emulation does not count: a T4
+    or V100 would emulate it, slowly), or a CPU with AMX or AVX512-BF16 (:func:`cpu_bf16_units`). Without
     them bf16 is emulated: measured ~20x slower than fp32 for a training step on an AVX2-only CPU."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 has no such argument and never counted emulation
+            return torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        return cpu_bf16_units()
     return False
 
 
-def resolve_dtype(name: str, device) -> torch.dtype:
-    """``--dtype``: ``auto`` is bf16 autocast where :func:`bf16_native` says so, fp32 elsewhere."""
+def auto_dtype(device, width: int | None = None) -> torch.dtype:
+    """The rule behind ``--dtype auto``, fixed by the hardware and the model, never by a timing at run time
+    (which would make the numbers depend on the machine's load):
+
+    * CUDA: bf16 where the GPU has bf16 units (:func:`bf16_native`), else fp32;
+    * CPU: bf16 where it has bf16 matrix units **and** the model is at least :data:`CPU_BF16_MIN_WIDTH` wide
+      (``width``: its hidden size; None counts as wide), else fp32;
+    * anything else: fp32.
+    """
+    dev = torch.device(device)
+    if not bf16_native(dev):
+        return torch.float32
+    if dev.type == "cpu" and width is not None and width < CPU_BF16_MIN_WIDTH:
+        return torch.float32
+    return torch.bfloat16
+
+
+def resolve_dtype(name: str, device, width: int | None = None) -> torch.dtype:
+    """``--dtype``: ``fp32`` and ``bf16`` as asked; ``auto`` by :func:`auto_dtype` for a model ``width`` wide."""
     if name == "auto":
-        return torch.bfloat16 if bf16_native(device) else torch.float32
+        return auto_dtype(device, width)
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def model_width(model_or_config) -> int | None:
+    """The hidden size of a model (or its config): what :func:`auto_dtype` reads on a CPU."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for attr in ("hidden_size", "n_embd", "dim", "d_model"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def load_config(name: str):
+    """A model's config alone (no weights): enough to know its width before the weights are loaded."""
+    return _load(AutoConfig, name, "model config")
+
+
+def machine_info(device="cpu") -> dict:
+    """What a number's reproduction depends on besides the code and the data: the CPU model, the flags that
+    change which kernels run, torch's CPU capability, thread count and version, and the GPU when on one."""
+    import platform
+
+    cpu, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not cpu:
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    info = {"cpu": cpu, "cpu_flags": [f for f in wanted if f in flags], "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "cpu_bf16_units": cpu_bf16_units()}
+    kernel_env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
+                                             FORCE_CPU_BF16_ENV) if k in os.environ}
+    if kernel_env:
+        info["kernel_env"] = kernel_env
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def dtype_name(dtype: torch.dtype) -> str:

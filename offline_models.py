@@ -56,14 +56,22 @@ def data_fingerprint(train_df) -> str:
     return h.hexdigest()[:16]
 
 
+def builder_dtype(cfg, prefix: str) -> torch.dtype:
+    """The precision a builder trains at (on the CPU): ``--dtype``, where ``auto`` decides by the model's width
+    (the narrow judge stays fp32 on every CPU)."""
+    width = cfg.offline.lm_n_embd if prefix == "lm_" else cfg.offline.judge_dim
+    return resolve_dtype(cfg.model.dtype, "cpu", width)
+
+
 def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
-    starting with ``prefix``), seed and the training reviews. Changing the judge never rebuilds the LM."""
+    starting with ``prefix``), seed, precision and the training reviews. Changing the judge never rebuilds the
+    LM."""
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
     settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
-                "precision": dtype_name(resolve_dtype(cfg.model.dtype, "cpu")),
+                "precision": dtype_name(builder_dtype(cfg, prefix)),
                 "n_train_reviews": len(train_df), "data_fingerprint": data_fingerprint(train_df)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return key, settings
@@ -142,7 +150,7 @@ def fit_causal_lm(model, train_ids, *, steps: int, batch_size: int, seq_len: int
 
 
 def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
-    dtype = resolve_dtype(cfg.model.dtype, "cpu")  # the builders run on the CPU
+    dtype = builder_dtype(cfg, "lm_")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed)
     torch.manual_seed(cfg.data.split_seed)
     t0 = time.time()
@@ -231,7 +239,7 @@ def train_ngram_teacher(train_ids: list[list[int]], labels: torch.Tensor, crop_l
 
 
 def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
-    dtype = resolve_dtype(cfg.model.dtype, "cpu")  # the builders run on the CPU
+    dtype = builder_dtype(cfg, "judge_")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed + 1)
     torch.manual_seed(cfg.data.split_seed + 1)
     t0 = time.time()
@@ -330,6 +338,22 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     return report
 
 
+def _built_at_other_precision(root: Path, kind: str, settings: dict) -> tuple[Path, str, float | None] | None:
+    """A built ``kind`` whose settings equal ``settings`` but for the precision: (its directory, its precision,
+    its build seconds or None)."""
+    same = {k: v for k, v in settings.items() if k != "precision"}
+    for d in sorted(root.glob(f"{kind}-*")):
+        try:
+            theirs = json.loads((d / "build_settings.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in theirs.items() if k != "precision"} == same:
+            report = next((d / f for f in ("build_report.json", "accuracy.json") if (d / f).exists()), None)
+            build_s = json.loads(report.read_text()).get("build_s") if report else None
+            return d, theirs.get("precision", "?"), build_s
+    return None
+
+
 def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
     """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``.
 
@@ -344,6 +368,12 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
         if path.is_dir():
             print(f"offline: reusing {path}")
             continue
+        other = _built_at_other_precision(root, kind, settings)
+        if other is not None:
+            dir_, precision, build_s = other
+            took = f"about {build_s / 60:.0f} min" if build_s else "minutes"
+            print(f"offline: {kind} is built only at {precision} ({dir_}); building it at {settings['precision']} "
+                  f"now takes {took} (that build's time). To reuse it instead, pass --dtype {precision}")
 
         def build(tmp, b=builder, settings=settings):
             (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))

@@ -19,21 +19,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes=None) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes=None,
+           return_stats: bool = False):
     """Normalise ``x`` (B, T) to zero mean and unit variance over the masked positions; zero elsewhere.
 
     ``sum_over_processes`` (a function summing a tensor over data-parallel processes) makes the mean and
-    variance those of the global batch, of which each process holds a share.
+    variance those of the global batch, of which each process holds a share. ``return_stats`` also returns
+    the (3,) tensor (count, mean, variance) used, the same on every process.
     """
     m = mask.to(x.dtype)
     total = sum_over_processes or (lambda t: t)
     n, s, s2 = total(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])).unbind()
     mean = s / n.clamp(min=1)
-    var = s2 / n.clamp(min=1) - mean ** 2
+    # One pass (so one all-reduce under several processes), but E[x^2] - mean^2 can round below 0 when x is
+    # nearly constant: clamped, or rsqrt would turn it into NaN.
+    var = (s2 / n.clamp(min=1) - mean ** 2).clamp(min=0.0)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return (out * m, torch.stack([n, mean, var])) if return_stats else out * m
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

@@ -87,6 +87,33 @@ def gather_share(share: list, n: int, acc) -> list:
     return gather_object(share)[:n]
 
 
+def chunk_share(n: int, chunk: int, acc) -> list[list[int]]:
+    """This process's chunks of the indices 0..n-1: chunks of ``chunk`` consecutive indices, chunk c going to
+    process c mod k. A chunk is the same set of items whatever the process count, so a batched computation
+    on it (its padding, its batch) is too. Every process gets the same number of chunks (FSDP needs that):
+    one short of it repeats one of its own, or chunk 0; :func:`gather_indexed` drops the repeats."""
+    chunks = [list(range(s, min(s + chunk, n))) for s in range(0, n, chunk)]
+    if acc is None or acc.num_processes == 1:
+        return chunks
+    k, r = acc.num_processes, acc.process_index
+    mine = chunks[r::k]
+    rounds = -(-len(chunks) // k)
+    return mine + [(mine or chunks)[-1]] * (rounds - len(mine))
+
+
+def gather_indexed(results: dict, n: int, acc) -> list:
+    """Every process's ``{index: result}`` merged and returned in index order 0..n-1, on every process (the
+    inverse of :func:`chunk_share`)."""
+    if acc is not None and acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([results]):
+            merged.update(part)
+        results = merged
+    return [results[i] for i in range(n)]
+
+
 def mean_over_processes(x, acc):
     """The mean over processes of a number, or of each value of a dict of numbers (one all-reduce)."""
     if acc.num_processes == 1:

@@ -83,7 +83,7 @@ def generated_pairs(cfg, prompts: list[list[int]], kit: EvalKit) -> list[dict]:
                         kit.batch_size, kit.device, kit.dtype)
         texts = [kit.tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
         samples.append(resp)
-        scores.append(judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.dtype))
+        scores.append(judge_scores(kit.judge_tok, kit.judge, texts, kit.batch_size, kit.device, kit.judge_dtype))
     scores = np.stack(scores)  # (k, N)
     best, worst = scores.argmax(0), scores.argmin(0)
     return [{"prompt": p, "chosen": samples[best[j]][j], "rejected": samples[worst[j]][j]}

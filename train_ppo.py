@@ -194,7 +194,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
 
         def score_fn(prompts, responses):
             texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
-            return judge_logits(kit.judge_tok, kit.judge, texts, kit.batch_size, device, kit.dtype)
+            return judge_logits(kit.judge_tok, kit.judge, texts, kit.batch_size, device, kit.judge_dtype)
 
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)
     policy.eval()  # dropout off throughout: PPO's ratios assume the sampling and training log-probs agree
@@ -224,12 +224,15 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
         for step in bar:
             t0 = time.time()
             # --- rollout (each process samples its share of the batch's prompts) ---
-            prompts = local_share([prompts_all[i] for i in step_indices(step, pc.ppo_batch_size, len(prompts_all),
-                                                                        [rc.seed, 7])], acc)
+            # Each rollout's draws are seeded by its place in the global batch, never by the process: the
+            # same prompts get the same samples at any process count.
+            batch_idx = step_indices(step, pc.ppo_batch_size, len(prompts_all), [rc.seed, 7])
+            positions = local_share(list(range(len(batch_idx))), acc)
+            prompts = [prompts_all[batch_idx[j]] for j in positions]
             with generation_ready(policy):
-                responses = generate(acc.unwrap_model(policy).lm, tok, prompts, cfg.data.response_tokens, 1.0,
-                                     rc.seed * 7919 + step + 1_000_003 * acc.process_index, kit.batch_size, device,
-                                     kit.dtype, fsdp_world(acc))
+                responses, gen_logps = generate(acc.unwrap_model(policy).lm, tok, prompts, cfg.data.response_tokens,
+                                                1.0, [rc.seed, 7919, step], kit.batch_size, device, kit.dtype,
+                                                fsdp_world(acc), prompt_ids=positions, return_logps=True)
             t_gen = time.time()
             b = {k: (v.to(device) if torch.is_tensor(v) else v)
                  for k, v in rollout_batch(prompts, responses, tok.pad_token_id).items()}
@@ -238,6 +241,11 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                 old_logprobs, old_values = response_logps_values(policy, b)
                 ref_logprobs, _ = response_logps_values(ref, b)
             old_values = old_values.float() * mask
+            # The KL penalty scores the rollouts in a separate pass; under bf16 autocast its log-probs differ
+            # from those the tokens were sampled with. The mean summed gap is the bias of the KL term (0 up to
+            # float rounding in fp32), logged so that it is measured rather than assumed.
+            logp_gap = mean_over_processes(float(np.mean([math.fsum(g) for g in gen_logps])
+                                                 - old_logprobs.sum(1).mean().item()), acc)
             t_logps = time.time()
 
             # --- score ---
@@ -247,7 +255,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             # --- advantages (whitened over the global batch) ---
             rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
             advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.gae_lambda)
-            advantages = whiten(advantages, mask, sum_over_processes=sum_over_processes)
+            advantages, white_stats = whiten(advantages, mask, sum_over_processes=sum_over_processes,
+                                             return_stats=True)
             seq_kl = mean_over_processes(kl.sum(1).mean().item(), acc)
 
             # --- update ---
@@ -284,6 +293,12 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
             consecutive_bad = consecutive_bad + 1 if bad else 0
             kl_ctl_value = kl_ctl.value
             kl_ctl.update(seq_kl, pc.ppo_batch_size)
+            if acc.num_processes > 1:  # every process must use the same coefficient and whitening statistics
+                mine = torch.cat([white_stats.float(), torch.tensor([kl_ctl_value, kl_ctl.value])]).to(device)
+                every = acc.gather(mine.unsqueeze(0))
+                sync = {"sync/spread": (every.max(0).values - every.min(0).values).abs().max().item()}
+            else:
+                sync = {}
 
             # --- log (means over every process's share) ---
             n_tokens = int(mask.sum().item()) + sum(len(p) for p in prompts)
@@ -296,6 +311,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                 "objective/rlhf_reward": (scores - kl_ctl_value * kl.sum(1)).mean().item(),
                 "objective/response_len": mask.sum(1).mean().item()}, acc)
             row = {"step": step, **row, "objective/kl": seq_kl, "objective/kl_coef": kl_ctl_value,
+                   "objective/sampling_logp_gap": logp_gap, **sync,
                    "nonfinite_skipped": int(bad),
                    # phase timings (main process): sampling, policy/value/reference log-probs, reward, PPO epochs
                    "charts/generation_s": t_gen - t0, "charts/logps_s": t_logps - t_gen,

@@ -1,6 +1,7 @@
 """DPO training throughput: this project's DPO vs TRL's DPOTrainer, in one process, on the same work.
 
     uv run --group bench benchmarks/bench_dpo.py [--size offline|paper] [--steps 40] [--batch 16] [--repeats 2]
+        [--model_dir DIR]
 
 Trainers (``--trainers`` picks some):
 
@@ -36,13 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import PeakMemory, build_standins, machine  # noqa: E402
+from common import PeakMemory, build_standins, machine, offline_models  # noqa: E402
 
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
 from config import PRESETS  # noqa: E402
 from eval_utils import EvalKit  # noqa: E402
-from models import bf16_native, dtype_name, load_causal_lm, load_tokenizer, resolve_dtype  # noqa: E402
+from models import (  # noqa: E402
+    bf16_native,
+    dtype_name,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    model_width,
+    resolve_dtype,
+)
 from plots import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
 
@@ -50,7 +59,7 @@ TRAINERS = ("ours", "trl_defaults", "trl_fp32", "trl_fp32_precompute")
 
 
 def run_ours(cfg, data, tok, model_dir: str, acc) -> dict:
-    dtype = resolve_dtype(cfg.model.dtype, "cpu")
+    dtype = resolve_dtype(cfg.model.dtype, "cpu", model_width(load_config(model_dir)))
     with tempfile.TemporaryDirectory() as out:  # fresh cache: our reference pass is timed too
         c = cfg.replace(run={"output_dir": out, "log_every": 10 ** 9, "save_every": 10 ** 9},
                         model={"policy_model": model_dir, "build_offline_models": False})
@@ -102,6 +111,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
     ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--model_dir", help="--size offline: an existing policy model directory (default: the offline "
+                                        "preset's fp32 base GPT-2, built first if missing: about 14 min)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import transformers
@@ -115,9 +126,7 @@ def main() -> int:
     if a.size == "paper":
         model_dir, _ = build_standins(Path(tempfile.mkdtemp(prefix="bench_dpo_")), train_df)
     else:
-        from offline_models import ensure_offline_models
-
-        model_dir = ensure_offline_models(cfg, train_df, eval_df)["policy_model"]
+        model_dir = offline_models(train_df, eval_df, policy_model=a.model_dir)["policy_model"]
     tok = load_tokenizer(model_dir)
     data = dataset.prepare(cfg, tok, train_df, eval_df)
     resp_tokens = sum(len(p["chosen"]) + len(p["rejected"]) for p in data.train_pairs)

@@ -36,14 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import PeakMemory, machine  # noqa: E402
+from common import PeakMemory, machine, offline_models  # noqa: E402
 
 import dataset  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
 from eval_utils import EvalKit  # noqa: E402
 from models import load_causal_lm, load_judge, load_tokenizer  # noqa: E402
-from offline_models import ensure_offline_models  # noqa: E402
 from plots import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
 
@@ -119,6 +118,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
+    ap.add_argument("--model_dir", help="an existing policy model directory (default: the offline preset's fp32 "
+                                        "base GPT-2, built first if missing: about 14 min)")
+    ap.add_argument("--judge_dir", help="an existing judge directory (default: the offline preset's)")
     a = ap.parse_args()
     import transformers
 
@@ -136,7 +138,7 @@ def main() -> int:
     base = PRESETS["offline"]
     reviews = dataset.load_reviews(base.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, base.data, base.data.split_seed)
-    paths = ensure_offline_models(base, train_df, eval_df)
+    paths = offline_models(train_df, eval_df, a.model_dir, a.judge_dir)
     tok = load_tokenizer(paths["policy_model"])
     acc = make_accelerator(torch.device("cpu"))
     ref = load_causal_lm(paths["policy_model"])

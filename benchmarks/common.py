@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,18 +45,37 @@ class PeakMemory:
         self.peak_mb = max(self._peak, self._proc.memory_info().rss) / 2**20
 
 
+# The offline preset's models, built from scratch on this project's 2-core machines (README: 14 min 9 s).
+OFFLINE_BUILD_MIN = 14
+
+
+def offline_models(train_df, eval_df, policy_model: str | None = None, judge_model: str | None = None) -> dict:
+    """The offline preset's ``{"policy_model": dir, "judge_model": dir}``: the directories given, else the
+    ones ``uv run main.py --preset offline --dtype fp32`` builds (models/offline/), reused when built and
+    otherwise built now, after one line that says how long that takes and how to avoid it."""
+    import offline_models as om
+    from config import PRESETS
+
+    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
+    given = {"policy_model": policy_model, "judge_model": judge_model}
+    root = Path(cfg.run.output_dir) / "offline"
+    needed = {name: root / f"{kind}-{om.settings_key(cfg, train_df, prefix)[0]}"
+              for name, kind, prefix in (("policy_model", "base_lm", "lm_"), ("judge_model", "judge", "judge_"))}
+    missing = [str(p) for name, p in needed.items() if given[name] is None and not p.is_dir()]
+    if missing:
+        print(f"benchmark: the offline models are not built ({', '.join(missing)}): building them first at fp32, "
+              f"about {OFFLINE_BUILD_MIN} min on 2 cores. To skip that, pass --model_dir (and --judge_dir) with "
+              f"existing model directories", file=sys.stderr, flush=True)
+    built = om.ensure_offline_models(cfg, train_df, eval_df) if missing else {k: str(v) for k, v in needed.items()}
+    return {k: given[k] or built[k] for k in given}
+
+
 def machine(device="cpu") -> dict:
-    """CPU model and core count, torch version and threads, and the GPU's name when on one."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    if torch.device(device).type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
+    """The machine a number was measured on (:func:`models.machine_info`: CPU model and flags, torch's CPU
+    capability, threads and version, the GPU when on one)."""
+    from models import machine_info
+
+    return machine_info(device)
 
 
 DISTILGPT2 = {"n_layer": 6, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}

@@ -22,6 +22,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 ROOT = Path(__file__).resolve().parents[1]
 IMDB_CSV = ROOT / "data" / "IMDB Dataset.csv"
+# Every run of the suite pins its precision: ``--dtype auto`` is bf16 on a CPU with bf16 matrix units and fp32
+# elsewhere, and a test that compares numbers must mean the same run on every machine.
+SMOKE = ("--preset", "smoke", "--dtype", "fp32")
 
 POS = ["a wonderful film with great acting and a lovely story", "brilliant and moving, I loved every minute",
        "one of the best movies of the year, superb cast", "delightful, funny and warm, highly recommended"]
@@ -95,7 +98,7 @@ def smoke_run(tmp_path_factory):
     """One full ``--preset smoke`` run shared by the end-to-end tests."""
     require_imdb()
     out = tmp_path_factory.mktemp("smoke")
-    proc = run_main("--preset", "smoke", "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"))
+    proc = run_main(*SMOKE, "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"))
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"dir": out, "proc": proc, "results": json.loads((out / "plots" / "results.json").read_text())}

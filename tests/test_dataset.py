@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli, run_main, synthetic_reviews
+from conftest import SMOKE, run_cli, run_main, synthetic_reviews
 
 from config import ConfigError, DataConfig
 from dataset import build_pairs, clean_review, load_reviews, split_reviews
@@ -82,7 +82,7 @@ def test_bad_inputs_through_main_exit_2_and_keep_existing_outputs(tmp_path):
     # the first through the real command line (exit code, stderr), the rest in-process
     for run, args in ((run_cli, ["--data", str(bad)]), (run_main, ["--data", str(tmp_path / "missing.csv")]),
                       (run_main, ["--build_offline_models", "false", "--policy_model", str(tmp_path / "no_model")])):
-        proc = run("--preset", "smoke", *args, "--output_dir", str(models), "--plots_dir", str(plots))
+        proc = run(*SMOKE, *args, "--output_dir", str(models), "--plots_dir", str(plots))
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert (plots / "results.json").read_text() == '{"keep": true}'
@@ -206,8 +206,8 @@ def test_the_split_and_prompts_follow_the_split_seed_not_the_run_seed(tmp_path, 
 def test_degenerate_data_is_caught_before_any_model_is_built(tmp_path, rows, words):
     """Too few, one-sided or too short reviews: exit 2 in seconds, before the offline builders start."""
     csv = write_csv(tmp_path, pd.DataFrame(rows, columns=["review", "sentiment"]).drop_duplicates())
-    proc = run_main("--preset", "offline", "--data", str(csv), "--output_dir", str(tmp_path / "models"),
-                    "--plots_dir", str(tmp_path / "plots"))
+    proc = run_main("--preset", "offline", "--dtype", "fp32", "--data", str(csv),
+                    "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "models").exists()
 

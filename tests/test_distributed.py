@@ -4,6 +4,7 @@ Two processes must reproduce one process at the same global batch, write everyth
 Ctrl-C and resume under the launcher.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, copy_offline_models, require_imdb
+from conftest import ROOT, SMOKE, copy_offline_models, require_imdb, run_main
 from transformers import AutoModelForCausalLM
 
 from plots import read_metrics
@@ -23,10 +24,13 @@ pytestmark = pytest.mark.distributed
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
+EVAL_SPLIT = ("--n_eval_prompts", "25", "--eval_batch_size", "4")
+
+
 def launch(out: Path, *args: str, **popen) -> subprocess.Popen:
     """``accelerate launch --multi_gpu --num_processes 2 main.py --preset smoke ...`` (on a CPU: two gloo processes)."""
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "main.py"), "--preset", "smoke",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "main.py"), *SMOKE,
            "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -39,7 +43,8 @@ def test_two_processes_reproduce_one_process_and_ppo_completes(tmp_path, smoke_r
     a loadable model; outputs are written once."""
     require_imdb()
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    proc = launch(tmp_path)
+    # 25 prompts in chunks of 4: 7 chunks, unevenly shared by 2 processes
+    proc = launch(tmp_path, *EVAL_SPLIT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "x 2 processes" in out and out.count("dpo: saved") == 1  # the main process alone prints
@@ -57,6 +62,20 @@ def test_two_processes_reproduce_one_process_and_ppo_completes(tmp_path, smoke_r
     rows = [r for r in read_metrics(ppo / "metrics.jsonl") if "objective/kl" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["objective/kl"])) for r in rows)
+    # both processes used the same KL coefficient and the same whitening statistics at every iteration
+    assert all(r["sync/spread"] == 0.0 for r in rows)
+
+    # The same weights (the reference) evaluated by one process: identical per-prompt results.
+    one_dir = tmp_path / "one"
+    copy_offline_models(smoke_run["dir"] / "models", one_dir / "models")
+    single = run_main(*SMOKE, *EVAL_SPLIT, "--dpo-only", "--dpo_steps", "2", "--output_dir", str(one_dir / "models"),
+                      "--plots_dir", str(one_dir / "plots"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    ref_one = json.loads((one_dir / "plots" / "results.json").read_text())["reference"]
+    ref_two = json.loads((tmp_path / "plots" / "results.json").read_text())["reference"]
+    assert len(ref_one["per_prompt"]["scores"]) == 25
+    assert ref_one["per_prompt"] == ref_two["per_prompt"]  # bit for bit, prompt by prompt
+    assert ref_one["win_rate_vs_ref"] == ref_two["win_rate_vs_ref"] and ref_one["examples"] == ref_two["examples"]
     for name in ("results.json", "dpo_results_dashboard.png"):
         assert (tmp_path / "plots" / name).exists()
 

@@ -112,3 +112,77 @@ def test_evaluate_policy_kl_is_zero_for_a_copy_of_the_reference_and_positive_for
     other = evaluate_policy(_peaky_lm(0), kit, 1.0)
     assert same["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
     assert other["kl_to_ref"] > 0.05
+
+
+def _loud_lm(seed):
+    """A 6-token model whose logits all carry a common offset of about 80: softmax ignores it, but bf16 rounds
+    logits of that size to multiples of 0.5, so the rounding moves each log-prob by up to ~0.25 nats."""
+    model = _peaky_lm(seed)
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 10.0
+        model.lm_head.weight[:, 0] = 8.0  # every token's logit gets ~10 * 8 from dimension 0
+    return model
+
+
+def test_kl_under_bf16_is_that_of_the_distribution_sampled():
+    """Under bf16 autocast the completions come from rounded logits. The KL estimate must be that of the
+    distribution sampled from: enumerate every completion's probability along the sampling path (generate
+    with ``forced``) for the policy and the reference, and the Monte Carlo KL of evaluate_policy's recipe lands
+    on the exact sum. Scoring the samples with an fp32 head instead (the former recipe) misses it."""
+    from eval_utils import generate, response_logps
+
+    bf16 = torch.bfloat16
+    policy, ref = _loud_lm(0), _loud_lm(1)
+    ys = _all_completions()
+    exact = {}
+    for name, m in (("pi", policy), ("ref", ref)):
+        _, lps = generate(m, _Tok(), [PROMPT] * len(ys), MAX_NEW, 1.0, 0, len(ys), "cpu", bf16, forced=ys,
+                          return_logps=True)
+        exact[name] = torch.tensor([sum(lp) for lp in lps], dtype=torch.float64)
+    assert exact["pi"].exp().sum().item() == pytest.approx(1.0, abs=1e-4)  # a distribution over completions
+    exact_kl = float((exact["pi"].exp() * (exact["pi"] - exact["ref"])).sum())
+
+    n = 6000
+    samples, lps = generate(policy, _Tok(), [PROMPT] * n, MAX_NEW, 1.0, 3, n, "cpu", bf16, return_logps=True)
+    _, ref_lps = generate(ref, _Tok(), [PROMPT] * n, MAX_NEW, 1.0, 3, n, "cpu", bf16, forced=samples,
+                          return_logps=True)
+    ratio = torch.tensor([sum(a) - sum(b) for a, b in zip(lps, ref_lps)], dtype=torch.float64)
+    se = ratio.std().item() / n ** 0.5
+    assert abs(ratio.mean().item() - exact_kl) < 4 * se + 1e-3, (ratio.mean().item(), exact_kl, se)
+
+    # The former recipe: bf16 samples scored by a separate pass with the LM head in fp32.
+    old = (response_logps(policy, [PROMPT] * n, samples, EOS, n, "cpu", 1.0, bf16)
+           - response_logps(ref, [PROMPT] * n, samples, EOS, n, "cpu", 1.0, bf16)).double()
+    assert abs(old.mean().item() - exact_kl) > 4 * se + 1e-3, (old.mean().item(), exact_kl, se)
+
+
+def test_a_prompts_sample_does_not_depend_on_its_batch_or_position():
+    """Each prompt draws from its own seed (``[seed, prompt id]``): sampled alone, in a batch, or at another
+    place of the batch, the same prompt id gives the same completion and log-probs."""
+    from eval_utils import generate
+
+    model, prompts = _peaky_lm(0), [[1, 2], [3, 1], [2, 2], [4, 3]]
+    together = generate(model, _Tok(), prompts, MAX_NEW, 1.0, 7, 4, "cpu", prompt_ids=[10, 11, 12, 13],
+                        return_logps=True)
+    alone = [generate(model, _Tok(), [p], MAX_NEW, 1.0, 7, 1, "cpu", prompt_ids=[10 + i], return_logps=True)
+             for i, p in enumerate(prompts)]
+    reversed_ = generate(model, _Tok(), prompts[::-1], MAX_NEW, 1.0, 7, 4, "cpu", prompt_ids=[13, 12, 11, 10],
+                         return_logps=True)
+    assert together[0] == [a[0][0] for a in alone] == reversed_[0][::-1]
+    for lp, a in zip(together[1], alone):
+        assert lp == pytest.approx(a[1][0], abs=1e-5)
+    other_seed = generate(model, _Tok(), prompts * 8, MAX_NEW, 1.0, 8, 32, "cpu")
+    assert other_seed != generate(model, _Tok(), prompts * 8, MAX_NEW, 1.0, 7, 32, "cpu")
+
+
+def test_chunks_are_the_same_at_any_process_count():
+    from types import SimpleNamespace
+
+    from run_utils import chunk_share
+
+    one = chunk_share(23, 5, None)
+    assert one == [list(range(s, min(s + 5, 23))) for s in range(0, 23, 5)]
+    for k in (2, 3, 4, 7):
+        shares = [chunk_share(23, 5, SimpleNamespace(num_processes=k, process_index=r)) for r in range(k)]
+        assert len({len(s) for s in shares}) == 1  # the same number of batches on every process (FSDP)
+        assert sorted({tuple(c) for s in shares for c in s}) == [tuple(c) for c in one]  # the very same chunks

@@ -4,7 +4,7 @@ import json
 import time
 
 import pytest
-from conftest import put_in_hub_cache, run_cli, run_main
+from conftest import SMOKE, put_in_hub_cache, run_cli, run_main
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dataset import load_reviews
@@ -36,7 +36,7 @@ def test_imdb_hub_layout_with_wrong_columns_is_a_one_line_error(tmp_path):
 
     (tmp_path / "d").mkdir()
     pd.DataFrame({"sentence": ["x"], "label": [1]}).to_parquet(tmp_path / "d" / "train-0.parquet")
-    proc = run_main("--preset", "smoke", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "m"))
+    proc = run_main(*SMOKE, "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "m"))
     assert proc.returncode == 2 and "expected the hub IMDb layout text,label" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -56,7 +56,7 @@ def test_paper_preset_end_to_end_from_the_hub_cache_offline(hub_fixtures, tmp_pa
     put_in_hub_cache(cache, "fixture-org/tiny-gpt2", hub_fixtures["gpt2"])
     put_in_hub_cache(cache, "fixture-org/tiny-sst2", hub_fixtures["judge"])
     out = tmp_path / "run"
-    proc = run_cli("--preset", "paper", "--policy_model", "fixture-org/tiny-gpt2", "--judge_model",
+    proc = run_cli("--preset", "paper", "--dtype", "fp32", "--policy_model", "fixture-org/tiny-gpt2", "--judge_model",
                    "fixture-org/tiny-sst2", "--data", str(hub_fixtures["imdb_disk"]), *TINY,
                    "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"),
                    env_extra={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})

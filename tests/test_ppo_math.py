@@ -120,3 +120,14 @@ def test_whiten_over_process_shares_equals_whitening_the_global_batch():
     assert torch.allclose(torch.cat([whiten(s, m, sum_over_processes=lambda t: total) for s, m in shares]),
                           whiten(x, mask), atol=1e-5)
     assert not torch.allclose(whiten(*shares[0]), whiten(x, mask)[:3], atol=1e-3)  # a share's own stats differ
+
+
+def test_whiten_of_nearly_constant_advantages_is_finite():
+    """One-pass variance E[x^2] - mean^2 rounds below 0 for values like these (by more than the 1e-8 that
+    rsqrt is guarded with); the clamp keeps the result finite."""
+    x = torch.full((4, 8), 1000.1)  # float32: E[x^2] - mean^2 = -0.125
+    m = torch.ones_like(x)
+    mean = x.sum() / m.sum()
+    assert (x * x).sum() / m.sum() - mean ** 2 < -1e-8  # the rounding this test is about
+    out = whiten(x, m)
+    assert torch.isfinite(out).all()

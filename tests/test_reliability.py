@@ -22,8 +22,10 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-def _args(out, *extra):
-    return ["--preset", "smoke", "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *extra]
+def _args(out, *extra, dtype="fp32"):
+    """A smoke run's arguments at a pinned precision (``--dtype auto`` would differ between CPUs)."""
+    return ["--preset", "smoke", "--dtype", dtype, "--output_dir", str(out / "models"),
+            "--plots_dir", str(out / "plots"), *extra]
 
 
 def _weights(model_dir):
@@ -148,8 +150,8 @@ def test_same_seed_bf16_runs_are_identical_too(tmp_path, smoke_run):
     runs = []
     for d in ("a", "b"):
         copy_offline_models(smoke_run["dir"] / "models", tmp_path / d / "models")
-        proc = run_main(*_args(tmp_path / d, "--dpo-only", "--dtype", "bf16", "--dpo_steps", "12",
-                               "--dpo_eval_every", "6"))
+        proc = run_main(*_args(tmp_path / d, "--dpo-only", "--dpo_steps", "12", "--dpo_eval_every", "6",
+                               dtype="bf16"))
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(tmp_path / d / "models" / "dpo_toxic_reduced_model")
     assert _strip(read_metrics(runs[0] / "metrics.jsonl")) == _strip(read_metrics(runs[1] / "metrics.jsonl"))

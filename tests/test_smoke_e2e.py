@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from conftest import copy_offline_models, require_imdb, run_main
+from conftest import SMOKE, copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -102,7 +102,7 @@ def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
     for flag, present, absent in (("--dpo-only", "dpo", "ppo"), ("--ppo-only", "ppo", "dpo")):
         plots = tmp_path / flag.strip("-")
         # reuse the smoke run's offline models (same settings: no rebuild)
-        proc = run_main("--preset", "smoke", flag, "--output_dir", str(smoke_run["dir"] / "models"),
+        proc = run_main(*SMOKE, flag, "--output_dir", str(smoke_run["dir"] / "models"),
                         "--plots_dir", str(plots))
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "reusing" in proc.stdout
@@ -116,7 +116,7 @@ def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips
     final point in results.json, a matched-KL table with a mean and a std in every cell; then the same command
     with --resume trains nothing and writes the same table."""
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    args = ["--preset", "smoke", "--sweep", "--seeds", "0", "1", "--output_dir", str(tmp_path / "models"),
+    args = [*SMOKE, "--sweep", "--seeds", "0", "1", "--output_dir", str(tmp_path / "models"),
             "--plots_dir", str(tmp_path / "plots")]
     proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -148,7 +148,7 @@ def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips
 
 def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    common = ["--preset", "smoke", "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
+    common = [*SMOKE, "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
     dpo = run_main(*common, "--dpo-only", "--pair_source", "generated", "--dpo_steps", "4", "--loss_type", "ipo")
     assert dpo.returncode == 0, dpo.stderr[-2000:]
     assert "sample pairs from the reference" in dpo.stderr
@@ -160,7 +160,7 @@ def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):
 
 def test_sft_stage_fine_tunes_the_base_lm_and_becomes_the_reference(tmp_path, smoke_run):
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    args = ["--preset", "smoke", "--dpo-only", "--dpo_steps", "2", "--sft_steps", "20", "--sft_lr", "3e-3",
+    args = [*SMOKE, "--dpo-only", "--dpo_steps", "2", "--sft_steps", "20", "--sft_lr", "3e-3",
             "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
     proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -182,7 +182,7 @@ def test_report_to_tensorboard_writes_the_metrics_jsonl_names(tmp_path, smoke_ru
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    proc = run_main("--preset", "smoke", "--report_to", "tensorboard", "--dpo_steps", "10", "--ppo_steps", "2",
+    proc = run_main(*SMOKE, "--report_to", "tensorboard", "--dpo_steps", "10", "--ppo_steps", "2",
                     "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = {}
@@ -204,5 +204,5 @@ def test_report_to_a_missing_tracker_is_a_one_line_error(monkeypatch, tmp_path):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    proc = run_main("--preset", "smoke", "--report_to", "wandb", "--output_dir", str(tmp_path / "m"))
+    proc = run_main(*SMOKE, "--report_to", "wandb", "--output_dir", str(tmp_path / "m"))
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
