@@ -65,10 +65,15 @@ class ModelConfig:
     device: str = _f("auto", "Device: auto (cuda, then mps, then cpu), cuda, mps or cpu.")
     dtype: Literal["auto", "fp32", "bf16"] = _f(
         "auto", "Compute precision of every forward pass (builders, DPO, reward model, PPO, evaluation): bf16 "
-                "autocast or fp32. auto = bf16 on a CUDA GPU or a CPU with bf16 matrix units (AMX / AVX512-BF16, "
-                "detected), fp32 elsewhere. Weights, optimiser states and log-prob sums are fp32 either way.")
+                "autocast or fp32. auto = bf16 on a CUDA GPU with bf16 units, or on a CPU with bf16 matrix units "
+                "(AMX / AVX512-BF16) for models at least 128 wide; fp32 elsewhere. Weights, optimiser states and "
+                "log-prob sums are fp32 either way. Pin it (fp32) to reproduce a number on another machine.")
+    threads: int = _f(0, "CPU threads of torch's kernels. 0 = torch's default (one per physical core). fp32 "
+                         "numbers depend on it (reductions are split across threads): pin it to reproduce a "
+                         "number on a machine with another core count.")
 
     def __post_init__(self):
+        _check(self.threads >= 0, f"--threads must be >= 0 (0: one per core), got {self.threads}")
         _check(self.device in ("auto", "cuda", "mps", "cpu"),
                f"--device {self.device!r} is not one of auto, cuda, mps, cpu")
 

@@ -83,6 +83,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # e.g. a note at every checkpoint on the tied LM head
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
+    if cfg.model.threads:  # fp32 reductions depend on the thread count: reproduction commands pin it
+        torch.set_num_threads(cfg.model.threads)
     seed_everything(cfg.run.seed)
     device = acc.device
     # The main process builds (or fine-tunes) first; the others then find the result and reuse it.
@@ -121,7 +123,8 @@ def run(cfg: Config, argv: list[str]) -> int:
         print(f"data: {len(data.train_pairs)} training pairs, {len(data.val_pairs)} validation pairs, "
               f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts (seed {seed}); "
               f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
-              f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype})")
+              f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype}), "
+              f"{torch.get_num_threads()} CPU threads")
         kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
                                  cfg.eval.eval_batch_size, device, seed, dtype, acc,
                                  judge_dtype=judge_dtype)

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from dpo_utils import pad_sequences
-from models import autocast, dtype_name, resolve_dtype
+from models import autocast, dtype_name, machine_info, resolve_dtype
 from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
@@ -175,7 +175,8 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
                   lr=oc.lm_lr, pad_id=tok.eos_token_id, rng=rng, dtype=dtype, desc="offline: pre-train GPT-2")
     loss = heldout_lm_loss(model, eval_ids, oc.lm_seq_len, tok.eos_token_id, cfg.data.split_seed + 7, dtype)
     report = {"heldout_loss": loss, "n_params": sum(p.numel() for p in model.parameters()),
-              "tokens_seen": oc.lm_steps * oc.lm_batch_size * oc.lm_seq_len, "build_s": time.time() - t0}
+              "tokens_seen": oc.lm_steps * oc.lm_batch_size * oc.lm_seq_len, "build_s": time.time() - t0,
+              "machine": machine_info()}  # provenance: the weights' low bits depend on the CPU and threads
     print(f"offline: GPT-2 ({report['n_params'] / 1e6:.1f}M params) held-out loss {report['heldout_loss']:.2f} "
           f"after {report['tokens_seen'] / 1e6:.2f}M tokens, {report['build_s']:.0f}s")
     model.save_pretrained(out)
@@ -326,7 +327,7 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
 
     report = {"accuracy_full_reviews": accuracy(L),
               f"accuracy_{OPENING_TOKENS}_token_openings": accuracy(OPENING_TOKENS),
-              "n_heldout": n_eval, "max_length": L, "build_s": time.time() - t0}
+              "n_heldout": n_eval, "max_length": L, "build_s": time.time() - t0, "machine": machine_info()}
     if teacher is not None:
         report[f"teacher_accuracy_{OPENING_TOKENS}_token_openings"] = t_acc
     print(f"offline: judge held-out accuracy {report['accuracy_full_reviews']:.3f} on full reviews (first {L} "

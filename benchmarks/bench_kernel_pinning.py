@@ -87,9 +87,9 @@ def main() -> int:
     if not args.no_timing:
         for name in args.settings:
             env = {**os.environ, **SETTINGS[name]}
-            proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype_cpu.py"), "--shapes",
-                                   "offline_lm", "offline_dpo", "--steps", "8"], env=env, capture_output=True,
-                                  text=True, cwd=ROOT)
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dtype_cpu.py"), "--shapes", "offline_lm",
+                   "offline_dpo", "--steps", "8", "--precisions", "fp32"]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
             shapes = json.loads(proc.stdout.strip().splitlines()[-1])["shapes"]
             summary["settings"][name]["fp32_step_s"] = {s["shape"]: s["fp32_step_s"] for s in shapes}
             print(f"{name:9s} fp32 step: " + ", ".join(f"{s['shape']} {s['fp32_step_s'] * 1e3:.0f} ms" for s in shapes),

@@ -95,3 +95,20 @@ def test_auto_forced_each_way_is_recorded_and_keeps_its_own_caches(tmp_path, smo
     fp32_cache = {p.name for p in (smoke_run["dir"] / "models" / "cache").glob("ref_logps-*.pt")}
     mine = {p.name for p in (tmp_path / "models" / "cache").glob("ref_logps-*.pt")}
     assert mine and (mine <= fp32_cache if answer == "fp32" else not mine & fp32_cache)
+
+
+def test_threads_are_pinned_and_recorded(tmp_path, smoke_run):
+    """--threads sets torch's CPU threads (fp32 reductions depend on them) and results.json records them."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    before = torch.get_num_threads()
+    try:
+        proc = run_main("--preset", "smoke", "--dtype", "fp32", "--threads", "1", "--dpo-only", "--dpo_steps", "2",
+                        "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
+    finally:
+        torch.set_num_threads(before)  # run_main ran in this process
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 CPU threads" in proc.stdout
+    assert json.loads((tmp_path / "plots" / "results.json").read_text())["machine"]["torch_threads"] == 1
+    bad = run_main("--preset", "smoke", "--threads", "-1")
+    assert bad.returncode == 2 and "--threads must be >= 0" in bad.stderr

@@ -152,17 +152,6 @@ def test_value_head_shape_and_one_ppo_update_changes_the_policy(tiny_lm):
     assert ((after - old_lp) * mask)[0].sum() > ((after - old_lp) * mask)[1].sum()
 
 
-def test_dtype_auto_asks_the_hardware(monkeypatch):
-    from models import resolve_dtype
-
-    assert resolve_dtype("fp32", "cpu") == torch.float32 and resolve_dtype("bf16", "cpu") == torch.bfloat16
-    for amx, avx512_bf16, expected in ((False, False, torch.float32), (True, False, torch.bfloat16),
-                                       (False, True, torch.bfloat16)):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        assert resolve_dtype("auto", "cpu") == expected
-
-
 def test_reference_cache_is_kept_apart_per_precision(tiny_lm, tmp_path):
     model, w = ResponseLogProbs(tiny_lm), weights_fingerprint(tiny_lm)
     c32, _, _ = reference_logps(model, PAIRS, 0, 2, "cpu", tmp_path, w, torch.float32)
