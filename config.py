@@ -414,13 +414,15 @@ class _Parser(HfArgumentParser):
 
 
 def make_parser() -> _Parser:
-    return _Parser(list(SECTIONS.values()), description="DPO vs PPO on IMDb: train, evaluate, plot.")
+    # allow_abbrev=False: an abbreviated flag (--dpo-step for --dpo-steps) is an error, never a silent guess.
+    return _Parser(list(SECTIONS.values()), description="DPO vs PPO on IMDb: train, evaluate, plot.",
+                   allow_abbrev=False)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse ``argv`` into a validated :class:`Config`: the preset's values, then the flags given."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default="paper")
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESET_NAMES:

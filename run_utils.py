@@ -259,6 +259,8 @@ def resume_or_start(acc, run_dir: Path, resume: bool, setup_s: float = 0.0, name
     ``setup_s`` of training."""
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None:
+        if resume:  # say so: a mistyped --output_dir would otherwise retrain silently
+            print(f"{name}: nothing to resume in {Path(run_dir) / 'checkpoints'}; starting from scratch")
         return 0, Timer(setup_s), 0, False
     acc.load_state(str(ckpt))
     meta = torch.load(ckpt / "meta.pt", weights_only=False)

@@ -133,7 +133,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
 
     # --- resume ---
     start, timer, consecutive_bad, resumed = resume_or_start(acc, run_dir, rc.resume, time.time() - t_setup,
-                                                             "dpo", {"scheduler": scheduler})
+                                                             name, {"scheduler": scheduler})
     metrics = MetricsLog(run_dir / "metrics.jsonl", start if resumed else None, acc, name, cfg.to_dict())
     if acc.is_main_process:
         cfg.save(run_dir / "training_config.json")

@@ -208,7 +208,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
     # --- resume ---
     # PPO's training time starts with its reward model's, the stage DPO does without.
     rm_train_s = rm_report["train_s"] if rm_report else 0.0
-    start, timer, consecutive_bad, resumed = resume_or_start(acc, run_dir, rc.resume, rm_train_s, "ppo",
+    start, timer, consecutive_bad, resumed = resume_or_start(acc, run_dir, rc.resume, rm_train_s, name,
                                                              {"kl_ctl": kl_ctl})
     metrics = MetricsLog(run_dir / "metrics.jsonl", start if resumed else None, acc, name, cfg.to_dict())
     if acc.is_main_process:

@@ -43,6 +43,10 @@ def test_config_round_trips_through_a_dict():
     (["--n_val_pairs", "0"], "n_val_pairs"),
     (["--rm_patience", "0"], "rm_patience"),
     (["--no-such-flag", "1"], "unrecognized"),
+    # exact flag names only: an abbreviation is never taken for the flag it starts
+    (["--dpo-step", "5"], "unrecognized"),
+    (["--bet", "0.5"], "unrecognized"),
+    (["--pres", "smoke"], "unrecognized"),
 ])
 def test_invalid_values_exit_2_with_one_line(argv, words, capsys):
     assert main(argv) == 2

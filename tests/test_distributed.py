@@ -29,8 +29,9 @@ EVAL_SPLIT = ("--n_eval_prompts", "25", "--eval_batch_size", "4")
 
 def launch(out: Path, *args: str, **popen) -> subprocess.Popen:
     """``accelerate launch --multi_gpu --num_processes 2 main.py --preset smoke ...`` (on a CPU: two gloo processes)."""
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "main.py"), *SMOKE,
+    # configs/multi_gpu.yaml sets every launcher default, so accelerate prints no warnings about them
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "multi_gpu.yaml"), "--num_processes", "2",
+           str(ROOT / "main.py"), *SMOKE,
            "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -48,6 +49,10 @@ def test_two_processes_reproduce_one_process_and_ppo_completes(tmp_path, smoke_r
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "x 2 processes" in out and out.count("dpo: saved") == 1  # the main process alone prints
+    lines = [line for line in out.splitlines() if line.startswith(("dpo step ", "ppo iter ", "data: ", "offline: "))]
+    single = [line for line in smoke_run["proc"].stdout.splitlines() if line.startswith("dpo step ")]
+    assert len(lines) == len(set(lines)) and sum(line.startswith("dpo step ") for line in lines) == len(single) > 0
+    assert "had defaults used instead" not in err and "were not passed to `accelerate launch`" not in err
     one = [r for r in read_metrics(smoke_run["dir"] / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")
            if "loss" in r]
     two = [r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl") if "loss" in r]

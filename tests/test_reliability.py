@@ -56,9 +56,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, smoke_run, m
     final_dir = out / "models" / f"{method}_toxic_reduced_model"
     assert not final_dir.exists(), "the run finished before the kill: make it longer"
 
+    ckpt = latest_checkpoint(run_dir)
     resumed = run_main(*_args(out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout
+    assert f"{method}_toxic_reduced_model: resuming from {ckpt} (step {int(ckpt.name[5:])})" in resumed.stdout
     a = _strip(read_metrics(tmp_path / "full" / "models" / f"{method}_toxic_reduced_model" / "metrics.jsonl"))
     b = _strip(read_metrics(final_dir / "metrics.jsonl"))
     assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -183,3 +184,13 @@ def test_step_indices_walk_seeded_epochs_without_state():
     assert seen[:10] != seen[10:]  # each epoch reshuffles
     assert step_indices(3, batch, n, [0]) == seen[8:12]  # crosses the epoch boundary
     assert step_indices(3, batch, n, [1]) != seen[8:12]
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, smoke_run):
+    """A --resume that finds no checkpoint (a mistyped --output_dir, say) says where it looked."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main(*_args(tmp_path, "--dpo-only", "--dpo_steps", "2", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where = tmp_path / "models" / "runs" / "dpo_toxic_reduced_model" / "checkpoints"
+    assert f"dpo_toxic_reduced_model: nothing to resume in {where}; starting from scratch" in proc.stdout
