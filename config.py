@@ -290,8 +290,13 @@ class RunConfig:
                    "split and the held-out prompts follow --split_seed).")
     seeds: list[int] = _f([], "Run everything once per seed (e.g. --seeds 0 1 2): the study's spread. Default: "
                           "--seed alone.")
-    output_dir: str = _f("models", "Where models, metrics and checkpoints are written.")
-    plots_dir: str = _f("evaluation_plots", "Where the dashboard, plots and results.json are written.")
+    output_dir: str = _f("", "Where this run's models, metrics and checkpoints are written. Default: "
+                             "models/<preset> (each preset its own, so no preset overwrites another's).")
+    plots_dir: str = _f("", "Where the dashboard, plots and results.json are written. Default: "
+                            "evaluation_plots/<preset>.")
+    cache_dir: str = _f("", "Where the hash-keyed artifacts live (self-built models, reward models, reference "
+                            "log-probs, SFT models), shared by presets since each key names its settings. Default: "
+                            "models, or --output_dir when that is given.")
     log_every: int = _f(10, "One log line every this many steps.")
     save_every: int = _f(50, "Checkpoint every this many steps.")
     keep_checkpoints: int = _f(2, "Checkpoints kept per run (oldest deleted).")
@@ -300,6 +305,10 @@ class RunConfig:
                                     "non-finite guard.")
 
     def __post_init__(self):
+        # Empty paths take their defaults here, where the preset is known (see the fields' help).
+        self.cache_dir = self.cache_dir or self.output_dir or "models"
+        self.output_dir = self.output_dir or f"models/{self.preset}"
+        self.plots_dir = self.plots_dir or f"evaluation_plots/{self.preset}"
         _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite_skips"):
@@ -430,7 +439,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     preset = PRESETS[known.preset]
     parser = make_parser()
     # The preset's values become argparse defaults, so only the flags actually given override them.
-    parser.set_defaults(**{k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()})
+    defaults = {k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()}
+    # The paths resolve from the flags actually given (RunConfig.__post_init__), not from the preset's own.
+    defaults.update(output_dir="", plots_dir="", cache_dir="")
+    parser.set_defaults(**defaults)
     try:
         *parts, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:

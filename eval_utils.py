@@ -306,7 +306,8 @@ def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
             "per_prompt": {"scores": [float(x) for x in res["scores"]], "log_ratios": list(res["log_ratios"])}}
 
 
-def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str) -> dict:
+def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str,
+                     setup: dict | None = None) -> dict:
     """Evaluate the reference and the first seed's default policies on the held-out prompts at every
     temperature (win rates, examples), gather every run's evaluation points into the frontier and the
     matched-KL table, and write results.json.
@@ -327,7 +328,7 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
                "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward, "target_kl": cfg.ppo.target_kl,
                "device": str(kit.device), "precision": dtype_name(kit.dtype),
                "judge_precision": dtype_name(kit.judge_dtype), "machine": machine_info(kit.device),
-               "examples_seed": EXAMPLES_SEED}
+               "examples_seed": EXAMPLES_SEED, "setup": setup or {}}
     for name in tqdm(["reference", *first], desc="final evaluation", unit="model"):
         if name == "reference":
             results[name] = _model_entry(kit, cfg, kit.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})

@@ -84,7 +84,7 @@ def run(cfg: Config, argv: list[str]) -> int:
         model_width,
         resolve_dtype,
     )
-    from offline_models import ensure_offline_models
+    from offline_models import data_fingerprint, ensure_offline_models
     from run_utils import seed_everything
 
     # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
@@ -126,6 +126,16 @@ def run(cfg: Config, argv: list[str]) -> int:
     if len(specs) > 2 or len(seeds) > 1:
         print(f"study: {len(specs)} runs over seeds {seeds}")
     runs, first = [], {}  # every run's record; the first seed's default policies, for the final evaluation
+    # --dpo-only after --ppo-only (or the reverse) on the same setup: the earlier method's runs stay in the
+    # results. Checked before any training: a results.json of another setup is refused, never overwritten.
+    setup = study.run_setup(cfg, dtype_name(dtype), data_fingerprint(train_df) + data_fingerprint(eval_df))
+    for r in study.carried_over(cfg, setup):
+        model_dir = str(Path(r["metrics"]).parent)
+        runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
+                     "summary": {"model_dir": model_dir, **{k: r[k] for k in eval_utils.TIME_KEYS if k in r}}})
+        if r["main"] and r["seed"] == seeds[0]:
+            first[r["method"]] = {**runs[-1]["summary"], "policy": load_causal_lm(model_dir, device)}
+            print(f"results: keeping {r['method']} from {cfg.run.plots_dir}/results.json ({model_dir})")
     for seed in seeds:
         scfg = cfg.replace(run={"seed": seed})
         data = dataset.prepare(scfg, tokenizer, train_df, eval_df)  # this seed's pair sample
@@ -152,8 +162,9 @@ def run(cfg: Config, argv: list[str]) -> int:
         if seed == seeds[0]:
             first_kit, first_data = kit, data
 
-    results = eval_utils.final_evaluation(cfg, first_kit, first, runs, first_data, n_reviews=len(reviews),
-                                          command=command)
+    order = [m for m in study.METHODS if m in first]  # DPO before PPO whichever ran first
+    results = eval_utils.final_evaluation(cfg, first_kit, {m: first[m] for m in order}, runs, first_data,
+                                          n_reviews=len(reviews), command=command, setup=setup)
     if acc.is_main_process:  # the main process alone writes results and plots
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(plots.summary_table(results))

@@ -360,7 +360,7 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
 
     Each lives in ``models/offline/<kind>-<settings hash>/`` with its settings in ``build_settings.json``.
     """
-    root = Path(cfg.run.output_dir) / "offline"
+    root = Path(cfg.run.cache_dir) / "offline"
     paths = {}
     for name, kind, prefix, builder in (("policy_model", "base_lm", "lm_", build_base_lm),
                                         ("judge_model", "judge", "judge_", build_judge)):

@@ -68,6 +68,48 @@ def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
     return runs
 
 
+def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:
+    """What two runs must share for their results to sit in one results.json: the models, data, seeds,
+    precision and the evaluation's prompts and temperatures."""
+    return {"preset": cfg.run.preset, "policy_model": cfg.model.policy_model, "judge_model": cfg.model.judge_model,
+            "precision": precision, "data": data_fingerprint, "split_seed": cfg.data.split_seed,
+            "n_pairs": cfg.data.n_pairs, "seeds": cfg.run.seeds or [cfg.run.seed],
+            "n_eval_prompts": cfg.eval.n_eval_prompts, "response_tokens": cfg.data.response_tokens,
+            "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures)}
+
+
+def carried_over(cfg, setup: dict) -> list[dict]:
+    """For ``--dpo-only`` or ``--ppo-only``: the other method's runs recorded in the results.json already in
+    ``--plots_dir`` (their ``runs`` entries), so that the new results hold both methods. Empty for a run of
+    both methods or when there is no results.json. A results.json from another setup, or whose runs' models
+    are gone, is refused (ConfigError, before any training) rather than overwritten."""
+    from config import ConfigError
+
+    path = Path(cfg.run.plots_dir) / "results.json"
+    if not (cfg.run.dpo_only or cfg.run.ppo_only) or not path.exists():
+        return []
+    fix = f"pass another --plots_dir, or move {path} away to start afresh"
+    try:
+        prev = json.loads(path.read_text())
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON, so this run's results cannot be added to it; {fix}") from None
+    old = prev.get("setup")
+    if old is None:
+        raise ConfigError(f"{path} was written by an older version (no setup recorded), so this run's results "
+                          f"cannot be added to it; {fix}")
+    diff = [k for k in setup if old.get(k) != setup[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{path} holds results of another setup ({k}: {old.get(k)!r} there, {setup[k]!r} now), "
+                          f"so this run's results cannot be added to it; {fix}")
+    keep = ("ppo", "ppo_gt") if cfg.run.dpo_only else ("dpo",)
+    mine = [r for r in prev.get("runs", []) if r["method"] in keep]
+    gone = [r["name"] for r in mine if not Path(r["metrics"]).exists()]
+    if gone:
+        raise ConfigError(f"{path} lists run {gone[0]}, whose model is no longer in {cfg.run.output_dir}; {fix}")
+    return mine
+
+
 def finished(run_cfg, spec: RunSpec) -> dict | None:
     """The saved summary of a run that completed with this very configuration (its final model directory is
     only ever written whole), or None. A run whose saved config differs in anything but the run-control

@@ -128,7 +128,8 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
     # --- reference log-probs, once (the policy equals the reference before step 1) ---
     t_ref = time.time()
     ref_chosen_logps, ref_rejected_logps, ref_cached = reference_logps(
-        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, out_dir / "cache", weights, kit.dtype, acc)
+        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, Path(rc.cache_dir) / "cache", weights,
+        kit.dtype, acc)
     ref_logps_s = time.time() - t_ref
 
     # --- resume ---

@@ -89,7 +89,7 @@ def train_reward_model(cfg, data, kit: EvalKit):
                 "precision": dtype_name(kit.dtype),
                 "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cfg.run.output_dir) / "reward_models" / key
+    out = Path(cfg.run.cache_dir) / "reward_models" / key
     if (out / "rm_report.json").exists():
         report = json.loads((out / "rm_report.json").read_text())
         print(f"ppo: reusing reward model {out} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f})")

@@ -32,7 +32,7 @@ def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
                 "split_seed": cfg.data.split_seed, "n_train_reviews": len(train_df),
                 "data_fingerprint": data_fingerprint(train_df)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cfg.run.output_dir) / "sft" / key
+    out = Path(cfg.run.cache_dir) / "sft" / key
     if (out / "sft_report.json").exists():
         report = json.loads((out / "sft_report.json").read_text())
         print(f"sft: reusing {out} (held-out loss {report['heldout_loss_before']:.2f} -> "

@@ -61,7 +61,7 @@ TRAINERS = ("ours", "trl_defaults", "trl_fp32", "trl_fp32_precompute")
 def run_ours(cfg, data, tok, model_dir: str, acc) -> dict:
     dtype = resolve_dtype(cfg.model.dtype, "cpu", model_width(load_config(model_dir)))
     with tempfile.TemporaryDirectory() as out:  # fresh cache: our reference pass is timed too
-        c = cfg.replace(run={"output_dir": out, "log_every": 10 ** 9, "save_every": 10 ** 9},
+        c = cfg.replace(run={"output_dir": out, "cache_dir": out, "log_every": 10 ** 9, "save_every": 10 ** 9},
                         model={"policy_model": model_dir, "build_offline_models": False})
         kit = EvalKit(tok, None, None, None, [], c.data.response_tokens, c.eval.eval_batch_size,
                       torch.device("cpu"), c.run.seed, dtype, acc)

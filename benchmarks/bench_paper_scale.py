@@ -79,7 +79,8 @@ def main() -> int:
     print(f"stand-ins built in {time.time() - t0:.0f}s (not timed below)", file=sys.stderr)
 
     cfg = paper.replace(model={"policy_model": policy_dir, "judge_model": judge_dir},
-                        run={"output_dir": str(out / "models"), "log_every": 10**9, "save_every": 10**9})
+                        run={"output_dir": str(out / "models"), "cache_dir": str(out / "models"), "log_every": 10**9,
+                             "save_every": 10**9})
     tok = load_tokenizer(policy_dir)
     ref = load_causal_lm(policy_dir, device)
     judge_tok, judge = load_judge(judge_dir, device)

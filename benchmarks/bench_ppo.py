@@ -148,12 +148,12 @@ def main() -> int:
                   torch.device("cpu"), base.run.seed, torch.float32, acc)
     rm_root = tempfile.mkdtemp(prefix="bench_ppo_rm_")
     # The reward model is not timed: reuse (or fill) the offline preset's cache, e.g. a study's seed-0 model.
-    shared_rms = Path(base.run.output_dir) / "reward_models"
+    shared_rms = Path(base.run.cache_dir) / "reward_models"
     shared_rms.mkdir(parents=True, exist_ok=True)
     (Path(rm_root) / "reward_models").symlink_to(shared_rms.resolve(), target_is_directory=True)
     cfg = base.replace(model={**paths, "build_offline_models": False, "dtype": "fp32"},
                        ppo={"ppo_steps": a.iters, "target_kl": None},
-                       run={"output_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
+                       run={"output_dir": rm_root, "cache_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
     print("training the reward model once (not timed)", file=sys.stderr)
     _, rm_report = train_ppo.train_reward_model(cfg, data, kit)
     (rm_dir,) = [d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()

@@ -60,10 +60,11 @@ def tiny_lm(tiny_tokenizer):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``main.py`` in a subprocess exactly as a user would (minus uv), from the repository root."""
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run ``main.py`` in a subprocess exactly as a user would (minus uv), from the repository root (or ``cwd``,
+    where its default relative paths then land)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -206,3 +206,51 @@ def test_report_to_a_missing_tracker_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     proc = run_main(*SMOKE, "--report_to", "wandb", "--output_dir", str(tmp_path / "m"))
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_outputs_default_to_per_preset_directories():
+    from config import parse_config
+
+    run = parse_config(["--preset", "smoke"]).run
+    assert (run.output_dir, run.plots_dir, run.cache_dir) == ("models/smoke", "evaluation_plots/smoke", "models")
+    run = parse_config(["--preset", "offline"]).run
+    assert (run.output_dir, run.plots_dir, run.cache_dir) == ("models/offline", "evaluation_plots/offline", "models")
+    run = parse_config(["--preset", "smoke", "--output_dir", "x"]).run  # a given --output_dir holds the caches too
+    assert (run.output_dir, run.cache_dir, run.plots_dir) == ("x", "x", "evaluation_plots/smoke")
+
+
+def test_a_smoke_run_leaves_another_presets_results_alone(tmp_path):
+    """Run from an empty directory with the default paths: smoke writes under models/smoke and
+    evaluation_plots/smoke only, and the offline preset's --plots-only neither sees nor touches them."""
+    require_imdb()
+    from conftest import IMDB_CSV, run_cli
+
+    other = tmp_path / "evaluation_plots" / "offline"
+    other.mkdir(parents=True)
+    (other / "results.json").write_text("{}")  # stands for an earlier offline study's results
+    proc = run_cli(*SMOKE, "--dpo-only", "--dpo_steps", "2", "--data", str(IMDB_CSV), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "evaluation_plots" / "smoke" / "dpo_results_dashboard.png").exists()
+    assert (tmp_path / "models" / "smoke" / "dpo_toxic_reduced_model" / "train_summary.json").exists()
+    assert list((tmp_path / "models" / "offline").glob("base_lm-*"))  # the shared cache of self-built models
+    assert (other / "results.json").read_text() == "{}" and sorted(p.name for p in other.iterdir()) == ["results.json"]
+
+
+def test_dpo_only_then_ppo_only_keeps_both_and_refuses_another_setup(tmp_path, smoke_run):
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    common = [*SMOKE, "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
+    dpo = run_main(*common, "--dpo-only", "--dpo_steps", "4")
+    assert dpo.returncode == 0, dpo.stderr[-2000:]
+    ppo = run_main(*common, "--ppo-only", "--ppo_steps", "2")
+    assert ppo.returncode == 0, ppo.stderr[-2000:]
+    assert "results: keeping dpo from" in ppo.stdout
+    results = json.loads((tmp_path / "plots" / "results.json").read_text())
+    assert "dpo" in results and "ppo" in results
+    assert sorted(r["method"] for r in results["runs"]) == ["dpo", "ppo"]
+    assert {p["method"] for p in results["frontier"]["points"]} == {"dpo", "ppo"}
+    before = (tmp_path / "plots" / "results.json").read_bytes()
+    other = run_main(*common, "--ppo-only", "--ppo_steps", "2", "--seed", "1")  # another pair sample
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "another setup (seeds: [0] there, [1] now)" in other.stderr and "--plots_dir" in other.stderr
+    assert (tmp_path / "plots" / "results.json").read_bytes() == before  # nothing overwritten
