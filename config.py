@@ -285,7 +285,7 @@ class RunConfig:
     report_to: Literal["none", "tensorboard", "wandb"] = _f(
         "none", "Also send every metrics.jsonl row to an experiment tracker (through accelerate): TensorBoard "
                 "event files under <output_dir>/tracking/<run>/ (uv sync --group tensorboard), or Weights & Biases "
-                "(pip install wandb). The resolved config is logged as hyperparameters.")
+                "(uv sync --group wandb). The resolved config is logged as hyperparameters.")
     seed: int = _f(0, "Seed of the preference-pair sample, the reward model's head and every sampling seed (the "
                    "split and the held-out prompts follow --split_seed).")
     seeds: list[int] = _f([], "Run everything once per seed (e.g. --seeds 0 1 2): the study's spread. Default: "

@@ -116,8 +116,10 @@ def _read_hub(repo_id: str, notes: list[str]) -> pd.DataFrame:
                                  local_files_only=hub.LOCAL_FILES_ONLY)
     except Exception as e:  # offline, no cache, hub down: all the user can do is give a file
         raise ConfigError(f"no IMDb data: {DEFAULT_CSV.relative_to(ROOT)} is missing and the hub dataset "
-                          f"{repo_id} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' "
-                          f"in data/ or pass --data PATH") from None
+                          f"{repo_id} could not be loaded ({type(e).__name__}); put 'IMDB Dataset.csv' (Kaggle's "
+                          f"'IMDB Dataset of 50K Movie Reviews', columns review,sentiment) in data/, or pass "
+                          f"--data PATH (that CSV, an extracted aclImdb/ folder or the hub dataset saved to disk)"
+                          ) from None
     return _read_hf_dataset(Path(path), repo_id, notes)
 
 

@@ -46,7 +46,8 @@ def make_accelerator(device: torch.device, report_to: str = "none", output_dir="
 
     from accelerate import Accelerator
 
-    need = {"tensorboard": ("tensorboard", "uv sync --group tensorboard"), "wandb": ("wandb", "pip install wandb")}
+    need = {"tensorboard": ("tensorboard", "uv sync --group tensorboard"),
+            "wandb": ("wandb", "uv sync --group wandb")}
     if report_to in need and importlib.util.find_spec(need[report_to][0]) is None:
         raise StopTraining(f"--report_to {report_to} needs the {need[report_to][0]} package: {need[report_to][1]}, "
                            f"or --report_to none", 2)

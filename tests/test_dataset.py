@@ -229,3 +229,16 @@ def test_encode_openings_equals_tokenizing_whole_texts(tiny_tokenizer):
         for n in (1, 8, 56):
             full = tok(texts, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
             assert encode_openings(tok, texts, n) == full, (type(tok).__name__, n)
+
+
+def test_without_the_csv_or_the_hub_the_error_says_where_the_data_comes_from(monkeypatch, tmp_path):
+    import dataset
+    import hub
+    from config import ConfigError
+
+    monkeypatch.setattr(hub, "LOCAL_FILES_ONLY", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(ConfigError) as e:
+        dataset._read_hub("stanfordnlp/imdb", [])
+    msg = str(e.value)
+    assert "IMDB Dataset of 50K Movie Reviews" in msg and "data/" in msg and "--data PATH" in msg

@@ -205,7 +205,8 @@ def test_report_to_a_missing_tracker_is_a_one_line_error(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     proc = run_main(*SMOKE, "--report_to", "wandb", "--output_dir", str(tmp_path / "m"))
-    assert proc.returncode == 2 and "pip install wandb" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "uv sync --group wandb" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_outputs_default_to_per_preset_directories():
