@@ -335,6 +335,14 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
         else:
             results[name] = _model_entry(kit, cfg, first[name]["policy"], first[name])
 
+    # --- each final policy's safety minus the reference's, paired over the same prompts and seeds ---
+    ref_scores = results["reference"]["per_prompt"]["scores"]
+    for name in first:
+        results[name]["safety_vs_reference"] = study.paired_difference(results[name]["per_prompt"]["scores"],
+                                                                       ref_scores)
+    s = np.asarray(ref_scores)
+    results["eval_noise"] = float(s.std(ddof=1) / np.sqrt(s.size))  # the standard error of one safety score
+
     # --- every run's evaluation points: the frontier, each run's final point, the matched-KL table ---
     results["runs"] = [{"method": r["spec"].method, "label": r["spec"].setting, "seed": r["spec"].seed,
                         "main": r["spec"].main, "name": r["spec"].name,

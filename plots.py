@@ -14,6 +14,32 @@ from config import ConfigError
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", "dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
 POLICIES = ("dpo", "ppo", "ppo_gt")
+SAFETY_MIN_SPAN = 0.1  # a safety axis never zooms closer: differences smaller than noise must look small
+KL_MIN_SPAN = 0.5  # nats
+
+
+def _label(method: str, setting: str | None = None) -> str:
+    """``PPO (learned reward), target_kl=6.0``."""
+    return LABELS[method] + (f", {setting}" if setting else "")
+
+
+def _safety_axis(ax, values) -> None:
+    """A safety y-axis at least SAFETY_MIN_SPAN wide around ``values``, inside [0, 1], plain tick labels."""
+    vals = [v for v in values if v is not None and math.isfinite(v)] or [0.5]
+    span = max(max(vals) - min(vals), SAFETY_MIN_SPAN) * 1.2
+    lo = min(max(0.0, (max(vals) + min(vals)) / 2 - span / 2), 1.0 - span)
+    ax.set_ylim(max(0.0, lo), min(1.0, max(0.0, lo) + span))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
+def _noise_note(results: dict, values) -> str:
+    """A title suffix when ``values`` (safety scores of one panel) all lie within twice the 95% half-width of one
+    evaluation's noise of each other: then the panel shows no difference, whatever the lines look like."""
+    noise = results.get("eval_noise")
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if noise is None or len(vals) < 2 or max(vals) - min(vals) >= 2 * 1.96 * noise:
+        return ""
+    return f"\n(all within evaluation noise: ±{1.96 * noise:.2g} per safety score, 95%)"
 
 
 def read_metrics(path) -> list[dict]:
@@ -42,6 +68,10 @@ def summary_table(results: dict) -> str:
         if any(key in results[n] for n in names):  # itemised parts: "-" where a method has no such stage
             lines.append(f"| {key} | " + " | ".join(fmt.format(results[n][key]) if key in results[n] else "-"
                                                      for n in names) + " |")
+    diffs = {n: results[n].get("safety_vs_reference") for n in names}
+    if any(diffs.values()):  # the evaluation noise of the comparison, printed beside it
+        lines.append("| safety - reference, 95% paired CI | " + " | ".join(
+            f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "-" for d in diffs.values()) + " |")
     temp = str(results["eval_temperature"])
     lines.append(f"| win rate vs ref (T={temp}) | " + " | ".join(
         "{:.3f}".format(results[n]["win_rate_vs_ref"].get(temp, float("nan"))) for n in names) + " |")
@@ -77,6 +107,7 @@ def matched_kl_markdown(results: dict) -> str:
 def plot_learning_curve(ax, results: dict) -> None:
     """Safety of each default run over its training seconds (the same unit for every method; PPO's clock
     starts with its reward model's training), one line per seed."""
+    shown = []
     for r in results["runs"]:
         if not r["main"]:
             continue
@@ -84,12 +115,15 @@ def plot_learning_curve(ax, results: dict) -> None:
         first = r["seed"] == results["seed"]
         ax.plot([row.get("time_s", 0.0) for row in rows], [row["eval/safety_score"] for row in rows],
                 "o-" if first else ".-", color=COLORS[r["method"]], alpha=1.0 if first else 0.45,
-                lw=1.6 if first else 1, label=f"{LABELS[r['method']]} ({r['label']})" if first else None)
+                lw=1.6 if first else 1, label=_label(r["method"], r["label"]) if first else None)
+        shown += [row["eval/safety_score"] for row in rows]
     ax.axhline(results["reference"]["safety_score"], ls="--", color=COLORS["reference"], label="reference")
     n = len(results.get("seeds", [results["seed"]]))
     ax.set_xlabel("training seconds (evaluation excluded; PPO's include its reward model)")
     ax.set_ylabel("safety score (judge P(positive))")
-    ax.set_title("Learning curves on held-out prompts" + (f" ({n} seeds; faint: other seeds)" if n > 1 else ""))
+    _safety_axis(ax, shown + [results["reference"]["safety_score"]])
+    ax.set_title("Learning curves on held-out prompts" + (f" ({n} seeds; faint: other seeds)" if n > 1 else "")
+                 + _noise_note(results, shown + [results["reference"]["safety_score"]]))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -108,16 +142,23 @@ def plot_pareto(ax, results: dict) -> None:
             kl, mean, std, n = (np.array(c[k], dtype=float) for k in ("kl", "mean", "std", "n"))
             every = n >= n_seeds  # where every seed's frontier reaches: a mean over the same seeds throughout
             runs = len({p["label"] for p in mine})
+            what = (f"frontier, mean of {n_seeds} seeds up to the KL all of them reach" if n_seeds > 1
+                    else "frontier (best safety within each KL)")
             ax.plot(kl[every], mean[every], "-", lw=2, color=COLORS[method],
-                    label=f"{LABELS[method]}: frontier, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''} "
-                          f"({runs} setting{'s' if runs > 1 else ''})")
+                    label=f"{LABELS[method]}: {what} ({runs} setting{'s' if runs > 1 else ''})")
             if n_seeds > 1:
                 ax.fill_between(kl[every], (mean - std)[every], (mean + std)[every], color=COLORS[method], alpha=0.15)
     ax.scatter([0], [results["reference"]["safety_score"]], marker="*", s=120, color=COLORS["reference"],
                label="reference", zorder=5)
     ax.set_xlabel(f"KL(π_T ‖ π_ref,T) per sequence, nats (T = {results['eval_temperature']})")
     ax.set_ylabel("safety score (judge P(positive))")
-    ax.set_title("Safety vs KL: every evaluation, frontier ± 1 std over seeds")
+    safeties = [p["safety"] for p in pts] + [results["reference"]["safety_score"]]
+    _safety_axis(ax, safeties)
+    ax.set_xlim(min(0.0, *(p["kl"] for p in pts)) if pts else 0.0,
+                max([KL_MIN_SPAN] + [1.1 * p["kl"] for p in pts]))
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.set_title("Safety vs KL: every evaluation" + (f", frontier ± 1 std over {n_seeds} seeds" if n_seeds > 1
+                                                     else ", frontier") + _noise_note(results, safeties))
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
 
@@ -132,40 +173,54 @@ def plot_temperature(ax, results: dict) -> None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("win rate vs reference")
-    ax.set_title(f"Temperature robustness (default runs, seed {results['seed']})")
+    n = results.get("n_eval_prompts", 0)
+    wins = [results[m]["win_rate_vs_ref"][str(t)] for m in POLICIES if m in results for t in temps]
+    # a win rate over n prompts has a standard error of at most 0.5 / sqrt(n)
+    tie = n > 1 and wins and max(abs(w - 0.5) for w in wins) < 1.96 * 0.5 / math.sqrt(n)
+    ax.set_title(f"Temperature robustness (default runs, seed {results['seed']})"
+                 + (f"\n(every win rate within evaluation noise of a tie: ±{1.96 * 0.5 / math.sqrt(n):.3f})"
+                    if tie else ""))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def plot_final(ax, results: dict) -> None:
-    """The default runs' final safety and KL: mean ± std over seeds (one seed: that run)."""
+    """The default runs' final safety (mean ± std over seeds; one seed: that run, with its paired 95% interval
+    against the reference), their KL to the reference written under each bar."""
     runs = results.get("study", {}).get("default_runs", {})
     names = ["reference", *[m for m in POLICIES if m in runs]]
+    n = len(results.get("seeds", [results["seed"]]))
     x = np.arange(len(names))
-    w = 0.38
-    safety = [(results["reference"]["safety_score"], 0.0)] + [tuple(runs[m]["safety"]) for m in names[1:]]
-    kls = [(0.0, 0.0)] + [tuple(runs[m]["kl"]) for m in names[1:]]
-    err = [[0 if math.isnan(s) else s for _, s in v] for v in (safety, kls)]
-    bars = ax.bar(x - w / 2, [m for m, _ in safety], w, yerr=err[0], capsize=3,
-                  color=[COLORS[n] for n in names], label="safety score")
+    means, lo_err, hi_err, ticks = [], [], [], []
+    for name in names:
+        if name == "reference":
+            mean, low, high, tick = results["reference"]["safety_score"], 0.0, 0.0, "reference\nKL 0"
+        elif n > 1:  # spread over seeds
+            mean, std = runs[name]["safety"]
+            std = 0.0 if math.isnan(std) else std
+            low = high = std
+            kl, kl_std = runs[name]["kl"]
+            tick = f"{LABELS[name].split(' (')[0]}\nKL {_pm(kl, kl_std, '{:.2f}')} nats"
+        else:  # one seed: the paired interval of its difference to the reference
+            mean = runs[name]["safety"][0]
+            diff = results.get(name, {}).get("safety_vs_reference")
+            low, high = ((diff["mean"] - diff["lo"]), (diff["hi"] - diff["mean"])) if diff else (0.0, 0.0)
+            tick = f"{LABELS[name].split(' (')[0]}\nKL {runs[name]['kl'][0]:.2f} nats"
+        means.append(mean)
+        lo_err.append(min(low, mean))  # never below 0
+        hi_err.append(min(high, 1.0 - mean))
+        ticks.append(tick)
+    bars = ax.bar(x, means, 0.6, yerr=[lo_err, hi_err], capsize=4, color=[COLORS[m] for m in names])
+    for b, v, up in zip(bars, means, hi_err):  # above the error bar, never on it
+        ax.text(b.get_x() + b.get_width() / 2, v + up + 0.015, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("safety score (judge P(positive))")
-    kl_ax = ax.twinx()
-    kl_bars = kl_ax.bar(x + w / 2, [m for m, _ in kls], w, yerr=err[1], capsize=3, color="white",
-                        edgecolor=[COLORS[n] for n in names], hatch="//", label="KL to reference (nats)")
-    kl_ax.set_ylabel("sequence KL to reference (nats)")
-    kl_ax.set_ylim(0, max(1.0, max(m + s for (m, _), s in zip(kls, err[1])) * 1.25))
-    for b, (v, _) in zip(bars, safety):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
-    for b, (v, _) in zip(kl_bars, kls):
-        kl_ax.text(b.get_x() + b.get_width() / 2, v + 0.02 * kl_ax.get_ylim()[1], f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(x, [LABELS[n].split(" (")[0] for n in names])
-    n = len(results.get("seeds", [results["seed"]]))
-    ax.set_title("Default runs: final safety (solid) and KL (hatched)"
-                 + (f", mean ± std of {n} seeds" if n > 1 else ""))
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = kl_ax.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    ax.set_xticks(x, ticks, fontsize=8)
+    bars_mean = "mean ± std over %d seeds" % n if n > 1 else "error bars: 95% paired interval vs the reference"
+    quiet = n == 1 and all(not (d["lo"] > 0 or d["hi"] < 0) for d in
+                           (results.get(m, {}).get("safety_vs_reference") for m in names[1:]) if d)
+    ax.set_title(f"Default runs: final safety ({bars_mean})"
+                 + ("\n(no method differs from the reference beyond evaluation noise)" if quiet and names[1:] else ""))
 
 
 PANELS = {"learning_curve": plot_learning_curve, "pareto_frontier": plot_pareto,
@@ -191,7 +246,10 @@ def draw_dashboard(plots_dir) -> Path:
     for ax, draw in zip(axes.flat, PANELS.values()):
         draw(ax, results)
     seeds = results.get("seeds", [results["seed"]])
-    fig.suptitle(f"DPO vs PPO on IMDb ({results['preset']} preset: policy {Path(results['policy_model']).name}, "
+    policy = Path(results["policy_model"]).name
+    policy = "self-built GPT-2" if policy.startswith(("base_lm-", "sft-")) or "/sft/" in results["policy_model"] \
+        else policy
+    fig.suptitle(f"DPO vs PPO on IMDb ({results['preset']} preset: policy {policy}, "
                  f"{results['n_eval_prompts']} held-out prompts, seed{'s' if len(seeds) > 1 else ''} "
                  f"{', '.join(map(str, seeds))})")
     fig.tight_layout()

@@ -212,6 +212,17 @@ def frontier_curves(points: list[dict], seeds: list[int], n: int = 60) -> dict:
     return curves
 
 
+def paired_difference(a, b, z: float = 1.96) -> dict:
+    """Mean of ``a - b`` over paired items (the same held-out prompts, sampled with the same seeds) and its
+    normal-approximation interval ``mean ± z * sd / sqrt(n)``: the evaluation noise of one comparison.
+    Returns ``{"mean", "lo", "hi", "n"}``."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError("paired_difference needs two equally long arrays of at least 2 items")
+    half = z * d.std(ddof=1) / np.sqrt(d.size)
+    return {"mean": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half), "n": int(d.size)}
+
+
 def default_runs(finals: list[dict]) -> dict:
     """The default single runs (default beta, default target KL) of every seed: each final metric's mean and
     std over the seeds, per method."""

@@ -69,3 +69,39 @@ def test_study_grid_names_and_seeds():
     fixed = [r for r in runs if r.setting == "kl_coef=0.5"]
     assert len(fixed) == 2 and all(r.overrides == {"ppo": {"target_kl": None, "init_kl_coef": 0.5}} for r in fixed)
     assert cfg.replace(**fixed[0].overrides).ppo.target_kl is None
+
+
+def test_paired_difference_and_its_interval():
+    from study import paired_difference
+
+    a, b = [0.6, 0.7, 0.8, 0.9], [0.5, 0.5, 0.7, 0.7]
+    d = paired_difference(a, b)
+    diffs = [0.1, 0.2, 0.1, 0.2]
+    sd = (sum((x - 0.15) ** 2 for x in diffs) / 3) ** 0.5
+    assert d["mean"] == pytest.approx(0.15) and d["n"] == 4
+    assert d["hi"] - d["mean"] == pytest.approx(1.96 * sd / 2) and d["mean"] - d["lo"] == pytest.approx(1.96 * sd / 2)
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [0.0])
+
+
+def test_plots_never_magnify_noise():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plots import SAFETY_MIN_SPAN, _noise_note, _safety_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0.4513189, 0.4513201])  # a 1e-6 "effect"
+    _safety_axis(ax, [0.4513189, 0.4513201])
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= SAFETY_MIN_SPAN and 0 <= lo < 0.4513 < hi <= 1
+    fig.canvas.draw()
+    assert ax.yaxis.get_offset_text().get_text() == ""  # no "1e-6 + 4.513e-1" offset notation
+    _safety_axis(ax, [0.99, 0.995])  # near the edge: still the full span, inside [0, 1]
+    assert ax.get_ylim()[1] <= 1.0 and ax.get_ylim()[1] - ax.get_ylim()[0] >= SAFETY_MIN_SPAN
+    plt.close(fig)
+    noisy = {"eval_noise": 0.01}
+    assert "within evaluation noise" in _noise_note(noisy, [0.50, 0.52, 0.51])
+    assert _noise_note(noisy, [0.50, 0.60]) == ""
