@@ -182,6 +182,17 @@ def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device,
     return logits[:, judge.positive_index] - logits[:, 1 - judge.positive_index]
 
 
+def judge_accuracy(judge_tok, judge, tokenizer, eval_df, n_tokens: int, device, dtype=torch.float32,
+                   n: int = 1000, batch_size: int = 100) -> float:
+    """The judge's accuracy on held-out review openings cut to ``n_tokens`` of the policy's tokenizer and
+    decoded: texts as long as the prompt + completion it judges, in the form it judges them."""
+    df = eval_df.iloc[:n]
+    ids = tokenizer(df["review"].tolist(), add_special_tokens=False, truncation=True, max_length=n_tokens)["input_ids"]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    scores = judge_scores(judge_tok, judge, texts, batch_size, device, dtype)
+    return float(((scores > 0.5).astype(int) == df["label"].to_numpy()).mean())
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalKit:
@@ -291,7 +302,10 @@ def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
     """Metrics of one model at the evaluation temperature, and its win rate vs the reference at each
     temperature of the sweep (same prompts, same seeds)."""
     temp = cfg.eval.eval_temperature
-    res = kit.reference_result(temp) if policy is kit.ref_model else evaluate_policy(policy, kit, temp)
+    if policy is kit.ref_model:
+        res = kit.reference_result(temp)
+    else:  # the training run's last evaluation, when it was of these very weights (same prompts and seeds)
+        res = times.get("final_eval") or evaluate_policy(policy, kit, temp)
     wins = {}
     for t in cfg.eval.temperatures:
         pol_t = res if t == temp else (kit.reference_result(t) if policy is kit.ref_model
@@ -307,7 +321,7 @@ def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
 
 
 def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str,
-                     setup: dict | None = None) -> dict:
+                     setup: dict | None = None, judge_check: dict | None = None) -> dict:
     """Evaluate the reference and the first seed's default policies on the held-out prompts at every
     temperature (win rates, examples), gather every run's evaluation points into the frontier and the
     matched-KL table, and write results.json.
@@ -342,6 +356,8 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
                                                                        ref_scores)
     s = np.asarray(ref_scores)
     results["eval_noise"] = float(s.std(ddof=1) / np.sqrt(s.size))  # the standard error of one safety score
+    if judge_check:
+        results["judge_accuracy"] = judge_check
 
     # --- every run's evaluation points: the frontier, each run's final point, the matched-KL table ---
     results["runs"] = [{"method": r["spec"].method, "label": r["spec"].setting, "seed": r["spec"].seed,

@@ -119,6 +119,17 @@ def run(cfg: Config, argv: list[str]) -> int:
                           f"positions; lower it")
     judge_tok, judge = load_judge(cfg.model.judge_model, device)
     judge_dtype = resolve_dtype(cfg.model.dtype, device, model_width(judge))  # a narrow judge stays fp32 under auto
+    # Is the judge worth reading? Its accuracy on held-out openings as long as prompt + completion, as it sees them.
+    judged = cfg.data.prompt_max_tokens + cfg.data.response_tokens
+    judge_check = {"accuracy": eval_utils.judge_accuracy(judge_tok, judge, tokenizer, eval_df, judged, device,
+                                                         judge_dtype), "tokens": judged,
+                   "n": min(1000, len(eval_df))}
+    print(f"judge: held-out accuracy {judge_check['accuracy']:.3f} on review openings of {judged} tokens "
+          f"(prompt + completion; {judge_check['n']} reviews)")
+    if judge_check["accuracy"] < 0.6:
+        print(f"warning: a judge right on only {judge_check['accuracy']:.2f} of such texts gives safety scores that "
+              f"carry no signal" + (" (the smoke preset's models exist to test the code; uv run main.py --preset "
+                                    "quick is the short run worth looking at)" if cfg.run.preset == "smoke" else ""))
 
     # --- the runs: the default DPO and PPO, with --sweep the grids and PPO-GT, for every seed ---
     seeds = cfg.run.seeds or [cfg.run.seed]
@@ -156,7 +167,7 @@ def run(cfg: Config, argv: list[str]) -> int:
                 out = {**out, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
             else:
                 out = trainer.train(rcfg, data, kit, name=spec.name)
-            runs.append({"spec": spec, "summary": {k: v for k, v in out.items() if k != "policy"}})
+            runs.append({"spec": spec, "summary": {k: v for k, v in out.items() if k not in ("policy", "final_eval")}})
             if seed == seeds[0] and spec.main:
                 first[spec.method] = {**out, "policy": out.get("policy") or load_causal_lm(out["model_dir"], device)}
         if seed == seeds[0]:
@@ -164,10 +175,12 @@ def run(cfg: Config, argv: list[str]) -> int:
 
     order = [m for m in study.METHODS if m in first]  # DPO before PPO whichever ran first
     results = eval_utils.final_evaluation(cfg, first_kit, {m: first[m] for m in order}, runs, first_data,
-                                          n_reviews=len(reviews), command=command, setup=setup)
+                                          n_reviews=len(reviews), command=command, setup=setup,
+                                          judge_check=judge_check)
     if acc.is_main_process:  # the main process alone writes results and plots
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(plots.summary_table(results))
+        print(plots.examples_text(results))
         print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
     acc.end_training()
     return 0

@@ -48,6 +48,9 @@ OPENING_TOKENS = 64  # generations are short: the judge must also be right on re
 BUILDER_VERSION = {"lm_": 3, "judge_": 4}
 
 
+UNSET_OK = ("lm_max_reviews",)  # builder options that are not part of the key while None
+
+
 def data_fingerprint(train_df) -> str:
     """A cheap hash of the training reviews (every ~1/500th of them, and their number is kept beside it)."""
     h = hashlib.sha256()
@@ -67,7 +70,8 @@ def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
     """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
     starting with ``prefix``), seed, precision and the training reviews. Changing the judge never rebuilds the
     LM."""
-    own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix)}
+    # Options added later are left out while unset, so that models built before them keep their keys.
+    own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix) and not (k in UNSET_OK and v is None)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
     settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
@@ -161,7 +165,9 @@ def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
                                   unk_token=EOS, pad_token=EOS, model_input_names=["input_ids", "attention_mask"])
     # Reviews are cut to a few windows' worth of tokens.
-    train_ids, eval_ids = (review_token_ids(tok, df, 4 * oc.lm_seq_len) for df in (train_df, eval_df))
+    lm_df = train_df if oc.lm_max_reviews is None else train_df.sample(n=min(oc.lm_max_reviews, len(train_df)),
+                                                                         random_state=cfg.data.split_seed)
+    train_ids, eval_ids = (review_token_ids(tok, df, 4 * oc.lm_seq_len) for df in (lm_df, eval_df))
     print(f"offline: tokenizer ({len(tok)} tokens) in {time.time() - t0:.0f}s")
 
     config = GPT2Config(vocab_size=len(tok), n_positions=max(oc.lm_seq_len, cfg.data.max_length), n_embd=oc.lm_n_embd,

@@ -87,6 +87,21 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def examples_text(results: dict, n: int = 3) -> str:
+    """A few held-out prompts with each model's completion and the judge's P(positive): a degenerate policy
+    (repeated tokens, empty text) shows at a glance."""
+    names = [m for m in ("reference", *POLICIES) if m in results and results[m].get("examples")]
+    if not names:
+        return ""
+    lines = ["example completions (held-out prompts; judge P(positive) in brackets):"]
+    for i, ex in enumerate(results[names[0]]["examples"][:n]):
+        lines.append(f'  prompt: "{ex["prompt"]}"')
+        for m in names:
+            e = results[m]["examples"][i]
+            lines.append(f'    {LABELS[m].split(" (")[0]:>9}: "{e["completion"].strip()}" ({e["p_positive"]:.2f})')
+    return "\n".join(lines)
+
+
 def matched_kl_markdown(results: dict) -> str:
     """Safety (and positive rate) on each method's frontier at the matched KLs, mean ± std over seeds."""
     study = results["study"]

@@ -143,6 +143,7 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
             metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(kit.reference_result(cfg.eval.eval_temperature))})
 
     bar = tqdm(range(start + 1, dc.dpo_steps + 1), desc="dpo", unit="step", initial=start, total=dc.dpo_steps)
+    last_eval, last_eval_step = None, None
     with SignalFlag() as interrupted:
         for step in bar:
             t0 = time.time()
@@ -191,7 +192,8 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
                    "pairs_per_s": pairs_per_step / (time.time() - t0), "time_s": timer.elapsed}
             if evaluate and (step % dc.dpo_eval_every == 0 or step == dc.dpo_steps):
                 with timer.evaluating():
-                    row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
+                    last_eval, last_eval_step = evaluate_policy(policy, kit, cfg.eval.eval_temperature), step
+                    row.update(eval_metrics(last_eval))
             metrics.log(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
             if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -224,4 +226,6 @@ def train(cfg, data, kit: EvalKit, name: str = "dpo_toxic_reduced_model", evalua
     metrics.close()
     print(f"dpo: saved {final_dir} ({summary['train_time_s']:.0f}s of training, of which {ref_logps_s:.0f}s the "
           f"reference pass; {summary['eval_time_s']:.0f}s of evaluation)")
-    return {"model_dir": str(final_dir), "policy": policy, **summary}
+    # The last step's evaluation is of the saved weights: the final comparison reuses it instead of redoing it.
+    return {"model_dir": str(final_dir), "policy": policy, **summary,
+            "final_eval": last_eval if last_eval_step == dc.dpo_steps else None}

@@ -220,6 +220,7 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
     B, mb_size = pc.ppo_batch_size // acc.num_processes, pc.ppo_mini_batch_size // acc.num_processes  # per process
     sum_over_processes = (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None
     bar = tqdm(range(start + 1, pc.ppo_steps + 1), desc="ppo", unit="iter", initial=start, total=pc.ppo_steps)
+    last_eval, last_eval_step = None, None
     with SignalFlag() as interrupted:
         for step in bar:
             t0 = time.time()
@@ -320,7 +321,8 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
                    "time_s": timer.elapsed}
             if evaluate and (step % pc.ppo_eval_every == 0 or step == pc.ppo_steps):
                 with timer.evaluating():
-                    row.update(eval_metrics(evaluate_policy(policy, kit, cfg.eval.eval_temperature)))
+                    last_eval, last_eval_step = evaluate_policy(policy, kit, cfg.eval.eval_temperature), step
+                    row.update(eval_metrics(last_eval))
             metrics.log(row)
             bar.set_postfix(score=f"{row['objective/score']:.2f}", kl=f"{seq_kl:.2f}")
             if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -354,4 +356,6 @@ def train(cfg, data, kit: EvalKit, name: str = "ppo_toxic_reduced_model", evalua
     metrics.close()
     print(f"ppo: saved {final_dir} ({summary['train_time_s']:.0f}s of training, of which {rm_train_s:.0f}s the "
           f"reward model; {summary['eval_time_s']:.0f}s of evaluation)")
-    return {"model_dir": str(final_dir), "policy": policy, **summary}
+    # The last step's evaluation is of the saved weights: the final comparison reuses it instead of redoing it.
+    return {"model_dir": str(final_dir), "policy": policy, **summary,
+            "final_eval": last_eval if last_eval_step == pc.ppo_steps else None}

@@ -255,3 +255,12 @@ def test_dpo_only_then_ppo_only_keeps_both_and_refuses_another_setup(tmp_path, s
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "another setup (seeds: [0] there, [1] now)" in other.stderr and "--plots_dir" in other.stderr
     assert (tmp_path / "plots" / "results.json").read_bytes() == before  # nothing overwritten
+
+
+def test_a_judge_at_chance_is_called_out(smoke_run):
+    """The smoke judge exists to test the code: the run says its scores carry no signal and names the quick
+    preset, and results.json keeps the judge's accuracy on completion-length texts."""
+    out = smoke_run["proc"].stdout
+    acc = smoke_run["results"]["judge_accuracy"]["accuracy"]
+    assert acc < 0.6 and f"judge: held-out accuracy {acc:.3f}" in out
+    assert "carry no signal" in out and "--preset quick" in out
