@@ -66,7 +66,7 @@ class ModelConfig:
     dtype: Literal["auto", "fp32", "bf16"] = _f(
         "auto", "Compute precision of every forward pass (builders, DPO, reward model, PPO, evaluation): bf16 "
                 "autocast or fp32. auto = bf16 on a CUDA GPU with bf16 units, or on a CPU with bf16 matrix units "
-                "(AMX / AVX512-BF16) for models at least 128 wide; fp32 elsewhere. Weights, optimiser states and "
+                "(AMX / AVX512-BF16) for models at least 192 wide; fp32 elsewhere. Weights, optimiser states and "
                 "log-prob sums are fp32 either way. Pin it (fp32) to reproduce a number on another machine.")
     threads: int = _f(0, "CPU threads of torch's kernels. 0 = torch's default (one per physical core). fp32 "
                          "numbers depend on it (reductions are split across threads): pin it to reproduce a "

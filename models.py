@@ -84,9 +84,10 @@ def load_judge(name: str, device: torch.device | str = "cpu"):
 
 
 # Below this width (the model's hidden size) bf16 autocast does not pay on a CPU, even with bf16 matrix units:
-# the matrices are too small for AMX / AVX512-BF16 to win back the casts autocast adds around every op.
-# Measured with benchmarks/bench_dtype_cpu.py (BENCHMARKS.md, "bf16 or fp32 on a CPU").
-CPU_BF16_MIN_WIDTH = 128
+# the matrices are too small for AMX / AVX512-BF16 to win back the casts autocast adds around every op. 192 is
+# the smallest width measured faster on both CPUs measured (benchmarks/bench_dtype_cpu.py; BENCHMARKS.md,
+# "Precision"); 128 wide was slower (0.78-0.83x) on the AMX Xeon.
+CPU_BF16_MIN_WIDTH = 192
 # Set to 1 or 0 to make the CPU probe report bf16 matrix units or not, whatever the CPU has: the test suite's
 # way to take the bf16 branch of ``--dtype auto`` on a CPU without them (and the fp32 branch on one with them).
 FORCE_CPU_BF16_ENV = "DPO_FORCE_CPU_BF16_UNITS"

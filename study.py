@@ -38,8 +38,8 @@ class RunSpec:
 def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
     """Every run of the study, seed by seed: the default DPO and PPO runs, and with ``--sweep`` the beta grid,
     PPO at each fixed KL coefficient and PPO-GT. The first seed's default runs keep the spec's names
-    (``models/dpo_toxic_reduced_model``, ``models/ppo_toxic_reduced_model``); the others live in
-    ``models/sweep/seed<k>/``."""
+    (``<output_dir>/dpo_toxic_reduced_model``, ``<output_dir>/ppo_toxic_reduced_model``, where output_dir is
+    models/<preset> by default); the others live in ``<output_dir>/sweep/seed<k>/``."""
     rc, runs = cfg.run, []
     for i, seed in enumerate(seeds):
         where = "" if i == 0 else f"sweep/seed{seed}/"

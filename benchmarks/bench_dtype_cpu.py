@@ -31,6 +31,7 @@ from models import autocast  # noqa: E402
 SHAPES = {
     "smoke_lm": ("gpt2", 1, 32, 2, 512, 16, 64),            # smoke preset's GPT-2, pre-training step
     "judge": ("distilbert", 1, 64, 2, 16_000, 64, 256),     # offline judge, training step on whole reviews
+    "quick_lm": ("gpt2", 2, 128, 4, 2_048, 32, 40),         # quick preset's GPT-2, pre-training step
     "offline_lm": ("gpt2", 4, 192, 4, 8_192, 32, 64),       # offline GPT-2, pre-training step
     "offline_dpo": ("gpt2", 4, 192, 4, 8_192, 32, 40),      # offline DPO step: 16 pairs, 8-token prompt + 32
     "gpt2_384": ("gpt2", 6, 384, 6, 8_192, 32, 64),         # between the offline GPT-2 and distilgpt2
