@@ -48,15 +48,6 @@ def run(cfg: Config, argv: list[str]) -> int:
     # One process, or one of N under `accelerate launch` / `torchrun`, each with its own device; only the
     # main process prints.
     acc = make_accelerator(resolve_device(cfg.model.device), cfg.run.report_to, cfg.run.output_dir)
-    if not acc.is_main_process:
-        # The others print nothing: their stdout goes nowhere and their progress bars are off. stderr stays, so
-        # that a crash on any process still shows where it happened.
-        from functools import partialmethod
-
-        from tqdm import tqdm as std_tqdm
-
-        sys.stdout = open(os.devnull, "w")
-        std_tqdm.__init__ = partialmethod(std_tqdm.__init__, disable=True)  # tqdm.write goes to stdout: silent too
 
     import dataset
 

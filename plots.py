@@ -18,6 +18,11 @@ SAFETY_MIN_SPAN = 0.1  # a safety axis never zooms closer: differences smaller t
 KL_MIN_SPAN = 0.5  # nats
 
 
+def _short(method: str) -> str:
+    """``PPO`` for ``PPO (learned reward)``: tick labels and example tables."""
+    return LABELS[method].split(" (")[0]
+
+
 def _label(method: str, setting: str | None = None) -> str:
     """``PPO (learned reward), target_kl=6.0``."""
     return LABELS[method] + (f", {setting}" if setting else "")
@@ -98,7 +103,7 @@ def examples_text(results: dict, n: int = 3) -> str:
         lines.append(f'  prompt: "{ex["prompt"]}"')
         for m in names:
             e = results[m]["examples"][i]
-            lines.append(f'    {LABELS[m].split(" (")[0]:>9}: "{e["completion"].strip()}" ({e["p_positive"]:.2f})')
+            lines.append(f'    {_short(m):>9}: "{e["completion"].strip()}" ({e["p_positive"]:.2f})')
     return "\n".join(lines)
 
 
@@ -215,12 +220,12 @@ def plot_final(ax, results: dict) -> None:
             std = 0.0 if math.isnan(std) else std
             low = high = std
             kl, kl_std = runs[name]["kl"]
-            tick = f"{LABELS[name].split(' (')[0]}\nKL {_pm(kl, kl_std, '{:.2f}')} nats"
+            tick = f"{_short(name)}\nKL {_pm(kl, kl_std, '{:.2f}')} nats"
         else:  # one seed: the paired interval of its difference to the reference
             mean = runs[name]["safety"][0]
             diff = results.get(name, {}).get("safety_vs_reference")
             low, high = ((diff["mean"] - diff["lo"]), (diff["hi"] - diff["mean"])) if diff else (0.0, 0.0)
-            tick = f"{LABELS[name].split(' (')[0]}\nKL {runs[name]['kl'][0]:.2f} nats"
+            tick = f"{_short(name)}\nKL {runs[name]['kl'][0]:.2f} nats"
         means.append(mean)
         lo_err.append(min(low, mean))  # never below 0
         hi_err.append(min(high, 1.0 - mean))

@@ -54,8 +54,15 @@ def make_accelerator(device: torch.device, report_to: str = "none", output_dir="
     acc = Accelerator(cpu=device.type == "cpu", log_with=None if report_to == "none" else report_to,
                       project_dir=str(Path(output_dir) / "tracking"))
     if not acc.is_main_process:
-        os.environ["TQDM_DISABLE"] = "1"
+        # stdout goes nowhere (tqdm.write too) and progress bars are off; stderr stays, so that a crash on any
+        # process still shows where it happened. tqdm reads TQDM_* variables when it is imported, which it
+        # already is here: its constructor's default is changed instead.
+        from functools import partialmethod
+
+        from tqdm import tqdm as std_tqdm
+
         sys.stdout = open(os.devnull, "w")
+        std_tqdm.__init__ = partialmethod(std_tqdm.__init__, disable=True)
     return acc
 
 

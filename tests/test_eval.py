@@ -87,13 +87,24 @@ def test_kl_to_the_reference_at_temperature_t_matches_brute_force(temperature):
     assert torch.allclose(ours.double(), brute["pi"], atol=1e-4)
     exact_kl = float((brute["pi"].exp() * (brute["pi"] - brute["ref"])).sum())
 
+    # evaluation's own path: each model scored by generate(forced=...) on the sampling path
+    _, forced = generate(policy, _Tok(), [PROMPT] * len(ys), MAX_NEW, temperature, 0, len(ys), "cpu", forced=ys,
+                         return_logps=True)
+    assert torch.allclose(torch.tensor([sum(lp) for lp in forced], dtype=torch.float64), brute["pi"], atol=1e-4)
+
     n = 6000
-    samples = generate(policy, _Tok(), [PROMPT] * n, MAX_NEW, temperature, seed=3, batch_size=n, device="cpu")
+    samples, sample_lps = generate(policy, _Tok(), [PROMPT] * n, MAX_NEW, temperature, seed=3, batch_size=n,
+                                   device="cpu", return_logps=True)
     log_ratio = (response_logps(policy, [PROMPT] * n, samples, EOS, n, "cpu", temperature)
                  - response_logps(ref, [PROMPT] * n, samples, EOS, n, "cpu", temperature)).double()
     se = log_ratio.std().item() / n ** 0.5
     assert exact_kl > 0.05  # the two models differ enough for the test to mean something
     assert abs(log_ratio.mean().item() - exact_kl) < 4 * se + 1e-3, (log_ratio.mean().item(), exact_kl, se)
+    # ... and evaluate_policy's recipe: the sampler's own log-probs minus the reference's on the same path
+    _, ref_lps = generate(ref, _Tok(), [PROMPT] * n, MAX_NEW, temperature, 3, n, "cpu", forced=samples,
+                          return_logps=True)
+    ratio = torch.tensor([sum(a) - sum(b) for a, b in zip(sample_lps, ref_lps)], dtype=torch.float64)
+    assert abs(ratio.mean().item() - exact_kl) < 4 * se + 1e-3, (ratio.mean().item(), exact_kl, se)
 
 
 def test_evaluate_policy_kl_is_zero_for_a_copy_of_the_reference_and_positive_for_another_model(tiny_tokenizer):
