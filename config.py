@@ -1,4 +1,4 @@
-"""Configuration: dataclasses with one documented field each, three named presets, and the CLI parser.
+"""Configuration: dataclasses with one documented field each, four named presets, and the CLI parser.
 
 Every field can be overridden on the command line (``--beta 0.5 --dpo_steps 200``); the preset chosen with
 ``--preset`` supplies the defaults. Values are validated in ``__post_init__``; a bad value raises
@@ -10,6 +10,7 @@ The presets:
   all 50k reviews. Meant for a GPU with network access.
 * ``offline`` -- the tokenizer, a small GPT-2 and a DistilBERT judge are built from IMDb on this machine
   (``offline_models.py``), so the whole study runs on a CPU with no network.
+* ``quick`` -- a first run worth looking at in under 3 minutes on 2 cores (self-built small models).
 * ``smoke`` -- tiny models and a few hundred reviews; the whole pipeline in well under 90 s. Tests use it.
 """
 
@@ -31,14 +32,6 @@ HUB_DATASET = "stanfordnlp/imdb"  # ... and when that file is missing too
 
 class ConfigError(ValueError):
     """Bad user input (config value, data file, model path). Reported as one line, exit code 2."""
-
-
-class StopTraining(Exception):
-    """Raised to end a run early with a message and an exit code (1: non-finite, 130: interrupted)."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -340,7 +333,6 @@ class Config:
                f"--max_length {self.data.max_length} is below prompt + response "
                f"({self.data.prompt_max_tokens} + {self.data.response_tokens}); raise --max_length or lower "
                f"--response_tokens")
-        _check(self.run.preset in PRESET_NAMES, f"unknown preset {self.run.preset!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -420,22 +412,21 @@ def _preset(name: str) -> Config:
             eval=EvalConfig(n_eval_prompts=384, eval_batch_size=384, temperatures=[0.5, 1.0], n_examples=3,
                             matched_kls=[0.5, 1.0]),
             run=RunConfig(preset="quick", log_every=20))
-    if name == "smoke":
-        return Config(
-            model=ModelConfig(build_offline_models=True, device="cpu"),
-            offline=OfflineConfig(vocab_size=512, lm_n_layer=1, lm_n_embd=32, lm_n_head=2, lm_steps=30,
-                                  lm_batch_size=16, judge_vocab_size=600, judge_n_layers=1, judge_dim=32,
-                                  judge_max_length=64, judge_steps=30, judge_batch_size=16, judge_eval_size=40),
-            data=DataConfig(max_reviews=400, response_tokens=16, max_length=24, n_val_pairs=32),
-            dpo=DPOConfig(dpo_steps=40, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=10),
-            ppo=PPOConfig(rm_steps=10, rm_batch_size=8, rm_lr=1e-3, ppo_steps=4, ppo_batch_size=16,
-                          ppo_mini_batch_size=8, ppo_epochs=2, ppo_lr=1e-3, ppo_eval_every=2),
-            eval=EvalConfig(n_eval_prompts=16, eval_batch_size=16, temperatures=[0.5, 1.0], n_examples=2,
-                            sweep_betas=[0.1, 1.0], sweep_kl_coefs=[0.5, 2.0],
-                            # a 40-step DPO and a 4-iteration PPO of a 1-layer LM move it by hundredths of a nat
-                            matched_kls=[0.01, 0.02]),
-            run=RunConfig(preset="smoke", log_every=4, save_every=4))
-    raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)}")
+    # smoke: tiny models, seconds; the tests run it
+    return Config(
+        model=ModelConfig(build_offline_models=True, device="cpu"),
+        offline=OfflineConfig(vocab_size=512, lm_n_layer=1, lm_n_embd=32, lm_n_head=2, lm_steps=30,
+                              lm_batch_size=16, judge_vocab_size=600, judge_n_layers=1, judge_dim=32,
+                              judge_max_length=64, judge_steps=30, judge_batch_size=16, judge_eval_size=40),
+        data=DataConfig(max_reviews=400, response_tokens=16, max_length=24, n_val_pairs=32),
+        dpo=DPOConfig(dpo_steps=40, dpo_batch_size=8, dpo_lr=1e-3, dpo_warmup_steps=2, dpo_eval_every=10),
+        ppo=PPOConfig(rm_steps=10, rm_batch_size=8, rm_lr=1e-3, ppo_steps=4, ppo_batch_size=16,
+                      ppo_mini_batch_size=8, ppo_epochs=2, ppo_lr=1e-3, ppo_eval_every=2),
+        eval=EvalConfig(n_eval_prompts=16, eval_batch_size=16, temperatures=[0.5, 1.0], n_examples=2,
+                        sweep_betas=[0.1, 1.0], sweep_kl_coefs=[0.5, 2.0],
+                        # a 40-step DPO and a 4-iteration PPO of a 1-layer LM move it by hundredths of a nat
+                        matched_kls=[0.01, 0.02]),
+        run=RunConfig(preset="smoke", log_every=4, save_every=4))
 
 
 PRESETS = {name: _preset(name) for name in PRESET_NAMES}
@@ -491,4 +482,6 @@ def sanity_check_unique_fields() -> None:
 
 
 sanity_check_unique_fields()
-__all__ = ["PRESETS", "Config", "ConfigError", "StopTraining", "make_parser", "parse_config"]
+__all__ = ["DEFAULT_CSV", "HUB_DATASET", "PRESETS", "PRESET_NAMES", "ROOT", "Config", "ConfigError", "DataConfig",
+           "DPOConfig", "EvalConfig", "ModelConfig", "OfflineConfig", "PPOConfig", "RunConfig", "SFTConfig",
+           "field_names", "make_parser", "parse_config"]

@@ -17,6 +17,7 @@ away. Evaluation prompts are openings of held-out reviews that no training pair 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,14 @@ def _dedupe(df: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
         notes.append(f"data: dropped {int(repeated.sum())} duplicate review(s) and {int(conflicting.sum())} row(s) "
                      f"whose text has both labels, from {source}")
     return df[~(repeated | conflicting)].reset_index(drop=True)
+
+
+def data_fingerprint(train_df) -> str:
+    """A cheap hash of the training reviews (every ~1/500th of them, and their number is kept beside it)."""
+    h = hashlib.sha256()
+    for text in train_df["review"].iloc[:: max(1, len(train_df) // 500)]:
+        h.update(text.encode())
+    return h.hexdigest()[:16]
 
 
 def split_reviews(df: pd.DataFrame, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

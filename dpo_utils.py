@@ -1,5 +1,5 @@
 """DPO math: pure functions of tensors, per-example outputs (after the reference implementation's
-``preference_loss``), plus the batching helpers that feed them.
+``preference_loss``), and the forward pass that feeds them (batches come from ``batching.concatenated_batch``).
 
 Notation (arXiv:2305.18290): x prompt, y_w chosen (winner), y_l rejected (loser), pi policy, ref reference.
 """
@@ -41,41 +41,12 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
-def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> torch.Tensor:
-    """(B, T) tensor of the sequences padded to the longest one."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if side == "right":
-            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        else:
-            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-def concatenated_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows of one batch, right-padded to the batch's own longest sequence.
-
-    Returns ``input_ids``, ``attention_mask`` and ``response_mask`` (response tokens only), each (2B, T).
-    Dynamic padding: T is the longest prompt + response of *this* batch, not a global maximum.
-    """
-    seqs, resp_masks = [], []
-    for key in ("chosen", "rejected"):
-        for p in pairs:
-            seqs.append(p["prompt"] + p[key])
-            resp_masks.append([0] * len(p["prompt"]) + [1] * len(p[key]))
-    input_ids = pad_sequences(seqs, pad_id)
-    attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0)
-    response_mask = pad_sequences(resp_masks, 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
-
-
 def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen and rejected together (half the kernel launches of two passes).
 
     Args:
         model: a :class:`logprobs.ResponseLogProbs` around the policy or the reference.
-        batch: from :func:`concatenated_batch`.
+        batch: from :func:`batching.concatenated_batch`.
     Returns:
         (policy_chosen_logps, policy_rejected_logps), each (B,): sum over response tokens of log p, in fp32.
     """

@@ -1,5 +1,6 @@
-"""Evaluation shared by DPO, PPO and the final comparison: sampling, judge scores, KL to the reference,
-win rates, the Pareto frontier, results.json and the dashboard.
+"""Evaluation shared by DPO, PPO and the final comparison: sampling, judge scores, KL to the reference, win
+rates, and the final evaluation that writes results.json (its study tables are computed by study.py; the
+dashboard is drawn from results.json by plots.py).
 
 Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
 
@@ -17,18 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from dpo_utils import pad_sequences
+from batching import pad_sequences, response_batch
 from logprobs import as_scorer, generation_ready
 from models import autocast, dtype_name, machine_info
-from plots import read_metrics
-from run_utils import chunk_share, gather_indexed
+from run_log import read_metrics
+from run_utils import chunk_share, fsdp_world, gather_indexed
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -125,14 +125,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     return (out, out_logps) if return_logps else out
 
 
-def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + response rows with a mask over the response tokens, each (B, T)."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    return {"input_ids": pad_sequences(seqs, pad_id),
-            "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
-            "response_mask": pad_sequences([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)}
-
-
 @torch.no_grad()
 def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device,
                    temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -194,42 +186,13 @@ def judge_accuracy(judge_tok, judge, tokenizer, eval_df, n_tokens: int, device, 
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-@dataclass
-class EvalKit:
-    """What every evaluation needs besides the policy: reference, judge, tokenizer, held-out prompts."""
-
-    tokenizer: object
-    ref_model: object
-    judge_tok: object
-    judge: object
-    prompts: list[list[int]]
-    max_new_tokens: int
-    batch_size: int
-    device: object
-    seed: int
-    dtype: torch.dtype = torch.float32
-    acc: object = None  # the run's Accelerator (None: one process)
-    judge_dtype: torch.dtype | None = None  # the judge's own precision (None: ``dtype``)
-    _ref_results: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.judge_dtype is None:
-            self.judge_dtype = self.dtype
-
-    def reference_result(self, temperature: float) -> dict:
-        """The reference's evaluation at ``temperature``, computed once (it never changes)."""
-        if temperature not in self._ref_results:
-            self._ref_results[temperature] = evaluate_policy(self.ref_model, self, temperature)
-        return self._ref_results[temperature]
-
-
-def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = True) -> dict:
+def evaluate_policy(policy, ctx, temperature: float, with_kl: bool = True) -> dict:
     """Sample the policy on the held-out prompts and measure safety, positive rate and KL to the reference
     (``with_kl=False`` skips the reference's pass and reports NaN, for the win-rate sweep). ``policy`` is a
-    causal LM or a training run's (prepared) ResponseLogProbs.
+    causal LM or a training run's (prepared) ResponseLogProbs; ``ctx`` a ``lifecycle.RunContext``.
 
-    The prompts are cut into fixed chunks of ``kit.batch_size`` by their index; under several processes chunk c
-    goes to process c mod k. Each prompt is sampled with its own seed (``[kit.seed, index]``), in the same
+    The prompts are cut into fixed chunks of ``ctx.batch_size`` by their index; under several processes chunk c
+    goes to process c mod k. Each prompt is sampled with its own seed (``[ctx.seed, index]``), in the same
     chunk (so with the same padding) and judged in the same batch whatever the process count: the same
     weights give the same per-prompt results on 1 process or k. The policy's log-probs are those it sampled
     with, and the reference is scored on the same path (:func:`generate` with ``forced``), so the KL estimate
@@ -237,7 +200,7 @@ def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = Tr
 
     Returns metrics plus ``responses``, ``texts``, ``scores`` and ``log_ratios`` (per prompt, in prompt order).
     """
-    acc, tok = kit.acc, kit.tokenizer
+    acc, tok = ctx.acc, ctx.tokenizer
     scorer = as_scorer(policy)
     lm = getattr(scorer, "module", scorer).lm
     was_training = lm.training
@@ -245,32 +208,27 @@ def evaluate_policy(policy, kit: EvalKit, temperature: float, with_kl: bool = Tr
     synced = fsdp_world(acc)
     mine = {}
     with generation_ready(scorer):
-        for idx in chunk_share(len(kit.prompts), kit.batch_size, acc):
-            prompts = [kit.prompts[i] for i in idx]
-            responses, logps = generate(lm, tok, prompts, kit.max_new_tokens, temperature, kit.seed, len(idx),
-                                        kit.device, kit.dtype, synced, prompt_ids=idx, return_logps=True)
+        for idx in chunk_share(len(ctx.prompts), ctx.batch_size, acc):
+            prompts = [ctx.prompts[i] for i in idx]
+            responses, logps = generate(lm, tok, prompts, ctx.max_new_tokens, temperature, ctx.seed, len(idx),
+                                        ctx.device, ctx.dtype, synced, prompt_ids=idx, return_logps=True)
             texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
-            scores = judge_scores(kit.judge_tok, kit.judge, texts, len(idx), kit.device, kit.judge_dtype).tolist()
+            scores = judge_scores(ctx.judge_tok, ctx.judge, texts, len(idx), ctx.device, ctx.judge_dtype).tolist()
             ratios = [float("nan")] * len(idx)
             if with_kl:
                 # The reference scored at the sampling temperature on the policy's own path: sum_t log pi_T -
                 # log pi_ref,T per completion, an unbiased estimate of KL(pi_T || pi_ref,T).
-                _, ref_logps = generate(kit.ref_model, tok, prompts, kit.max_new_tokens, temperature, kit.seed,
-                                        len(idx), kit.device, kit.dtype, prompt_ids=idx, forced=responses,
+                _, ref_logps = generate(ctx.ref_model, tok, prompts, ctx.max_new_tokens, temperature, ctx.seed,
+                                        len(idx), ctx.device, ctx.dtype, prompt_ids=idx, forced=responses,
                                         return_logps=True)
                 ratios = [math.fsum(a) - math.fsum(b) for a, b in zip(logps, ref_logps)]
             mine.update({i: (r, t, sc, lr) for i, r, t, sc, lr in zip(idx, responses, texts, scores, ratios)})
-    responses, texts, scores, log_ratios = (list(x) for x in zip(*gather_indexed(mine, len(kit.prompts), acc)))
+    responses, texts, scores, log_ratios = (list(x) for x in zip(*gather_indexed(mine, len(ctx.prompts), acc)))
     lm.train(was_training)
     scores = np.asarray(scores)
     return {"safety_score": float(scores.mean()), "positive_rate": float((scores > 0.5).mean()),
             "kl_to_ref": float(np.mean(log_ratios)), "response_len": float(np.mean([len(r) for r in responses])),
             "responses": responses, "texts": texts, "scores": scores, "log_ratios": log_ratios}
-
-
-def fsdp_world(acc) -> bool:
-    """Several FSDP processes: their generate() calls must step together (``synced_gpus``)."""
-    return acc is not None and acc.num_processes > 1 and acc.distributed_type.name == "FSDP"
 
 
 def eval_metrics(result: dict) -> dict:
@@ -287,9 +245,9 @@ def win_rate(policy_scores, ref_scores) -> float:
 
 
 # ----------------------------------------------------------------------------------- final evaluation
-def _examples(kit: EvalKit, result: dict, indices: list[int]) -> list[dict]:
-    tok = kit.tokenizer
-    return [{"prompt_index": int(i), "prompt": tok.decode(kit.prompts[i], skip_special_tokens=True),
+def _examples(ctx, result: dict, indices: list[int]) -> list[dict]:
+    tok = ctx.tokenizer
+    return [{"prompt_index": int(i), "prompt": tok.decode(ctx.prompts[i], skip_special_tokens=True),
              "completion": tok.decode(result["responses"][i], skip_special_tokens=True),
              "p_positive": round(float(result["scores"][i]), 4)} for i in indices]
 
@@ -298,29 +256,29 @@ TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_tes
 EXAMPLES_SEED = 20231129  # which held-out prompts are shown as examples (drawn at random, the same for all models)
 
 
-def _model_entry(kit: EvalKit, cfg, policy, times: dict) -> dict:
+def _model_entry(ctx, cfg, policy, times: dict) -> dict:
     """Metrics of one model at the evaluation temperature, and its win rate vs the reference at each
     temperature of the sweep (same prompts, same seeds)."""
     temp = cfg.eval.eval_temperature
-    if policy is kit.ref_model:
-        res = kit.reference_result(temp)
+    if policy is ctx.ref_model:
+        res = ctx.reference_result(temp)
     else:  # the training run's last evaluation, when it was of these very weights (same prompts and seeds)
-        res = times.get("final_eval") or evaluate_policy(policy, kit, temp)
+        res = times.get("final_eval") or evaluate_policy(policy, ctx, temp)
     wins = {}
     for t in cfg.eval.temperatures:
-        pol_t = res if t == temp else (kit.reference_result(t) if policy is kit.ref_model
-                                       else evaluate_policy(policy, kit, t, with_kl=False))
-        wins[str(t)] = win_rate(pol_t["scores"], kit.reference_result(t)["scores"])
-    shown = np.random.default_rng(EXAMPLES_SEED).choice(len(kit.prompts), min(cfg.eval.n_examples, len(kit.prompts)),
+        pol_t = res if t == temp else (ctx.reference_result(t) if policy is ctx.ref_model
+                                       else evaluate_policy(policy, ctx, t, with_kl=False))
+        wins[str(t)] = win_rate(pol_t["scores"], ctx.reference_result(t)["scores"])
+    shown = np.random.default_rng(EXAMPLES_SEED).choice(len(ctx.prompts), min(cfg.eval.n_examples, len(ctx.prompts)),
                                                         replace=False)
     return {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
             "response_len": res["response_len"], **{k: times[k] for k in TIME_KEYS if k in times},
-            "win_rate_vs_ref": wins, "examples": _examples(kit, res, sorted(shown)),
+            "win_rate_vs_ref": wins, "examples": _examples(ctx, res, sorted(shown)),
             # per held-out prompt, in prompt order: anyone can recompute a mean, a paired difference or an interval
             "per_prompt": {"scores": [float(x) for x in res["scores"]], "log_ratios": list(res["log_ratios"])}}
 
 
-def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_reviews: int, command: str,
+def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: int, command: str,
                      setup: dict | None = None, judge_check: dict | None = None) -> dict:
     """Evaluate the reference and the first seed's default policies on the held-out prompts at every
     temperature (win rates, examples), gather every run's evaluation points into the frontier and the
@@ -337,17 +295,17 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
     seeds = sorted({r["spec"].seed for r in runs})
     results = {"preset": cfg.run.preset, "command": command, "policy_model": cfg.model.policy_model,
                "judge_model": cfg.model.judge_model, "n_reviews": n_reviews, "n_train_pairs": len(data.train_pairs),
-               "n_eval_prompts": len(kit.prompts), "seed": seeds[0], "seeds": seeds,
+               "n_eval_prompts": len(ctx.prompts), "seed": seeds[0], "seeds": seeds,
                "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures),
                "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward, "target_kl": cfg.ppo.target_kl,
-               "device": str(kit.device), "precision": dtype_name(kit.dtype),
-               "judge_precision": dtype_name(kit.judge_dtype), "machine": machine_info(kit.device),
+               "device": str(ctx.device), "precision": dtype_name(ctx.dtype),
+               "judge_precision": dtype_name(ctx.judge_dtype), "machine": machine_info(ctx.device),
                "examples_seed": EXAMPLES_SEED, "setup": setup or {}}
     for name in tqdm(["reference", *first], desc="final evaluation", unit="model"):
         if name == "reference":
-            results[name] = _model_entry(kit, cfg, kit.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})
+            results[name] = _model_entry(ctx, cfg, ctx.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})
         else:
-            results[name] = _model_entry(kit, cfg, first[name]["policy"], first[name])
+            results[name] = _model_entry(ctx, cfg, first[name]["policy"], first[name])
 
     # --- each final policy's safety minus the reference's, paired over the same prompts and seeds ---
     ref_scores = results["reference"]["per_prompt"]["scores"]
@@ -377,7 +335,7 @@ def final_evaluation(cfg, kit: EvalKit, first: dict, runs: list[dict], data, n_r
     results["study"] = {"seeds": seeds, "final_points": finals, "matched_kls": kls,
                         "matched_kl": study.matched_kl_table(points, kls),
                         "default_runs": study.default_runs(finals)}
-    if kit.acc is None or kit.acc.is_main_process:
+    if ctx.acc is None or ctx.acc.is_main_process:
         out = Path(cfg.run.plots_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "results.json.tmp"

@@ -19,7 +19,8 @@ from pathlib import Path
 # workers (launchers start their processes before), so the tokenizers' fork warning cannot arise here.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from config import Config, ConfigError, StopTraining, parse_config
+from config import DEFAULT_CSV, HUB_DATASET, Config, ConfigError, parse_config
+from run_log import StopTraining
 
 
 def run(cfg: Config, argv: list[str]) -> int:
@@ -33,7 +34,6 @@ def run(cfg: Config, argv: list[str]) -> int:
         return 0
     t_start = time.time()
     import hub
-    from config import DEFAULT_CSV, HUB_DATASET
 
     # Hub ids first: an unreachable hub is reported in seconds, before the data is read or torch imported.
     needed = [] if cfg.model.build_offline_models else [("model", "--policy_model", cfg.model.policy_model),
@@ -64,6 +64,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     import train_dpo
     import train_ppo
     import train_sft
+    from lifecycle import RunContext
     from models import (
         bf16_native,
         dtype_name,
@@ -75,7 +76,7 @@ def run(cfg: Config, argv: list[str]) -> int:
         model_width,
         resolve_dtype,
     )
-    from offline_models import data_fingerprint, ensure_offline_models
+    from offline_models import ensure_offline_models
     from run_utils import seed_everything
 
     # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
@@ -130,7 +131,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     runs, first = [], {}  # every run's record; the first seed's default policies, for the final evaluation
     # --dpo-only after --ppo-only (or the reverse) on the same setup: the earlier method's runs stay in the
     # results. Checked before any training: a results.json of another setup is refused, never overwritten.
-    setup = study.run_setup(cfg, dtype_name(dtype), data_fingerprint(train_df) + data_fingerprint(eval_df))
+    fingerprint = dataset.data_fingerprint(train_df) + dataset.data_fingerprint(eval_df)
+    setup = study.run_setup(cfg, dtype_name(dtype), fingerprint)
     for r in study.carried_over(cfg, setup):
         model_dir = str(Path(r["metrics"]).parent)
         runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
@@ -146,9 +148,9 @@ def run(cfg: Config, argv: list[str]) -> int:
               f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
               f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype}), "
               f"{torch.get_num_threads()} CPU threads")
-        kit = eval_utils.EvalKit(tokenizer, ref_model, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens,
-                                 cfg.eval.eval_batch_size, device, seed, dtype, acc,
-                                 judge_dtype=judge_dtype)
+        ctx = RunContext(tokenizer=tokenizer, ref_model=ref_model, device=device, acc=acc, dtype=dtype,
+                         batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge, judge_dtype=judge_dtype,
+                         prompts=data.eval_prompts, max_new_tokens=cfg.data.response_tokens, seed=seed)
         for spec in (s for s in specs if s.seed == seed):
             rcfg = scfg.replace(**spec.overrides)
             trainer = train_dpo if spec.method == "dpo" else train_ppo
@@ -157,15 +159,15 @@ def run(cfg: Config, argv: list[str]) -> int:
                 print(f"study: {spec.name} finished earlier with the same settings: skipped")
                 out = {**out, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
             else:
-                out = trainer.train(rcfg, data, kit, name=spec.name)
+                out = trainer.train(rcfg, data, ctx, name=spec.name)
             runs.append({"spec": spec, "summary": {k: v for k, v in out.items() if k not in ("policy", "final_eval")}})
             if seed == seeds[0] and spec.main:
                 first[spec.method] = {**out, "policy": out.get("policy") or load_causal_lm(out["model_dir"], device)}
         if seed == seeds[0]:
-            first_kit, first_data = kit, data
+            first_ctx, first_data = ctx, data
 
     order = [m for m in study.METHODS if m in first]  # DPO before PPO whichever ran first
-    results = eval_utils.final_evaluation(cfg, first_kit, {m: first[m] for m in order}, runs, first_data,
+    results = eval_utils.final_evaluation(cfg, first_ctx, {m: first[m] for m in order}, runs, first_data,
                                           n_reviews=len(reviews), command=command, setup=setup,
                                           judge_check=judge_check)
     if acc.is_main_process:  # the main process alone writes results and plots

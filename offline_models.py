@@ -17,9 +17,7 @@ written; a build with the same settings is reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,9 +36,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dpo_utils import pad_sequences
+from artifacts import Artifact
+from batching import pad_sequences
+from dataset import data_fingerprint
+from lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids, warmup_cosine
 from models import autocast, dtype_name, machine_info, resolve_dtype
-from run_utils import atomic_write_dir
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
@@ -51,14 +51,6 @@ BUILDER_VERSION = {"lm_": 3, "judge_": 4}
 UNSET_OK = ("lm_max_reviews",)  # builder options that are not part of the key while None
 
 
-def data_fingerprint(train_df) -> str:
-    """A cheap hash of the training reviews (every ~1/500th of them, and their number is kept beside it)."""
-    h = hashlib.sha256()
-    for text in train_df["review"].iloc[:: max(1, len(train_df) // 500)]:
-        h.update(text.encode())
-    return h.hexdigest()[:16]
-
-
 def builder_dtype(cfg, prefix: str) -> torch.dtype:
     """The precision a builder trains at (on the CPU): ``--dtype``, where ``auto`` decides by the model's width
     (the narrow judge stays fp32 on every CPU)."""
@@ -66,30 +58,16 @@ def builder_dtype(cfg, prefix: str) -> torch.dtype:
     return resolve_dtype(cfg.model.dtype, "cpu", width)
 
 
-def settings_key(cfg, train_df, prefix: str) -> tuple[str, dict]:
-    """Hash of everything one built model depends on: its builder settings (the ``OfflineConfig`` fields
-    starting with ``prefix``), seed, precision and the training reviews. Changing the judge never rebuilds the
-    LM."""
+def build_settings(cfg, train_df, prefix: str) -> dict:
+    """Everything one built model depends on: its builder settings (the ``OfflineConfig`` fields starting with
+    ``prefix``), seed, precision and the training reviews. Changing the judge never rebuilds the LM."""
     # Options added later are left out while unset, so that models built before them keep their keys.
     own = {k: v for k, v in asdict(cfg.offline).items() if k.startswith(prefix) and not (k in UNSET_OK and v is None)}
     if prefix == "lm_":  # the tokenizer and the context length belong to the LM
         own.update(vocab_size=cfg.offline.vocab_size, max_length=cfg.data.max_length)
-    settings = {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
-                "precision": dtype_name(builder_dtype(cfg, prefix)),
-                "n_train_reviews": len(train_df), "data_fingerprint": data_fingerprint(train_df)}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return key, settings
-
-
-def _one_cycle(opt, total: int, warmup_frac: float = 0.05):
-    warmup = max(1, int(total * warmup_frac))
-
-    def lr_lambda(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    return {"builder_version": BUILDER_VERSION[prefix], "settings": own, "seed": cfg.data.split_seed,
+            "precision": dtype_name(builder_dtype(cfg, prefix)),
+            "n_train_reviews": len(train_df), "data_fingerprint": data_fingerprint(train_df)}
 
 
 def _sample_texts(df, n: int, seed: int) -> list[str]:
@@ -97,62 +75,6 @@ def _sample_texts(df, n: int, seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- base LM
-def review_token_ids(tok, df, cap: int, min_tokens: int = 8) -> list[list[int]]:
-    """Each review's first ``cap`` tokens (reviews shorter than ``min_tokens`` dropped)."""
-    ids = tok(df["review"].tolist(), add_special_tokens=False, truncation=True, max_length=cap)["input_ids"]
-    return [t for t in ids if len(t) >= min_tokens]
-
-
-def lm_batch(ids: list[list[int]], n: int, seq_len: int, pad_id: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` sequences of up to ``seq_len`` tokens: half review openings (what prompts are), half windows from
-    a random place (what continuations look like). Returns (input_ids, attention_mask), each (n, T)."""
-    rows = []
-    for i in rng.integers(0, len(ids), n):
-        t = ids[i]
-        start = 0 if rng.random() < 0.5 or len(t) <= seq_len else int(rng.integers(0, len(t) - seq_len))
-        rows.append(t[start:start + seq_len])
-    return pad_sequences(rows, pad_id), pad_sequences([[1] * len(r) for r in rows], 0)
-
-
-def lm_loss(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # labels = input ids with padding set to -100; the model shifts them by one token internally.
-    return model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
-
-
-@torch.no_grad()
-def heldout_lm_loss(model, eval_ids, seq_len: int, pad_id: int, seed: int, dtype, device="cpu") -> float:
-    """Mean next-token loss on 8 seeded batches of 64 held-out sequences (the same ones for the same seed)."""
-    was_training = model.training
-    model.eval()
-    rng = np.random.default_rng(seed)
-    with autocast(device, dtype):
-        losses = [lm_loss(model, x.to(device), m.to(device)).item()
-                  for x, m in (lm_batch(eval_ids, 64, seq_len, pad_id, rng) for _ in range(8))]
-    model.train(was_training)
-    return float(np.mean(losses))
-
-
-def fit_causal_lm(model, train_ids, *, steps: int, batch_size: int, seq_len: int, lr: float, pad_id: int, rng,
-                  dtype, device="cpu", desc: str, betas=(0.9, 0.95), weight_decay: float = 0.01) -> None:
-    """Next-token training on review openings and windows (:func:`lm_batch`): AdamW, warmup then cosine decay,
-    gradients clipped at 1. Shared by the offline GPT-2's pre-training and the optional SFT stage."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
-    sched = _one_cycle(opt, steps)
-    model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for _ in bar:
-        x, mask = lm_batch(train_ids, batch_size, seq_len, pad_id, rng)
-        with autocast(device, dtype):
-            loss = lm_loss(model, x.to(device), mask.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.2f}")
-    model.eval()
-
-
 def build_base_lm(out: Path, cfg, train_df, eval_df) -> dict:
     dtype = builder_dtype(cfg, "lm_")  # the builders run on the CPU
     oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed)
@@ -294,7 +216,7 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     model = DistilBertForSequenceClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=oc.judge_lr, weight_decay=0.01)
-    sched = _one_cycle(opt, oc.judge_steps, warmup_frac=0.1)
+    sched = warmup_cosine(opt, oc.judge_steps, warmup_frac=0.1)
     model.train()
     bar = tqdm(range(oc.judge_steps), desc="offline: train judge", unit="step")
     for _ in bar:
@@ -361,30 +283,37 @@ def _built_at_other_precision(root: Path, kind: str, settings: dict) -> tuple[Pa
     return None
 
 
-def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
-    """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``.
+KINDS = (("policy_model", "base_lm", "lm_"), ("judge_model", "judge", "judge_"))  # config field, directory, options
 
-    Each lives in ``models/offline/<kind>-<settings hash>/`` with its settings in ``build_settings.json``.
-    """
+
+def offline_artifacts(cfg, train_df) -> dict[str, Artifact]:
+    """``{"policy_model": ..., "judge_model": ...}``: where each model with these settings is (or will be) built,
+    ``<cache_dir>/offline/<kind>-<settings hash>/``."""
     root = Path(cfg.run.cache_dir) / "offline"
-    paths = {}
-    for name, kind, prefix, builder in (("policy_model", "base_lm", "lm_", build_base_lm),
-                                        ("judge_model", "judge", "judge_", build_judge)):
-        key, settings = settings_key(cfg, train_df, prefix)
-        path = paths[name] = root / f"{kind}-{key}"
-        if path.is_dir():
-            print(f"offline: reusing {path}")
+    return {name: Artifact(root, build_settings(cfg, train_df, prefix), prefix=f"{kind}-")
+            for name, kind, prefix in KINDS}
+
+
+def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
+    """Build (or reuse) the offline models; returns ``{"policy_model": dir, "judge_model": dir}``. Each has its
+    settings in ``build_settings.json``."""
+    builders = {"base_lm": build_base_lm, "judge": build_judge}
+    arts = offline_artifacts(cfg, train_df)
+    for name, kind, _ in KINDS:
+        art, settings = arts[name], arts[name].settings
+        if art.exists():
+            print(f"offline: reusing {art.path}")
             continue
-        other = _built_at_other_precision(root, kind, settings)
+        other = _built_at_other_precision(art.path.parent, kind, settings)
         if other is not None:
             dir_, precision, build_s = other
             took = f"about {build_s / 60:.0f} min" if build_s else "minutes"
             print(f"offline: {kind} is built only at {precision} ({dir_}); building it at {settings['precision']} "
                   f"now takes {took} (that build's time). To reuse it instead, pass --dtype {precision}")
 
-        def build(tmp, b=builder, settings=settings):
+        def build(tmp, b=builders[kind], settings=settings):
             (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))
             return b(tmp, cfg, train_df, eval_df)
 
-        atomic_write_dir(path, build)
-    return {k: str(v) for k, v in paths.items()}
+        art.write(build)
+    return {name: str(art.path) for name, art in arts.items()}

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from config import ConfigError
+from run_log import read_metrics
+from study import METHOD_LABELS, METHODS
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
-LABELS = {"reference": "reference", "dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
-POLICIES = ("dpo", "ppo", "ppo_gt")
+LABELS = {"reference": "reference", **METHOD_LABELS}
 SAFETY_MIN_SPAN = 0.1  # a safety axis never zooms closer: differences smaller than noise must look small
 KL_MIN_SPAN = 0.5  # nats
 
@@ -47,14 +48,6 @@ def _noise_note(results: dict, values) -> str:
     return f"\n(all within evaluation noise: ±{1.96 * noise:.2g} per safety score, 95%)"
 
 
-def read_metrics(path) -> list[dict]:
-    """The rows of a metrics.jsonl file (an empty list if it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _pm(mean: float, std: float, fmt: str) -> str:
     if math.isnan(mean):
         return "not reached"
@@ -64,7 +57,7 @@ def _pm(mean: float, std: float, fmt: str) -> str:
 def summary_table(results: dict) -> str:
     """The default single runs of the first seed (every temperature), then, for several seeds or a sweep, the
     default runs over seeds and the matched-KL table."""
-    names = [n for n in ("reference", *POLICIES) if n in results]
+    names = [n for n in ("reference", *METHODS) if n in results]
     lines = [f"default runs, seed {results['seed']}:", "| metric | " + " | ".join(names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for key, fmt in (("safety_score", "{:.3f}"), ("positive_rate", "{:.3f}"), ("kl_to_ref", "{:.2f}"),
@@ -95,7 +88,7 @@ def summary_table(results: dict) -> str:
 def examples_text(results: dict, n: int = 3) -> str:
     """A few held-out prompts with each model's completion and the judge's P(positive): a degenerate policy
     (repeated tokens, empty text) shows at a glance."""
-    names = [m for m in ("reference", *POLICIES) if m in results and results[m].get("examples")]
+    names = [m for m in ("reference", *METHODS) if m in results and results[m].get("examples")]
     if not names:
         return ""
     lines = ["example completions (held-out prompts; judge P(positive) in brackets):"]
@@ -152,7 +145,7 @@ def plot_pareto(ax, results: dict) -> None:
     """Every evaluation point of every run, each method's frontier (mean over seeds) and its seed band."""
     pts, curves = results["frontier"]["points"], results["frontier"].get("curves", {})
     n_seeds = len(results.get("seeds", [results["seed"]]))
-    for method in POLICIES:
+    for method in METHODS:
         mine = [p for p in pts if p["method"] == method]
         if not mine:
             continue
@@ -185,7 +178,7 @@ def plot_pareto(ax, results: dict) -> None:
 
 def plot_temperature(ax, results: dict) -> None:
     temps = results["temperatures"]
-    for method in POLICIES:
+    for method in METHODS:
         if method in results:
             ax.plot(temps, [results[method]["win_rate_vs_ref"][str(t)] for t in temps], "o-", color=COLORS[method],
                     label=LABELS[method])
@@ -194,7 +187,7 @@ def plot_temperature(ax, results: dict) -> None:
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("win rate vs reference")
     n = results.get("n_eval_prompts", 0)
-    wins = [results[m]["win_rate_vs_ref"][str(t)] for m in POLICIES if m in results for t in temps]
+    wins = [results[m]["win_rate_vs_ref"][str(t)] for m in METHODS if m in results for t in temps]
     # a win rate over n prompts has a standard error of at most 0.5 / sqrt(n)
     tie = n > 1 and wins and max(abs(w - 0.5) for w in wins) < 1.96 * 0.5 / math.sqrt(n)
     ax.set_title(f"Temperature robustness (default runs, seed {results['seed']})"
@@ -208,7 +201,7 @@ def plot_final(ax, results: dict) -> None:
     """The default runs' final safety (mean ± std over seeds; one seed: that run, with its paired 95% interval
     against the reference), their KL to the reference written under each bar."""
     runs = results.get("study", {}).get("default_runs", {})
-    names = ["reference", *[m for m in POLICIES if m in runs]]
+    names = ["reference", *[m for m in METHODS if m in runs]]
     n = len(results.get("seeds", [results["seed"]]))
     x = np.arange(len(names))
     means, lo_err, hi_err, ticks = [], [], [], []

@@ -8,6 +8,9 @@ cleanrl / TRL implementations of the same formulas.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -19,8 +22,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes=None,
-           return_stats: bool = False):
+def whiten(x: torch.Tensor, mask: torch.Tensor, sum_over_processes=None, return_stats: bool = False):
     """Normalise ``x`` (B, T) to zero mean and unit variance over the masked positions; zero elsewhere.
 
     ``sum_over_processes`` (a function summing a tensor over data-parallel processes) makes the mean and
@@ -35,8 +37,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_ove
     # nearly constant: clamped, or rsqrt would turn it into NaN.
     var = (s2 / n.clamp(min=1) - mean ** 2).clamp(min=0.0)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
     return (out * m, torch.stack([n, mean, var])) if return_stats else out * m
 
 
@@ -44,7 +44,8 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
                          mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards r_t = -kl_coef * (log pi - log pi_ref), plus the sequence score on the last token.
 
-    Eq. 2 of Ziegler et al. 2019: R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)), spread over tokens.
+    Eq. 2 of Ziegler et al. 2019: R(x, y) = r(x, y) - kl_coef * log(pi(y|x) / pi_ref(y|x)), spread over
+    tokens (the paper's beta; DPO's beta is another quantity).
     Args:
         scores: (B,) reward-model (or judge) score of each full completion.
         logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the rollout policy / reference.
@@ -115,7 +116,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 class AdaptiveKLController:
-    """Adaptive KL coefficient (Sec. 2.2, Ziegler et al. 2019): beta <- beta * (1 + K * e), where
+    """Adaptive KL coefficient (Sec. 2.2, Ziegler et al. 2019): kl_coef <- kl_coef * (1 + K * e), where
     e = clip(KL / target - 1, -0.2, 0.2) and K = n_steps / horizon."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
@@ -132,11 +133,29 @@ class AdaptiveKLController:
         self.value = d["value"]
 
 
-class FixedKLController(AdaptiveKLController):
-    """A constant KL coefficient (``target_kl=None``)."""
+class FixedKLController:
+    """A constant KL coefficient (``--target_kl`` unset): the same interface, and ``update`` changes nothing."""
 
     def __init__(self, kl_coef: float):
-        super().__init__(kl_coef, target=1.0, horizon=1)
+        self.value = kl_coef
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = d["value"]
+
+
+def kl_controller(init_kl_coef: float, target: float | None, horizon: int):
+    """The fixed controller when ``target`` is None, else the adaptive one."""
+    return FixedKLController(init_kl_coef) if target is None else AdaptiveKLController(init_kl_coef, target, horizon)
+
+
+def sampling_logp_gap(sampled_logps: list[list[float]], logprobs: torch.Tensor) -> float:
+    """Mean over rollouts of the summed log-probs the tokens were sampled with minus those recomputed for the KL
+    term, ``logprobs`` (B, T), zero on padding. Under bf16 autocast the two passes differ; the gap is the bias of
+    the KL penalty (0 up to float rounding in fp32)."""
+    return float(np.mean([math.fsum(g) for g in sampled_logps]) - logprobs.sum(1).mean().item())

@@ -3,13 +3,12 @@
 The DPO paper's IMDb pipeline starts from an SFT model (GPT-2-large fine-tuned on IMDb reviews); the spec
 fine-tunes plain ``distilgpt2``, so the default is 0 steps. With N > 0 the base LM is fine-tuned with the
 next-token loss on training-review openings and windows (the offline GPT-2's own loop,
-``offline_models.fit_causal_lm``); the result is the frozen reference *and* the initial policy of DPO and
+``lm_fitting.fit_causal_lm``); the result is the frozen reference *and* the initial policy of DPO and
 PPO, and the reward model's starting point. It is built once into ``models/sft/<settings hash>/`` and reused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -18,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from artifacts import Artifact
+from dataset import data_fingerprint
+from lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids
 from models import dtype_name, load_causal_lm, load_tokenizer, weights_fingerprint
-from offline_models import data_fingerprint, fit_causal_lm, heldout_lm_loss, review_token_ids
-from run_utils import atomic_write_dir
 
 
 def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
@@ -31,13 +31,12 @@ def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
                 "seq_len": cfg.data.max_length, "precision": dtype_name(dtype), "seed": cfg.run.seed,
                 "split_seed": cfg.data.split_seed, "n_train_reviews": len(train_df),
                 "data_fingerprint": data_fingerprint(train_df)}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cfg.run.cache_dir) / "sft" / key
-    if (out / "sft_report.json").exists():
-        report = json.loads((out / "sft_report.json").read_text())
-        print(f"sft: reusing {out} (held-out loss {report['heldout_loss_before']:.2f} -> "
+    art = Artifact(Path(cfg.run.cache_dir) / "sft", settings, done="sft_report.json")
+    if art.exists():
+        report = art.report()
+        print(f"sft: reusing {art.path} (held-out loss {report['heldout_loss_before']:.2f} -> "
               f"{report['heldout_loss_after']:.2f})")
-        return str(out)
+        return str(art.path)
 
     tok = load_tokenizer(cfg.model.policy_model)
     seq_len, pad = cfg.data.max_length, tok.pad_token_id
@@ -60,5 +59,5 @@ def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
         (tmp / "sft_settings.json").write_text(json.dumps(settings, indent=2))
         (tmp / "sft_report.json").write_text(json.dumps(report, indent=2))
 
-    atomic_write_dir(out, write)
-    return str(out)
+    art.write(write)
+    return str(art.path)

@@ -42,7 +42,7 @@ from common import PeakMemory, build_standins, machine, offline_models  # noqa: 
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from eval_utils import EvalKit  # noqa: E402
+from lifecycle import RunContext  # noqa: E402
 from models import (  # noqa: E402
     bf16_native,
     dtype_name,
@@ -52,7 +52,7 @@ from models import (  # noqa: E402
     model_width,
     resolve_dtype,
 )
-from plots import read_metrics  # noqa: E402
+from run_log import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
 
 TRAINERS = ("ours", "trl_defaults", "trl_fp32", "trl_fp32_precompute")
@@ -63,10 +63,10 @@ def run_ours(cfg, data, tok, model_dir: str, acc) -> dict:
     with tempfile.TemporaryDirectory() as out:  # fresh cache: our reference pass is timed too
         c = cfg.replace(run={"output_dir": out, "cache_dir": out, "log_every": 10 ** 9, "save_every": 10 ** 9},
                         model={"policy_model": model_dir, "build_offline_models": False})
-        kit = EvalKit(tok, None, None, None, [], c.data.response_tokens, c.eval.eval_batch_size,
-                      torch.device("cpu"), c.run.seed, dtype, acc)
+        ctx = RunContext(tokenizer=tok, ref_model=None, device=torch.device("cpu"), acc=acc, dtype=dtype,
+                         batch_size=c.eval.eval_batch_size)  # training alone: no judge, no evaluation prompts
         with PeakMemory() as mem:
-            train_dpo.train(c, data, kit, name="bench", evaluate=False)
+            train_dpo.train(c, data, ctx, name="bench", evaluate=False)
         rows = read_metrics(Path(out) / "runs" / "bench" / "metrics.jsonl")
     return {"train_s": rows[-1]["time_s"], "losses": [r["loss"] for r in rows], "peak_mb": mem.peak_mb,
             "precision": dtype_name(dtype)}

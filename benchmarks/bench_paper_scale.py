@@ -40,9 +40,11 @@ import dataset  # noqa: E402
 import train_dpo  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from eval_utils import EvalKit, evaluate_policy  # noqa: E402
+from eval_utils import evaluate_policy  # noqa: E402
+from lifecycle import RunContext  # noqa: E402
 from models import dtype_name, load_causal_lm, load_judge, load_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from plots import read_metrics  # noqa: E402
+from reward_model import train_reward_model  # noqa: E402
+from run_log import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
 
 
@@ -86,8 +88,9 @@ def main() -> int:
     judge_tok, judge = load_judge(judge_dir, device)
     data = dataset.prepare(cfg, tok, train_df, eval_df)
     full_pairs = a.full_pairs or len(data.train_pairs)
-    kit = EvalKit(tok, ref, judge_tok, judge, data.eval_prompts, cfg.data.response_tokens, cfg.eval.eval_batch_size,
-                  device, cfg.run.seed, dtype, acc)
+    ctx = RunContext(tokenizer=tok, ref_model=ref, device=device, acc=acc, dtype=dtype,
+                     batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge, prompts=data.eval_prompts,
+                     max_new_tokens=cfg.data.response_tokens, seed=cfg.run.seed)
     res = {"machine": machine(device), "device": str(device), "precision": dtype_name(dtype),
            "shapes": {"policy": DISTILGPT2, "judge": SST2_JUDGE}, "full_pairs": full_pairs}
 
@@ -96,7 +99,7 @@ def main() -> int:
     n = (a.steps + 1) * dc.dpo_batch_size
     with PeakMemory(device) as mem:
         dpo = train_dpo.train(cfg.replace(dpo={"dpo_steps": a.steps + 1}),
-                              dataclasses.replace(data, train_pairs=data.train_pairs[:n]), kit, name="dpo",
+                              dataclasses.replace(data, train_pairs=data.train_pairs[:n]), ctx, name="dpo",
                               evaluate=False)
     rows = read_metrics(out / "models" / "runs" / "dpo" / "metrics.jsonl")
     res["dpo"] = {"step_s": statistics.median(step_times(rows)), "ref_logps_s_per_pair": dpo["ref_logps_s"] / n,
@@ -105,14 +108,14 @@ def main() -> int:
     # --- reward model: a few steps, one scoring of the validation pairs at the end ---
     rcfg = cfg.replace(ppo={"rm_steps": a.rm_steps + 1, "rm_eval_every": a.rm_steps + 1})
     with PeakMemory(device) as mem:
-        _, rm = train_ppo.train_reward_model(rcfg, data, kit)
+        _, rm = train_reward_model(rcfg, data, ctx)
     val_s = rm["test_s"] * len(data.val_pairs) / rm["n_heldout_pairs"]  # the same scoring, on the validation pairs
     res["rm"] = {"step_s": (rm["train_s"] - val_s) / (a.rm_steps + 1), "val_s": val_s, "test_s": rm["test_s"],
                  "peak_mb": mem.peak_mb}
 
     # --- PPO: a few iterations (the reward model above is reused from its cache) ---
     with PeakMemory(device) as mem:
-        train_ppo.train(rcfg.replace(ppo={"ppo_steps": a.steps + 1}), data, kit, name="ppo", evaluate=False)
+        train_ppo.train(rcfg.replace(ppo={"ppo_steps": a.steps + 1}), data, ctx, name="ppo", evaluate=False)
     rows = [r for r in read_metrics(out / "models" / "runs" / "ppo" / "metrics.jsonl") if r["step"] >= 2]
     phases = {p: statistics.median(r[f"charts/{p}"] for r in rows) for p in ("generation_s", "logps_s", "score_s",
                                                                           "update_s")}
@@ -120,11 +123,11 @@ def main() -> int:
 
     # --- one evaluation: 512 held-out prompts (the second of two: the first warms up) ---
     with PeakMemory(device) as mem:
-        evaluate_policy(ref, kit, 1.0)
+        evaluate_policy(ref, ctx, 1.0)
         t = time.time()
-        evaluate_policy(ref, kit, 1.0)
+        evaluate_policy(ref, ctx, 1.0)
         eval_s = time.time() - t
-    res["eval"] = {"eval_s": eval_s, "n_prompts": len(kit.prompts), "peak_mb": mem.peak_mb}
+    res["eval"] = {"eval_s": eval_s, "n_prompts": len(ctx.prompts), "peak_mb": mem.peak_mb}
 
     # --- projection of the whole paper preset (upper bound: the reward model never stops early) ---
     p = paper.ppo
@@ -153,7 +156,7 @@ def main() -> int:
           f"peak {res['ppo']['peak_mb']:7.0f} MB")
     for name, s in phases.items():
         print(f"    {name[:-2]:<32}{s:8.3f} s")
-    print(f"  evaluation ({len(kit.prompts)} prompts)           {eval_s:8.3f} s   "
+    print(f"  evaluation ({len(ctx.prompts)} prompts)           {eval_s:8.3f} s   "
           f"peak {res['eval']['peak_mb']:7.0f} MB")
     print(f"projected paper preset ({paper.dpo.dpo_steps} DPO steps, <= {p.rm_steps} reward-model steps, "
           f"{p.ppo_steps} PPO iterations, {full_pairs} pairs):")

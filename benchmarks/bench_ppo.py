@@ -41,17 +41,18 @@ from common import PeakMemory, machine, offline_models  # noqa: E402
 import dataset  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from eval_utils import EvalKit  # noqa: E402
+from lifecycle import RunContext  # noqa: E402
 from models import load_causal_lm, load_judge, load_tokenizer  # noqa: E402
-from plots import read_metrics  # noqa: E402
+from reward_model import train_reward_model  # noqa: E402
+from run_log import read_metrics  # noqa: E402
 from run_utils import make_accelerator  # noqa: E402
 
 PHASES = ("generation_s", "scoring_s", "update_s")
 
 
-def run_ours(cfg, data, kit, out: str) -> dict:
+def run_ours(cfg, data, ctx, out: str) -> dict:
     with PeakMemory() as mem:  # the reward model comes from its cache: the iterations alone are timed
-        train_ppo.train(cfg, data, kit, name="bench", evaluate=False)
+        train_ppo.train(cfg, data, ctx, name="bench", evaluate=False)
     rows = read_metrics(Path(out) / "runs" / "bench" / "metrics.jsonl")  # one row per iteration
     phases = {"generation_s": sum(r["charts/generation_s"] for r in rows),
               "scoring_s": sum(r["charts/logps_s"] + r["charts/score_s"] for r in rows),
@@ -144,8 +145,8 @@ def main() -> int:
     ref = load_causal_lm(paths["policy_model"])
     judge_tok, judge = load_judge(paths["judge_model"])
     data = dataset.prepare(base, tok, train_df, eval_df)
-    kit = EvalKit(tok, ref, judge_tok, judge, [], base.data.response_tokens, base.eval.eval_batch_size,
-                  torch.device("cpu"), base.run.seed, torch.float32, acc)
+    ctx = RunContext(tokenizer=tok, ref_model=ref, device=torch.device("cpu"), acc=acc,
+                     batch_size=base.eval.eval_batch_size, judge_tok=judge_tok, judge=judge)
     rm_root = tempfile.mkdtemp(prefix="bench_ppo_rm_")
     # The reward model is not timed: reuse (or fill) the offline preset's cache, e.g. a study's seed-0 model.
     shared_rms = Path(base.run.cache_dir) / "reward_models"
@@ -155,14 +156,14 @@ def main() -> int:
                        ppo={"ppo_steps": a.iters, "target_kl": None},
                        run={"output_dir": rm_root, "cache_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
     print("training the reward model once (not timed)", file=sys.stderr)
-    _, rm_report = train_ppo.train_reward_model(cfg, data, kit)
+    _, rm_report = train_reward_model(cfg, data, ctx)
     (rm_dir,) = [d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()
                  and json.loads((d / "rm_report.json").read_text()) == rm_report]
 
     runs = {"ours": [], "trl_1.12": []}
     for r in range(a.repeats):
         print(f"repeat {r + 1}/{a.repeats}", file=sys.stderr)
-        runs["ours"].append(run_ours(cfg, data, kit, rm_root))
+        runs["ours"].append(run_ours(cfg, data, ctx, rm_root))
         if have_trl:
             runs["trl_1.12"].append(run_trl(cfg, data, tok, paths["policy_model"], str(rm_dir), a.iters))
     runs = {k: v for k, v in runs.items() if v}

@@ -58,9 +58,7 @@ def offline_models(train_df, eval_df, policy_model: str | None = None, judge_mod
 
     cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
     given = {"policy_model": policy_model, "judge_model": judge_model}
-    root = Path(cfg.run.cache_dir) / "offline"
-    needed = {name: root / f"{kind}-{om.settings_key(cfg, train_df, prefix)[0]}"
-              for name, kind, prefix in (("policy_model", "base_lm", "lm_"), ("judge_model", "judge", "judge_"))}
+    needed = {name: art.path for name, art in om.offline_artifacts(cfg, train_df).items()}
     missing = [str(p) for name, p in needed.items() if given[name] is None and not p.is_dir()]
     if missing:
         print(f"benchmark: the offline models are not built ({', '.join(missing)}): building them first at fp32, "

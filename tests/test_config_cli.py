@@ -70,3 +70,23 @@ def test_cli_help_lists_the_flags():
 def test_unknown_preset_from_the_real_cli():
     proc = run_cli("--preset", "gigantic")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_and_plots_only_never_import_torch(tmp_path):
+    # --help and --plots-only answer in a second or two: neither may pull in the modelling stack.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, main\n"
+            "for argv in (['--help'], ['--preset', 'smoke', '--plots-only', '--plots_dir', sys.argv[1]]):\n"
+            "    try:\n"
+            "        main.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'lifecycle', 'eval_utils', 'models') if m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]"
+    assert "results.json" in p.stderr  # --plots-only did run, and said what it lacked

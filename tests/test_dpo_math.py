@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_utils import concatenated_batch, dpo_loss
+from batching import concatenated_batch
+from dpo_utils import dpo_loss
 from logprobs import selective_log_softmax
 
 

@@ -110,17 +110,19 @@ def test_kl_to_the_reference_at_temperature_t_matches_brute_force(temperature):
 def test_evaluate_policy_kl_is_zero_for_a_copy_of_the_reference_and_positive_for_another_model(tiny_tokenizer):
     import copy
 
-    from eval_utils import EvalKit, evaluate_policy
+    from eval_utils import evaluate_policy
+    from lifecycle import RunContext
 
     ref = _peaky_lm(1)
     judge_cfg = DistilBertConfig(vocab_size=len(tiny_tokenizer), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
                                  max_position_embeddings=32, pad_token_id=tiny_tokenizer.pad_token_id)
     judge = DistilBertForSequenceClassification(judge_cfg).eval()
     judge.positive_index = 1
-    kit = EvalKit(_Tok(), ref, tiny_tokenizer, judge, [PROMPT] * 32, MAX_NEW, 16, "cpu", seed=0)
-    kit.tokenizer.decode = lambda ids, skip_special_tokens=True: " ".join(map(str, ids))
-    same = evaluate_policy(copy.deepcopy(ref), kit, 1.0)
-    other = evaluate_policy(_peaky_lm(0), kit, 1.0)
+    ctx = RunContext(tokenizer=_Tok(), ref_model=ref, device="cpu", acc=None, batch_size=16, judge_tok=tiny_tokenizer,
+                     judge=judge, prompts=[PROMPT] * 32, max_new_tokens=MAX_NEW, seed=0)
+    ctx.tokenizer.decode = lambda ids, skip_special_tokens=True: " ".join(map(str, ids))
+    same = evaluate_policy(copy.deepcopy(ref), ctx, 1.0)
+    other = evaluate_policy(_peaky_lm(0), ctx, 1.0)
     assert same["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
     assert other["kl_to_ref"] > 0.05
 

@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, copy_offline_models, require_imdb, run_cli, run_main
 from transformers import AutoModelForCausalLM
 
-from plots import read_metrics
-from run_utils import atomic_write_dir, latest_checkpoint
+from artifacts import atomic_write_dir
+from lifecycle import latest_checkpoint
+from run_log import read_metrics
 
 TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s", "charts/logps_s",
                "charts/score_s", "charts/update_s"}
@@ -165,7 +166,7 @@ def test_same_seed_bf16_runs_are_identical_too(tmp_path, smoke_run):
 
 
 def test_timer_leaves_evaluation_out_of_training_time():
-    from run_utils import Timer
+    from lifecycle import Timer
 
     timer = Timer(already=5.0)
     time.sleep(0.05)

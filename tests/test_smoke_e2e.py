@@ -10,7 +10,7 @@ from conftest import SMOKE, copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from plots import read_metrics
+from run_log import read_metrics
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "pairs_per_s"}

@@ -2,13 +2,14 @@
 
 import torch
 
-from dpo_utils import concatenated_batch, concatenated_forward, dpo_loss
+from batching import concatenated_batch, rollout_batch
+from dpo_utils import concatenated_forward, dpo_loss
 from eval_utils import generate, response_logps
 from logprobs import ResponseLogProbs
 from models import weights_fingerprint
 from ppo_utils import gae, kl_penalized_rewards, policy_loss, value_loss, whiten
 from train_dpo import reference_logps
-from train_ppo import response_logps_values, rollout_batch
+from train_ppo import response_logps_values
 
 PAIRS = [{"prompt": [5, 6, 7], "chosen": [8, 9, 10, 11], "rejected": [12, 13]},
          {"prompt": [20, 21], "chosen": [22, 23], "rejected": [24, 25, 26, 27, 28]},

@@ -1,0 +1,310 @@
+"""The lifecycle of a training run, written once for every trainer (:class:`TrainingRun`), and the context
+the runs of a study share (:class:`RunContext`).
+
+A trainer builds its model and optimiser, then hands the loop's harness to a ``TrainingRun``:
+
+    run = TrainingRun(cfg, ctx, name, "dpo", steps, eval_every)     # directories, seeding
+    ...                                                              # the algorithm's own setup
+    run.begin(policy, {"scheduler": scheduler})                     # resume, metrics log, config, step-0 eval
+    for step in run.steps():                                        # progress bar, Ctrl-C turned into a flag
+        ...                                                          # the algorithm's own step (run.lap(phase)
+                                                                     # times its phases)
+        run.end_step(step, row, nonfinite, log_line, postfix)       # eval cadence, log, checkpoint, stop
+    return run.finish(summary)                                      # atomic save and summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from artifacts import atomic_write_dir, replace_dir
+from config import ConfigError
+from eval_utils import eval_metrics, evaluate_policy
+from models import dtype_name
+from run_log import MetricsLog, StopTraining
+from run_utils import any_process, seed_everything
+
+
+@dataclass
+class RunContext:
+    """What the training runs of a study share: the tokenizer, the frozen reference, the device, precision and
+    accelerator; for evaluation, the judge and the held-out prompts with their sampling seed. A run that is not
+    evaluated (the benchmarks time training alone) leaves the judge and the prompts out."""
+
+    tokenizer: object
+    ref_model: object
+    device: object
+    acc: object  # the run's Accelerator (one process, or one of N)
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 64  # of generation and judging
+    judge_tok: object = None
+    judge: object = None
+    judge_dtype: torch.dtype | None = None  # the judge's own precision (None: ``dtype``)
+    prompts: list[list[int]] = field(default_factory=list)  # the evaluation prompts
+    max_new_tokens: int = 0  # completion length at evaluation
+    seed: int = 0  # the evaluation's sampling seed
+    _ref_results: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.judge_dtype is None:
+            self.judge_dtype = self.dtype
+
+    def reference_result(self, temperature: float) -> dict:
+        """The reference's evaluation at ``temperature``, computed once (it never changes)."""
+        if temperature not in self._ref_results:
+            self._ref_results[temperature] = evaluate_policy(self.ref_model, self, temperature)
+        return self._ref_results[temperature]
+
+
+class TrainingRun:
+    """One training run's harness around a trainer's own loop: its directories (``<output_dir>/runs/<name>/``
+    while training, ``<output_dir>/<name>/`` once saved), seeding, resume, ``metrics.jsonl`` and the trackers,
+    the step-0 and periodic evaluations, the non-finite counter, checkpoints, interrupts and divergence, the
+    training and evaluation timers, and the final atomic save.
+
+    Args:
+        method: ``dpo`` or ``ppo``: the prefix of log lines and messages (and of the learning-rate flag named
+            when a run diverges).
+        steps, eval_every: the run's length and evaluation cadence (the last step is always evaluated).
+        evaluate: False skips every evaluation (benchmarks time the training alone).
+        unit: what one step is called in messages (``step``, ``iteration``).
+        per_process: batch-size flags whose values must divide by the number of processes.
+    """
+
+    def __init__(self, cfg, ctx: RunContext, name: str, method: str, steps: int, eval_every: int,
+                 evaluate: bool = True, unit: str = "step", per_process: dict | None = None):
+        acc = ctx.acc
+        for flag, value in (per_process or {}).items():
+            if value % acc.num_processes:
+                raise ConfigError(f"{flag} {value} must be a multiple of the {acc.num_processes} processes")
+        self.cfg, self.ctx, self.name, self.method, self.unit = cfg, ctx, name, method, unit
+        self.total, self.eval_every, self.evaluate = steps, eval_every, evaluate
+        out = Path(cfg.run.output_dir)
+        self.run_dir, self.final_dir = out / "runs" / name, out / name
+        self.last_eval, self.last_eval_step = None, None
+        seed_everything(cfg.run.seed)
+        self.t_setup = time.time()
+
+    def begin(self, policy, state: dict, setup_s: float | None = None) -> int:
+        """Resume from the run's latest checkpoint (with ``--resume``) or start afresh; open metrics.jsonl, save
+        the config beside it and evaluate the starting point (step 0). ``policy`` is the prepared model;
+        ``state`` the objects checkpointed besides it and the optimiser (scheduler, KL controller).
+        ``setup_s``: the training seconds spent before the first step (default: since the run was created).
+        Returns the last step already done."""
+        acc, rc = self.ctx.acc, self.cfg.run
+        self.policy, self.state = policy, state
+        setup_s = time.time() - self.t_setup if setup_s is None else setup_s
+        self.start, self.timer, self.consecutive_bad, resumed = resume_or_start(acc, self.run_dir, rc.resume, setup_s,
+                                                                                self.name, state)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start if resumed else None, acc, self.name,
+                                  self.cfg.to_dict())
+        if acc.is_main_process:
+            self.cfg.save(self.run_dir / "training_config.json")
+        if self.start == 0 and self.evaluate:
+            with self.timer.evaluating():
+                result = self.ctx.reference_result(self.cfg.eval.eval_temperature)
+                self.metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(result)})
+        return self.start
+
+    def steps(self):
+        """The steps still to run (1-based), under a progress bar; SIGINT/SIGTERM meanwhile only set a flag that
+        :meth:`end_step` acts on after the step (a checkpoint, then exit 130)."""
+        self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.method, unit=self.unit,
+                        initial=self.start, total=self.total)
+        with SignalFlag() as self.interrupted:
+            for step in self.bar:
+                self._t_step = self._t_lap = time.time()
+                self._laps = {}
+                yield step
+
+    def lap(self, phase: str) -> None:
+        """Time the phase of this step that just ended (since the step began or the last lap): logged as
+        ``charts/<phase>_s``."""
+        now = time.time()
+        self._laps[f"charts/{phase}_s"], self._t_lap = now - self._t_lap, now
+
+    def step_seconds(self) -> float:
+        """Seconds since this step began."""
+        return time.time() - self._t_step
+
+    def end_step(self, step: int, row: dict, nonfinite: bool, log_line: str, postfix: dict) -> None:
+        """After the update of ``step``: evaluate when due, append ``row`` (the step's metrics) to metrics.jsonl,
+        print ``log_line`` every ``--log_every`` steps and at evaluations, checkpoint every ``--save_every``
+        steps, and stop (after a checkpoint) on an interrupt or after ``--max_nonfinite_skips`` consecutive
+        non-finite steps. A non-finite step must have left the weights untouched."""
+        acc, rc = self.ctx.acc, self.cfg.run
+        self.consecutive_bad = self.consecutive_bad + 1 if nonfinite else 0
+        row = {"step": step, **row, **self._laps, "nonfinite_skipped": int(nonfinite), "time_s": self.timer.elapsed}
+        if self.evaluate and (step % self.eval_every == 0 or step == self.total):
+            with self.timer.evaluating():
+                self.last_eval, self.last_eval_step = evaluate_policy(self.policy, self.ctx,
+                                                                      self.cfg.eval.eval_temperature), step
+                row.update(eval_metrics(self.last_eval))
+        self.metrics.log(row)
+        self.bar.set_postfix(postfix)
+        if step % rc.log_every == 0 or "eval/safety_score" in row:
+            extra = (f" | safety {row['eval/safety_score']:.3f} kl {row['eval/kl_to_ref']:.2f}"
+                     if "eval/safety_score" in row else "")
+            tqdm.write(log_line + extra)
+
+        # Skipped steps leave the weights untouched, so after too many of them the current weights are still
+        # the last good ones: save them, then stop. Every process stops at the same step.
+        diverged = self.consecutive_bad >= rc.max_nonfinite_skips
+        stop = any_process(self.interrupted.signum is not None, acc)
+        if step % rc.save_every == 0 or stop or diverged:
+            ckpt = checkpoint(acc, self.run_dir, step, self.timer, 0 if diverged else self.consecutive_bad,
+                              rc.keep_checkpoints, self.state)
+            if diverged:
+                raise StopTraining(f"{self.method}: {self.consecutive_bad} consecutive {self.unit}s had a non-finite "
+                                   f"loss or gradient (last at {self.unit} {step}); the last good weights are in "
+                                   f"{ckpt}; lower --{self.method}_lr and add --resume", 1)
+            if stop:
+                raise StopTraining(f"{self.method}: interrupted at {self.unit} {step}; checkpoint saved in {ckpt}. "
+                                   f"Resume with the same command plus --resume", 130)
+
+    def finish(self, summary: dict, note: str = "") -> dict:
+        """Save the policy atomically (a crash here never leaves a half-written model nor destroys the previous
+        one) with its config, metrics and summary; returns the train() output: ``model_dir``, ``policy``, the
+        summary, and ``final_eval``, the last step's evaluation when it was of these very weights (the final
+        comparison reuses it instead of redoing it)."""
+        summary = {"method": self.method, "precision": dtype_name(self.ctx.dtype), "train_time_s": self.timer.elapsed,
+                   "eval_time_s": self.timer.eval_s, **summary}
+        save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
+        self.metrics.close()
+        print(f"{self.method}: saved {self.final_dir} ({summary['train_time_s']:.0f}s of training{note}; "
+              f"{summary['eval_time_s']:.0f}s of evaluation)")
+        return {"model_dir": str(self.final_dir), "policy": self.policy, **summary,
+                "final_eval": self.last_eval if self.last_eval_step == self.total else None}
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+def save_policy(acc, policy, tok, cfg, run_dir: Path, final_dir: Path, summary: dict) -> None:
+    """Write a trained :class:`logprobs.ResponseLogProbs` policy atomically into ``final_dir``: the LM with
+    ``save_pretrained`` (and ``value_head.pt`` if it has one), its tokenizer, the resolved config, the run's
+    metrics and its summary. Every process takes part in gathering the weights (FSDP shards them); the
+    main process writes."""
+    state = acc.get_state_dict(policy)
+    if acc.is_main_process:
+        model = acc.unwrap_model(policy)
+
+        def write(tmp: Path):
+            model.lm.save_pretrained(tmp, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
+            if model.v_head is not None:
+                torch.save({k[7:]: v for k, v in state.items() if k.startswith("v_head.")}, tmp / "value_head.pt")
+            tok.save_pretrained(tmp)
+            cfg.save(tmp / "training_config.json")
+            (tmp / "metrics.jsonl").write_text((Path(run_dir) / "metrics.jsonl").read_text())
+            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+        atomic_write_dir(final_dir, write)
+    acc.wait_for_everyone()
+    acc.free_memory()  # forget this run's prepared model and optimiser: the next run's save_state is its own
+
+
+def checkpoint(acc, run_dir: Path, step: int, timer: Timer, consecutive_bad: int, keep: int,
+               extra: dict | None = None) -> Path:
+    """Atomically write ``checkpoints/step-N``: accelerate's ``save_state`` (the prepared model and optimiser,
+    sharded or gathered as the FSDP config says, and every process's RNG states) plus ``meta.pt`` (step,
+    timer, non-finite counter and the state dicts of ``extra``: scheduler, KL controller). Every process
+    calls it; the main one renames the finished directory into place and deletes all but the last ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        meta = {"step": step, "elapsed": timer.elapsed, "eval_s": timer.eval_s, "consecutive_bad": consecutive_bad,
+                **{k: obj.state_dict() for k, obj in (extra or {}).items()}}
+        torch.save(meta, tmp / "meta.pt")
+        replace_dir(tmp, final)
+        for old in sorted(root.glob("step-???????"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def resume_or_start(acc, run_dir: Path, resume: bool, setup_s: float = 0.0, name: str = "run",
+                    extra: dict | None = None):
+    """With ``resume`` and a checkpoint: load it into the prepared model and optimiser (accelerate's
+    ``load_state``, which also restores each process's RNG) and into the objects of ``extra``; returns
+    ``(start_step, timer, consecutive_bad, resumed)``. Otherwise step 0, with a timer that already counts
+    ``setup_s`` of training."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        if resume:  # say so: a mistyped --output_dir would otherwise retrain silently
+            print(f"{name}: nothing to resume in {Path(run_dir) / 'checkpoints'}; starting from scratch")
+        return 0, Timer(setup_s), 0, False
+    acc.load_state(str(ckpt))
+    meta = torch.load(ckpt / "meta.pt", weights_only=False)
+    for key, obj in (extra or {}).items():
+        obj.load_state_dict(meta[key])
+    print(f"{name}: resuming from {ckpt} (step {meta['step']})")
+    return meta["step"], Timer(meta["elapsed"], meta["eval_s"]), meta["consecutive_bad"], True
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-???????"))
+    return ckpts[-1] if ckpts else None
+
+
+class SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written).
+
+    A second signal gives up on the clean exit, except under a launcher (``torchrun``/``accelerate launch``):
+    it passes the user's Ctrl-C on to every process, which then sees it twice, and it kills processes that
+    outstay its own shutdown timeout anyway."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and not self.launched:  # a second Ctrl-C: give up on the clean exit
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class Timer:
+    """Training wall time of a run, without its evaluations, surviving resumes (both sums are checkpointed).
+
+    Time spent inside ``with timer.evaluating():`` is counted in ``eval_s`` and left out of ``elapsed``.
+    """
+
+    def __init__(self, already: float = 0.0, eval_s: float = 0.0):
+        self.start, self.already, self.eval_s, self._paused = time.time(), already, eval_s, 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return self.already + time.time() - self.start - self._paused
+
+    @contextmanager
+    def evaluating(self):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self._paused += time.time() - t0
+            self.eval_s += time.time() - t0

@@ -1,0 +1,132 @@
+"""PPO's reward: a Bradley-Terry reward model learned from the preference pairs (RLHF, Ziegler et al. 2019;
+Stiennon et al. 2020), or the oracle judge's own logit (PPO-GT, the upper bound). ``reward_function`` gives
+PPO either as one scoring function of (prompts, responses)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from artifacts import Artifact
+from batching import response_batch
+from config import ConfigError
+from eval_utils import judge_logits
+from models import autocast, dtype_name
+from run_utils import gather_share, local_share, padded_share, step_indices
+
+
+def train_reward_model(cfg, data, ctx):
+    """Bradley-Terry reward model -log sigma(r(x, y_w) - r(x, y_l)) on the training pairs, trained until its
+    accuracy on the validation pairs stops rising (the best checkpoint is kept), then scored once on the
+    held-out pairs. Data-parallel like DPO. Cached under ``reward_models/<settings hash>/``; returns
+    ``(model, report)``."""
+    pc, device, pad, acc = cfg.ppo, ctx.device, ctx.tokenizer.pad_token_id, ctx.acc
+    settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
+                "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
+                "precision": dtype_name(ctx.dtype),
+                "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
+    art = Artifact(Path(cfg.run.cache_dir) / "reward_models", settings, done="rm_report.json")
+    if art.exists():
+        report = art.report()
+        print(f"ppo: reusing reward model {art.path} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f})")
+        return AutoModelForSequenceClassification.from_pretrained(art.path).to(device).eval(), report
+    if pc.rm_batch_size % acc.num_processes:
+        raise ConfigError(f"--rm_batch_size {pc.rm_batch_size} must be a multiple of the {acc.num_processes} processes")
+
+    torch.manual_seed(cfg.run.seed)  # the scalar head's initialisation
+    rm = AutoModelForSequenceClassification.from_pretrained(cfg.model.policy_model, num_labels=1).to(device)
+    rm.config.pad_token_id = pad
+    rm.eval()  # dropout off; gradients still flow
+    opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr)
+    rm, opt = acc.prepare(rm, opt)
+
+    def scores(pairs):
+        completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        b = response_batch([p["prompt"] for p in pairs] * 2, completions, pad)
+        with autocast(device, ctx.dtype):
+            r = rm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        r = r.squeeze(-1).float()
+        return r[: len(pairs)], r[len(pairs):]
+
+    @torch.no_grad()
+    def pair_accuracy(pairs):  # each process scores its share; all get the mean
+        share = padded_share(pairs, acc)
+        wins = torch.cat([torch.gt(*scores(share[s:s + 64])).float() for s in range(0, len(share), 64)]).tolist()
+        return float(np.mean(gather_share(wins, len(pairs), acc)))
+
+    t0 = time.time()
+    best = {"acc": -1.0, "step": 0, "state": None}
+    curve = []
+    bar = tqdm(range(1, pc.rm_steps + 1), desc="ppo: reward model", unit="step")
+    for step in bar:
+        idx = local_share(step_indices(step, pc.rm_batch_size, len(data.train_pairs), [cfg.run.seed, 3]), acc)
+        r_w, r_l = scores([data.train_pairs[i] for i in idx])
+        loss = -F.logsigmoid(r_w - r_l).mean()
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        # --- early stopping on the validation pairs (training reviews the training pairs do not use) ---
+        if step % pc.rm_eval_every == 0 or step == pc.rm_steps:
+            val = pair_accuracy(data.val_pairs)
+            curve.append({"step": step, "val_pair_accuracy": val})
+            bar.set_postfix(val_acc=f"{val:.3f}")
+            if val > best["acc"]:
+                best = {"acc": val, "step": step, "state": {k: v.detach().clone() for k, v in rm.state_dict().items()}}
+            elif step - best["step"] >= pc.rm_patience * pc.rm_eval_every:
+                break
+    bar.close()
+    rm.load_state_dict(best["state"])
+    train_s = time.time() - t0
+    # --- the held-out pairs are scored once, after training: an evaluation, not part of the training time ---
+    t1 = time.time()
+    held = data.eval_pairs[:512]
+    report = {"heldout_pair_accuracy": pair_accuracy(held), "n_heldout_pairs": len(held),
+              "val_pair_accuracy": best["acc"], "n_val_pairs": len(data.val_pairs), "best_step": best["step"],
+              "steps_run": curve[-1]["step"], "stopped_early": curve[-1]["step"] < pc.rm_steps,
+              "curve": curve, "train_s": train_s, "test_s": time.time() - t1}
+    print(f"ppo: reward model held-out pair accuracy {report['heldout_pair_accuracy']:.3f} ({len(held)} pairs); "
+          f"validation {best['acc']:.3f} at step {best['step']} of {report['steps_run']} ({train_s:.0f}s)")
+
+    state = acc.get_state_dict(rm)  # every process (FSDP gathers the shards); the main one writes
+    if acc.is_main_process:
+        def write(tmp: Path):
+            acc.unwrap_model(rm).save_pretrained(tmp, state_dict=state)
+            (tmp / "rm_settings.json").write_text(json.dumps(settings, indent=2))
+            (tmp / "rm_report.json").write_text(json.dumps(report, indent=2))
+
+        art.write(write)
+    acc.wait_for_everyone()
+    acc.free_memory()  # the reward model only scores from now on: PPO's checkpoints hold the policy alone
+    return rm.eval(), report
+
+
+def reward_function(cfg, data, ctx):
+    """``(score_fn, report)``: ``score_fn(prompts, responses)`` gives (B,) fp32 rewards on the CPU, from the
+    learned reward model (``--ppo_reward learned``; ``report`` is its :func:`train_reward_model` report) or the
+    judge's POSITIVE minus NEGATIVE logit (``--ppo_reward judge``; ``report`` None)."""
+    tok, device = ctx.tokenizer, ctx.device
+    if cfg.ppo.ppo_reward == "judge":
+        def judge_reward(prompts, responses):
+            texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
+            return judge_logits(ctx.judge_tok, ctx.judge, texts, ctx.batch_size, device, ctx.judge_dtype)
+
+        return judge_reward, None
+    rm, report = train_reward_model(cfg, data, ctx)
+
+    @torch.no_grad()
+    def learned_reward(prompts, responses):
+        b = response_batch(prompts, responses, tok.pad_token_id)
+        with autocast(device, ctx.dtype):
+            return rm(input_ids=b["input_ids"].to(device),
+                      attention_mask=b["attention_mask"].to(device)).logits.squeeze(-1).float().cpu()
+
+    return learned_reward, report

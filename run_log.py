@@ -1,0 +1,74 @@
+"""A training run's record and how it ends: ``metrics.jsonl`` (written by :class:`MetricsLog`, read by
+:func:`read_metrics`) and :class:`StopTraining`. The lifecycle that uses them is ``lifecycle.TrainingRun``;
+this part stays free of torch, so ``--help`` and ``--plots-only`` import it without the modelling stack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class StopTraining(Exception):
+    """Raised to end a run early with a message and an exit code (1: non-finite, 2: bad input, 130:
+    interrupted); main.py prints the message in one line."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics.jsonl file (an empty list if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends one flat JSON dict per step to ``metrics.jsonl`` (main process only) and sends the same
+    names to the experiment trackers of ``--report_to`` (TensorBoard, W&B) through accelerate.
+
+    On resume, rows after the checkpoint's step are dropped first, so a resumed run's file ends up equal
+    to an uninterrupted run's.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, acc=None, run_name: str = "run",
+                 config: dict | None = None):
+        self.path, self.acc = Path(path), acc
+        self.main = acc is None or acc.is_main_process
+        if acc is not None and acc.log_with:
+            # one tracker run per training run; the config is logged as (flattened, scalar) hyperparameters
+            flat = {f"{sec}/{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                    for sec, fields_ in (config or {}).items() for k, v in fields_.items()}
+            acc.init_trackers(run_name.replace("/", "_"), config=flat)
+        if not self.main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()] if self.path.exists() else []
+            kept = []
+            for r in rows:
+                try:
+                    row = json.loads(r)
+                except json.JSONDecodeError:  # the line being written when the process was killed
+                    continue
+                if row["step"] <= resume_step:
+                    kept.append(r)
+            self.path.write_text("".join(r + "\n" for r in kept))
+
+    def log(self, row: dict) -> None:
+        if self.acc is not None and self.acc.log_with:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.main:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        """End this run's tracker runs (the next training run opens its own)."""
+        if self.acc is not None and self.acc.log_with:
+            for tracker in self.acc.trackers:
+                tracker.finish()
+            self.acc.trackers = []
