@@ -471,6 +471,30 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**dict(zip(SECTIONS, parts)))
 
 
+# Settings that only say how results are read out or which runs a sweep has (each run's own beta or KL coefficient
+# is in its dpo / ppo section), or the thread count: changing them neither changes what a run trains nor
+# makes a finished run unfinished.
+READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls"),
+                 "model": ("threads",)}
+
+
+def run_settings(config: dict) -> dict:
+    """What a training run's results depend on, from a ``Config.to_dict()`` (also an older one): every setting
+    but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones."""
+    out = {sec: {k: v for k, v in values.items() if k not in READ_OUT_ONLY.get(sec, ())}
+           for sec, values in config.items() if sec != "run"}
+    out["run"] = {"seed": config["run"]["seed"]}
+    return out
+
+
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """``section.field: saved -> now`` for each run setting (:func:`run_settings`) that differs."""
+    a, b = run_settings(saved), run_settings(now)
+    return [f"{sec}.{k}: {a.get(sec, {}).get(k)!r} -> {b.get(sec, {}).get(k)!r}"
+            for sec in sorted(set(a) | set(b)) for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {})))
+            if a.get(sec, {}).get(k) != b.get(sec, {}).get(k)]
+
+
 def field_names() -> list[str]:
     return [f.name for cls in SECTIONS.values() for f in fields(cls)]
 
@@ -484,4 +508,4 @@ def sanity_check_unique_fields() -> None:
 sanity_check_unique_fields()
 __all__ = ["DEFAULT_CSV", "HUB_DATASET", "PRESETS", "PRESET_NAMES", "ROOT", "Config", "ConfigError", "DataConfig",
            "DPOConfig", "EvalConfig", "ModelConfig", "OfflineConfig", "PPOConfig", "RunConfig", "SFTConfig",
-           "field_names", "make_parser", "parse_config"]
+           "READ_OUT_ONLY", "field_names", "make_parser", "parse_config", "run_settings", "settings_diff"]

@@ -253,6 +253,15 @@ def _examples(ctx, result: dict, indices: list[int]) -> list[dict]:
 
 
 TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_test_s")
+# what results.json keeps of a learned reward model's report (the README quotes its accuracies from here)
+RM_KEYS = ("heldout_pair_accuracy", "n_heldout_pairs", "val_pair_accuracy", "n_val_pairs", "best_step", "reused")
+
+
+def run_record(summary: dict) -> dict:
+    """What results.json keeps of a run's train() summary: its times and its reward model's accuracies."""
+    rm = summary.get("reward_model")
+    return {**{k: summary[k] for k in TIME_KEYS if k in summary},
+            **({"reward_model": {k: rm.get(k) for k in RM_KEYS}} if rm else {})}
 EXAMPLES_SEED = 20231129  # which held-out prompts are shown as examples (drawn at random, the same for all models)
 
 
@@ -321,7 +330,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
     results["runs"] = [{"method": r["spec"].method, "label": r["spec"].setting, "seed": r["spec"].seed,
                         "main": r["spec"].main, "name": r["spec"].name,
                         "metrics": str(Path(r["summary"]["model_dir"]) / "metrics.jsonl"),
-                        **{k: r["summary"][k] for k in TIME_KEYS if k in r["summary"]}} for r in runs]
+                        **run_record(r["summary"])} for r in runs]
     points, finals = [], []
     for r in results["runs"]:
         rows = [row for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from artifacts import atomic_write_dir, replace_dir
-from config import ConfigError
+from config import ConfigError, settings_diff
 from eval_utils import eval_metrics, evaluate_policy
 from models import dtype_name
 from run_log import MetricsLog, StopTraining
@@ -92,6 +92,8 @@ class TrainingRun:
         out = Path(cfg.run.output_dir)
         self.run_dir, self.final_dir = out / "runs" / name, out / name
         self.last_eval, self.last_eval_step = None, None
+        if cfg.run.resume:  # before any of the run's work
+            self.check_resumable()
         seed_everything(cfg.run.seed)
         self.t_setup = time.time()
 
@@ -115,6 +117,22 @@ class TrainingRun:
                 result = self.ctx.reference_result(self.cfg.eval.eval_temperature)
                 self.metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(result)})
         return self.start
+
+    def check_resumable(self) -> None:
+        """Refuse (exit 2, before any training) to resume a checkpoint written with other settings than this
+        run's: it would continue the old run and save it under the new config. The checkpoint's own config is
+        compared (older checkpoints: the one saved beside them by the run that wrote them)."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        saved = next((p for p in (ckpt / "training_config.json", self.run_dir / "training_config.json") if p.exists()),
+                     None)
+        diff = settings_diff(json.loads(saved.read_text()), self.cfg.to_dict()) if saved else []
+        if diff:
+            more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+            raise StopTraining(f"{self.name}: the checkpoint {ckpt} was written with other settings ({diff[0]}{more}); "
+                               f"resume with the settings it was written with, or drop --resume to train from "
+                               f"scratch", 2)
 
     def steps(self):
         """The steps still to run (1-based), under a progress bar; SIGINT/SIGTERM meanwhile only set a flag that
@@ -163,7 +181,7 @@ class TrainingRun:
         stop = any_process(self.interrupted.signum is not None, acc)
         if step % rc.save_every == 0 or stop or diverged:
             ckpt = checkpoint(acc, self.run_dir, step, self.timer, 0 if diverged else self.consecutive_bad,
-                              rc.keep_checkpoints, self.state)
+                              rc.keep_checkpoints, self.state, self.cfg)
             if diverged:
                 raise StopTraining(f"{self.method}: {self.consecutive_bad} consecutive {self.unit}s had a non-finite "
                                    f"loss or gradient (last at {self.unit} {step}); the last good weights are in "
@@ -212,11 +230,12 @@ def save_policy(acc, policy, tok, cfg, run_dir: Path, final_dir: Path, summary: 
 
 
 def checkpoint(acc, run_dir: Path, step: int, timer: Timer, consecutive_bad: int, keep: int,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, cfg=None) -> Path:
     """Atomically write ``checkpoints/step-N``: accelerate's ``save_state`` (the prepared model and optimiser,
     sharded or gathered as the FSDP config says, and every process's RNG states) plus ``meta.pt`` (step,
-    timer, non-finite counter and the state dicts of ``extra``: scheduler, KL controller). Every process
-    calls it; the main one renames the finished directory into place and deletes all but the last ``keep``."""
+    timer, non-finite counter and the state dicts of ``extra``: scheduler, KL controller) and the run's config
+    ``cfg`` (``training_config.json``). Every process calls it; the main one renames the finished directory
+    into place and deletes all but the last ``keep``."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
     if acc.is_main_process:
@@ -228,6 +247,8 @@ def checkpoint(acc, run_dir: Path, step: int, timer: Timer, consecutive_bad: int
         meta = {"step": step, "elapsed": timer.elapsed, "eval_s": timer.eval_s, "consecutive_bad": consecutive_bad,
                 **{k: obj.state_dict() for k, obj in (extra or {}).items()}}
         torch.save(meta, tmp / "meta.pt")
+        if cfg is not None:  # what the checkpoint was trained with: a resume checks it
+            cfg.save(tmp / "training_config.json")
         replace_dir(tmp, final)
         for old in sorted(root.glob("step-???????"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

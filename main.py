@@ -136,7 +136,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     for r in study.carried_over(cfg, setup):
         model_dir = str(Path(r["metrics"]).parent)
         runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
-                     "summary": {"model_dir": model_dir, **{k: r[k] for k in eval_utils.TIME_KEYS if k in r}}})
+                     "summary": {"model_dir": model_dir, **eval_utils.run_record(r)}})
         if r["main"] and r["seed"] == seeds[0]:
             first[r["method"]] = {**runs[-1]["summary"], "policy": load_causal_lm(model_dir, device)}
             print(f"results: keeping {r['method']} from {cfg.run.plots_dir}/results.json ({model_dir})")

@@ -27,7 +27,8 @@ def train_reward_model(cfg, data, ctx):
     """Bradley-Terry reward model -log sigma(r(x, y_w) - r(x, y_l)) on the training pairs, trained until its
     accuracy on the validation pairs stops rising (the best checkpoint is kept), then scored once on the
     held-out pairs. Data-parallel like DPO. Cached under ``reward_models/<settings hash>/``; returns
-    ``(model, report)``."""
+    ``(model, report)``. A model from the cache has ``reused`` True and ``train_s``/``test_s`` 0 (this run spent
+    none), its original times in ``cached_train_s``/``cached_test_s``."""
     pc, device, pad, acc = cfg.ppo, ctx.device, ctx.tokenizer.pad_token_id, ctx.acc
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
                 "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
@@ -35,8 +36,12 @@ def train_reward_model(cfg, data, ctx):
                 "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
     art = Artifact(Path(cfg.run.cache_dir) / "reward_models", settings, done="rm_report.json")
     if art.exists():
+        # Its training and test time were charged to the run that trained it: 0 s here, the original kept apart.
         report = art.report()
-        print(f"ppo: reusing reward model {art.path} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f})")
+        report.update(reused=True, cached_train_s=report["train_s"], cached_test_s=report["test_s"], train_s=0.0,
+                      test_s=0.0)
+        print(f"ppo: reusing reward model {art.path} (held-out pair accuracy {report['heldout_pair_accuracy']:.3f}); "
+              f"its {report['cached_train_s']:.0f}s of training count for the run that trained it, 0s for this one")
         return AutoModelForSequenceClassification.from_pretrained(art.path).to(device).eval(), report
     if pc.rm_batch_size % acc.num_processes:
         raise ConfigError(f"--rm_batch_size {pc.rm_batch_size} must be a multiple of the {acc.num_processes} processes")
@@ -92,7 +97,7 @@ def train_reward_model(cfg, data, ctx):
     report = {"heldout_pair_accuracy": pair_accuracy(held), "n_heldout_pairs": len(held),
               "val_pair_accuracy": best["acc"], "n_val_pairs": len(data.val_pairs), "best_step": best["step"],
               "steps_run": curve[-1]["step"], "stopped_early": curve[-1]["step"] < pc.rm_steps,
-              "curve": curve, "train_s": train_s, "test_s": time.time() - t1}
+              "curve": curve, "train_s": train_s, "test_s": time.time() - t1, "reused": False}
     print(f"ppo: reward model held-out pair accuracy {report['heldout_pair_accuracy']:.3f} ({len(held)} pairs); "
           f"validation {best['acc']:.3f} at step {best['step']} of {report['steps_run']} ({train_s:.0f}s)")
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from config import ConfigError, settings_diff
+
 METHODS = ("dpo", "ppo", "ppo_gt")
 METHOD_LABELS = {"dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
 
@@ -83,8 +85,6 @@ def carried_over(cfg, setup: dict) -> list[dict]:
     ``--plots_dir`` (their ``runs`` entries), so that the new results hold both methods. Empty for a run of
     both methods or when there is no results.json. A results.json from another setup, or whose runs' models
     are gone, is refused (ConfigError, before any training) rather than overwritten."""
-    from config import ConfigError
-
     path = Path(cfg.run.plots_dir) / "results.json"
     if not (cfg.run.dpo_only or cfg.run.ppo_only) or not path.exists():
         return []
@@ -112,14 +112,14 @@ def carried_over(cfg, setup: dict) -> list[dict]:
 
 def finished(run_cfg, spec: RunSpec) -> dict | None:
     """The saved summary of a run that completed with this very configuration (its final model directory is
-    only ever written whole), or None. A run whose saved config differs in anything but the run-control
-    flags is not finished: it is trained again."""
+    only ever written whole), or None. A run whose saved config differs in a setting it depends on
+    (``config.run_settings``: not the run-control flags, nor the read-out-only settings) is not finished: it is
+    trained again."""
     final = Path(run_cfg.run.output_dir) / spec.name
     if not (final / "train_summary.json").exists() or not (final / "training_config.json").exists():
         return None
     saved, now = json.loads((final / "training_config.json").read_text()), run_cfg.to_dict()
-    same = all(saved.get(sec) == now[sec] for sec in now if sec != "run") and saved["run"]["seed"] == now["run"]["seed"]
-    return json.loads((final / "train_summary.json").read_text()) if same else None
+    return None if settings_diff(saved, now) else json.loads((final / "train_summary.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------- frontiers

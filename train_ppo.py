@@ -64,7 +64,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
     policy, optimizer = acc.prepare(policy, optimizer)
     ref = ResponseLogProbs(ctx.ref_model)
     kl_ctl = kl_controller(pc.init_kl_coef, pc.target_kl, pc.kl_horizon)
-    # PPO's training time starts with its reward model's, the stage DPO does without.
+    # PPO's training time starts with its reward model's, the stage DPO does without (0 s when reused).
     rm_train_s = rm_report["train_s"] if rm_report else 0.0
     run.begin(policy, {"kl_ctl": kl_ctl}, setup_s=rm_train_s)
     B, mb_size = pc.ppo_batch_size // acc.num_processes, pc.ppo_mini_batch_size // acc.num_processes  # per process

@@ -198,3 +198,27 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, smoke_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     where = tmp_path / "models" / "runs" / "dpo_toxic_reduced_model" / "checkpoints"
     assert f"dpo_toxic_reduced_model: nothing to resume in {where}; starting from scratch" in proc.stdout
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path, smoke_run):
+    # A finished run keeps its last checkpoints; --resume with another learning rate must not continue them
+    # (and save the old run under the new config): one line, exit 2, before any work, nothing overwritten.
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    args = _args(tmp_path, "--dpo-only", "--dpo_steps", "6", "--save_every", "3")
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    final = tmp_path / "models" / "dpo_toxic_reduced_model"
+    before = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    ckpt = latest_checkpoint(tmp_path / "models" / "runs" / "dpo_toxic_reduced_model")
+    assert (ckpt / "training_config.json").exists()
+
+    other = run_main(*args, "--dpo_lr", "0.002", "--resume")
+    assert other.returncode == 2
+    err = other.stderr.strip().splitlines()
+    assert len(err) == 1 and "written with other settings (dpo.dpo_lr: 0.001 -> 0.002)" in err[0], err
+    assert "dpo: saved" not in other.stdout and "Traceback" not in other.stderr
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == before
+
+    same = run_main(*args, "--resume", "--log_every", "2")  # run-control flags are not settings: still finished
+    assert same.returncode == 0 and "finished earlier with the same settings: skipped" in same.stdout

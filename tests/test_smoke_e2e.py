@@ -138,12 +138,21 @@ def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips
             assert all(math.isfinite(cell[k]) for k in ("safety_mean", "safety_std", "positive_rate_mean",
                                                          "positive_rate_std"))
     assert "matched KL:" in proc.stdout and "not reached" not in proc.stdout
+    # Each seed's reward model is trained once and its time charged once: to the run that trained it.
+    for seed in (0, 1):
+        learned = [r for r in res["runs"] if r["method"] == "ppo" and r["seed"] == seed]
+        assert len(learned) == 3 and all(0 <= r["reward_model"]["heldout_pair_accuracy"] <= 1 for r in learned)
+        assert [r["reward_model"]["reused"] for r in learned] == [False, True, True]
+        assert learned[0]["rm_train_s"] > 0 and [r["rm_train_s"] for r in learned[1:]] == [0.0, 0.0]
+        assert len({r["reward_model"]["heldout_pair_accuracy"] for r in learned}) == 1
+    assert proc.stdout.count("count for the run that trained it, 0s for this one") == 4
 
-    again = run_main(*args, "--resume")
+    # Settings that only change how the results are read out leave every run finished.
+    again = run_main(*args, "--resume", "--matched_kls", "0.005", "0.01", "--temperatures", "1.0")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished earlier with the same settings: skipped") == 12
     assert "dpo: saved" not in again.stdout and "ppo: saved" not in again.stdout
-    assert json.loads((tmp_path / "plots" / "results.json").read_text())["study"]["matched_kl"] == table
+    assert json.loads((tmp_path / "plots" / "results.json").read_text())["study"]["matched_kls"] == [0.005, 0.01]
 
 
 def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):

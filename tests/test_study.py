@@ -1,5 +1,6 @@
 """The study's grid and its frontier arithmetic, exactly (no model)."""
 
+import json
 import math
 
 import pytest
@@ -105,3 +106,22 @@ def test_plots_never_magnify_noise():
     noisy = {"eval_noise": 0.01}
     assert "within evaluation noise" in _noise_note(noisy, [0.50, 0.52, 0.51])
     assert _noise_note(noisy, [0.50, 0.60]) == ""
+
+
+def test_read_out_only_settings_leave_a_finished_run_finished_and_training_settings_do_not(tmp_path):
+    from study import RunSpec, finished
+
+    cfg = PRESETS["smoke"].replace(run={"output_dir": str(tmp_path)})
+    spec = RunSpec("dpo", "", 0, "dpo_toxic_reduced_model", {}, True)
+    final = tmp_path / spec.name
+    final.mkdir()
+    cfg.save(final / "training_config.json")
+    (final / "train_summary.json").write_text(json.dumps({"method": "dpo", "train_time_s": 1.0}))
+    assert finished(cfg, spec)["method"] == "dpo"
+    read_out = cfg.replace(eval={"matched_kls": [0.5], "temperatures": [1.0], "n_examples": 1,
+                                 "sweep_betas": [3.0], "sweep_kl_coefs": [9.0]}, model={"threads": 3},
+                           run={"log_every": 7, "resume": True})
+    assert finished(read_out, spec) is not None
+    for changed in ({"dpo": {"dpo_lr": 5e-3}}, {"eval": {"n_eval_prompts": 8}}, {"run": {"seed": 1}},
+                    {"data": {"response_tokens": 8}}):
+        assert finished(cfg.replace(**changed), spec) is None, changed
