@@ -267,9 +267,10 @@ def build_pairs(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n_pairs
     return pairs
 
 
-def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n: int) -> list[list[int]]:
-    """``n`` prompts: openings (2-8 tokens) of the reviews in ``df`` (cycled if there are fewer reviews)."""
-    rng = np.random.default_rng(seed + 2)
+def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed, n: int) -> list[list[int]]:
+    """``n`` prompts: openings (2-8 tokens) of the reviews in ``df`` (cycled if there are fewer reviews), a sample
+    drawn with ``seed`` (an int or a seed sequence)."""
+    rng = np.random.default_rng(seed)
     ids = [t for t in encode_openings(tokenizer, df["review"], cfg.prompt_max_tokens)
            if len(t) >= cfg.prompt_min_tokens]
     if not ids:
@@ -312,11 +313,18 @@ class StudyData:
         """PPO's rollout prompts: the prompts of the training pairs DPO sees."""
         return [p["prompt"] for p in self.train_pairs]
 
+    @property
+    def val_prompts(self) -> list[list[int]]:
+        """The prompts of every evaluation during training: the validation pairs' openings, of training reviews
+        no training pair uses (so choosing checkpoints never looks at the held-out reviews)."""
+        return [p["prompt"] for p in self.val_pairs]
+
 
 def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
     """Training and validation pairs from the training reviews (sampled with the run's seed: each seed of a
-    study sees a different pair sample), held-out pairs and evaluation prompts from the held-out reviews
-    (sampled with the split seed: the same for every seed)."""
+    study sees a different pair sample), held-out pairs from the held-out reviews (the same for every seed) and
+    held-out evaluation prompts (each seed its own sample of the held-out reviews' openings). Runs are evaluated
+    on the validation prompts while they train and on the held-out prompts only at the end."""
     dc, n_val = cfg.data, cfg.data.n_val_pairs
     pairs = build_pairs(train_df, tokenizer, dc, cfg.run.seed, None if dc.n_pairs is None else dc.n_pairs + n_val)
     if len(pairs) <= n_val:
@@ -325,8 +333,6 @@ def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> St
     # Pairs come in random order and no review is in two pairs: the last n_val are a disjoint validation set.
     train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
     eval_pairs = build_pairs(eval_df, tokenizer, dc, dc.split_seed + 100, what="held-out")
-    if cfg.eval.eval_prompts == "validation":  # tuning: the validation reviews' openings, cycled if needed
-        eval_prompts = [val_pairs[i % n_val]["prompt"] for i in range(cfg.eval.n_eval_prompts)]
-    else:
-        eval_prompts = build_prompts(eval_df, tokenizer, dc, dc.split_seed, cfg.eval.n_eval_prompts)
+    # Each seed draws its own held-out prompts, so that a study's seeds also sample the prompts.
+    eval_prompts = build_prompts(eval_df, tokenizer, dc, [dc.split_seed, cfg.run.seed, 2], cfg.eval.n_eval_prompts)
     return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, train_df, eval_df)

@@ -271,8 +271,8 @@ def _model_entry(ctx, cfg, policy, times: dict) -> dict:
     temp = cfg.eval.eval_temperature
     if policy is ctx.ref_model:
         res = ctx.reference_result(temp)
-    else:  # the training run's last evaluation, when it was of these very weights (same prompts and seeds)
-        res = times.get("final_eval") or evaluate_policy(policy, ctx, temp)
+    else:
+        res = evaluate_policy(policy, ctx, temp)
     wins = {}
     for t in cfg.eval.temperatures:
         pol_t = res if t == temp else (ctx.reference_result(t) if policy is ctx.ref_model
@@ -288,10 +288,11 @@ def _model_entry(ctx, cfg, policy, times: dict) -> dict:
 
 
 def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: int, command: str,
-                     setup: dict | None = None, judge_check: dict | None = None) -> dict:
-    """Evaluate the reference and the first seed's default policies on the held-out prompts at every
-    temperature (win rates, examples), gather every run's evaluation points into the frontier and the
-    matched-KL table, and write results.json.
+                     setup: dict | None = None, judge_check: dict | None = None, protocol: dict | None = None) -> dict:
+    """Evaluate the reference and the first seed's final default policies on its held-out prompts (``ctx``) at
+    every temperature (win rates, examples), gather every run's validation points (the learning curves and the
+    validation frontier) and whether its KL flattened, add the study's ``protocol`` section (checkpoints chosen
+    on validation, their held-out numbers and paired intervals; ``--sweep``), and write results.json.
 
     Args:
         first: ``{method: train() output with its policy}``, the first seed's default runs.
@@ -326,7 +327,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
     if judge_check:
         results["judge_accuracy"] = judge_check
 
-    # --- every run's evaluation points: the frontier, each run's final point, the matched-KL table ---
+    # --- every run's validation points (evaluations during training): the frontier, each run's final point ---
     results["runs"] = [{"method": r["spec"].method, "label": r["spec"].setting, "seed": r["spec"].seed,
                         "main": r["spec"].main, "name": r["spec"].name,
                         "metrics": str(Path(r["summary"]["model_dir"]) / "metrics.jsonl"),
@@ -334,16 +335,17 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
     points, finals = [], []
     for r in results["runs"]:
         rows = [row for row in read_metrics(r["metrics"]) if "eval/kl_to_ref" in row]
+        r["kl_flattened"] = study.kl_flattened(rows)  # validation KL moved < 10% over the last fifth
         mine = [{"method": r["method"], "label": r["label"], "seed": r["seed"], "step": row["step"],
                  "time_s": row.get("time_s", 0.0), "kl": row["eval/kl_to_ref"], "safety": row["eval/safety_score"],
                  "positive_rate": row["eval/positive_rate"]} for row in rows]
         points += mine
         finals.append({**mine[-1], "main": r["main"], "train_time_s": r.get("train_time_s")})
-    kls = list(cfg.eval.matched_kls)
-    results["frontier"] = {"points": points, "curves": study.frontier_curves(points, seeds)}
-    results["study"] = {"seeds": seeds, "final_points": finals, "matched_kls": kls,
-                        "matched_kl": study.matched_kl_table(points, kls),
+    results["frontier"] = {"prompts": "validation", "points": points, "curves": study.frontier_curves(points, seeds)}
+    results["study"] = {"seeds": seeds, "final_points": finals, "matched_kls": list(cfg.eval.matched_kls),
                         "default_runs": study.default_runs(finals)}
+    if protocol is not None:
+        results["protocol"] = protocol
     if ctx.acc is None or ctx.acc.is_main_process:
         out = Path(cfg.run.plots_dir)
         out.mkdir(parents=True, exist_ok=True)

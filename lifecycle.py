@@ -15,6 +15,7 @@ A trainer builds its model and optimiser, then hands the loop's harness to a ``T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -53,11 +54,15 @@ class RunContext:
     prompts: list[list[int]] = field(default_factory=list)  # the evaluation prompts
     max_new_tokens: int = 0  # completion length at evaluation
     seed: int = 0  # the evaluation's sampling seed
-    _ref_results: dict = field(default_factory=dict, repr=False)
+    _ref_results: dict = field(default_factory=dict, repr=False, init=False)
 
     def __post_init__(self):
         if self.judge_dtype is None:
             self.judge_dtype = self.dtype
+
+    def on(self, prompts: list[list[int]]) -> RunContext:
+        """The same context evaluating on other prompts (the held-out ones, after training on validation)."""
+        return dataclasses.replace(self, prompts=prompts)
 
     def reference_result(self, temperature: float) -> dict:
         """The reference's evaluation at ``temperature``, computed once (it never changes)."""
@@ -91,7 +96,6 @@ class TrainingRun:
         self.total, self.eval_every, self.evaluate = steps, eval_every, evaluate
         out = Path(cfg.run.output_dir)
         self.run_dir, self.final_dir = out / "runs" / name, out / name
-        self.last_eval, self.last_eval_step = None, None
         if cfg.run.resume:  # before any of the run's work
             self.check_resumable()
         seed_everything(cfg.run.seed)
@@ -165,9 +169,9 @@ class TrainingRun:
         row = {"step": step, **row, **self._laps, "nonfinite_skipped": int(nonfinite), "time_s": self.timer.elapsed}
         if self.evaluate and (step % self.eval_every == 0 or step == self.total):
             with self.timer.evaluating():
-                self.last_eval, self.last_eval_step = evaluate_policy(self.policy, self.ctx,
-                                                                      self.cfg.eval.eval_temperature), step
-                row.update(eval_metrics(self.last_eval))
+                row.update(eval_metrics(evaluate_policy(self.policy, self.ctx, self.cfg.eval.eval_temperature)))
+                if self.cfg.run.sweep:  # the study chooses among the evaluated checkpoints: keep their weights
+                    save_lm(acc, self.policy, evaluated_dir(self.run_dir, step))
         self.metrics.log(row)
         self.bar.set_postfix(postfix)
         if step % rc.log_every == 0 or "eval/safety_score" in row:
@@ -192,40 +196,53 @@ class TrainingRun:
 
     def finish(self, summary: dict, note: str = "") -> dict:
         """Save the policy atomically (a crash here never leaves a half-written model nor destroys the previous
-        one) with its config, metrics and summary; returns the train() output: ``model_dir``, ``policy``, the
-        summary, and ``final_eval``, the last step's evaluation when it was of these very weights (the final
-        comparison reuses it instead of redoing it)."""
+        one) with its config, metrics and summary; returns the train() output: ``model_dir``, ``policy`` and the
+        summary."""
         summary = {"method": self.method, "precision": dtype_name(self.ctx.dtype), "train_time_s": self.timer.elapsed,
                    "eval_time_s": self.timer.eval_s, **summary}
         save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
         self.metrics.close()
         print(f"{self.method}: saved {self.final_dir} ({summary['train_time_s']:.0f}s of training{note}; "
               f"{summary['eval_time_s']:.0f}s of evaluation)")
-        return {"model_dir": str(self.final_dir), "policy": self.policy, **summary,
-                "final_eval": self.last_eval if self.last_eval_step == self.total else None}
+        return {"model_dir": str(self.final_dir), "policy": self.policy, **summary}
 
 
 # ------------------------------------------------------------------------------------------ the pieces
-def save_policy(acc, policy, tok, cfg, run_dir: Path, final_dir: Path, summary: dict) -> None:
-    """Write a trained :class:`logprobs.ResponseLogProbs` policy atomically into ``final_dir``: the LM with
-    ``save_pretrained`` (and ``value_head.pt`` if it has one), its tokenizer, the resolved config, the run's
-    metrics and its summary. Every process takes part in gathering the weights (FSDP shards them); the
-    main process writes."""
+def evaluated_dir(run_dir: Path, step: int) -> Path:
+    """Where a study run keeps the weights of its evaluated step ``step`` (the checkpoints the study chooses
+    among)."""
+    return Path(run_dir) / "evaluated" / f"step-{step:07d}"
+
+
+def save_lm(acc, policy, final_dir: Path, also=None) -> None:
+    """Write the LM of a (prepared) :class:`logprobs.ResponseLogProbs` atomically into ``final_dir`` with
+    ``save_pretrained``, then ``also(tmp_dir, model, state)`` if given. Every process takes part in gathering the
+    weights (FSDP shards them); the main process writes."""
     state = acc.get_state_dict(policy)
     if acc.is_main_process:
         model = acc.unwrap_model(policy)
 
         def write(tmp: Path):
             model.lm.save_pretrained(tmp, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
-            if model.v_head is not None:
-                torch.save({k[7:]: v for k, v in state.items() if k.startswith("v_head.")}, tmp / "value_head.pt")
-            tok.save_pretrained(tmp)
-            cfg.save(tmp / "training_config.json")
-            (tmp / "metrics.jsonl").write_text((Path(run_dir) / "metrics.jsonl").read_text())
-            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            if also is not None:
+                also(tmp, model, state)
 
         atomic_write_dir(final_dir, write)
     acc.wait_for_everyone()
+
+
+def save_policy(acc, policy, tok, cfg, run_dir: Path, final_dir: Path, summary: dict) -> None:
+    """Write a trained policy atomically into ``final_dir``: the LM (:func:`save_lm`), ``value_head.pt`` if it
+    has one, its tokenizer, the resolved config, the run's metrics and its summary."""
+    def also(tmp: Path, model, state):
+        if model.v_head is not None:
+            torch.save({k[7:]: v for k, v in state.items() if k.startswith("v_head.")}, tmp / "value_head.pt")
+        tok.save_pretrained(tmp)
+        cfg.save(tmp / "training_config.json")
+        (tmp / "metrics.jsonl").write_text((Path(run_dir) / "metrics.jsonl").read_text())
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+    save_lm(acc, policy, final_dir, also)
     acc.free_memory()  # forget this run's prepared model and optimiser: the next run's save_state is its own
 
 

@@ -26,6 +26,10 @@ from run_log import StopTraining
 def run(cfg: Config, argv: list[str]) -> int:
     # Imports are staged so that --help, --plots-only and bad input answer without loading the (slow to
     # import) modelling stack.
+    if cfg.run.sweep:  # the study's grid, checked before anything is loaded
+        import study
+
+        study.check_coverage(cfg)
     if cfg.run.plots_only:
         import plots
 
@@ -60,6 +64,7 @@ def run(cfg: Config, argv: list[str]) -> int:
 
     import eval_utils
     import plots
+    import protocol
     import study
     import train_dpo
     import train_ppo
@@ -129,6 +134,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     if len(specs) > 2 or len(seeds) > 1:
         print(f"study: {len(specs)} runs over seeds {seeds}")
     runs, first = [], {}  # every run's record; the first seed's default policies, for the final evaluation
+    heldout = {}  # seed -> the evaluation context of its held-out prompts
     # --dpo-only after --ppo-only (or the reverse) on the same setup: the earlier method's runs stay in the
     # results. Checked before any training: a results.json of another setup is refused, never overwritten.
     fingerprint = dataset.data_fingerprint(train_df) + dataset.data_fingerprint(eval_df)
@@ -148,9 +154,11 @@ def run(cfg: Config, argv: list[str]) -> int:
               f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
               f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype}), "
               f"{torch.get_num_threads()} CPU threads")
+        # Runs are evaluated on the validation prompts while they train, on this seed's held-out prompts after.
         ctx = RunContext(tokenizer=tokenizer, ref_model=ref_model, device=device, acc=acc, dtype=dtype,
                          batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge, judge_dtype=judge_dtype,
-                         prompts=data.eval_prompts, max_new_tokens=cfg.data.response_tokens, seed=seed)
+                         prompts=data.val_prompts, max_new_tokens=cfg.data.response_tokens, seed=seed)
+        heldout[seed] = ctx.on(data.eval_prompts)
         for spec in (s for s in specs if s.seed == seed):
             rcfg = scfg.replace(**spec.overrides)
             trainer = train_dpo if spec.method == "dpo" else train_ppo
@@ -160,16 +168,18 @@ def run(cfg: Config, argv: list[str]) -> int:
                 out = {**out, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
             else:
                 out = trainer.train(rcfg, data, ctx, name=spec.name)
-            runs.append({"spec": spec, "summary": {k: v for k, v in out.items() if k not in ("policy", "final_eval")}})
+            runs.append({"spec": spec, "summary": {k: v for k, v in out.items() if k != "policy"}})
             if seed == seeds[0] and spec.main:
                 first[spec.method] = {**out, "policy": out.get("policy") or load_causal_lm(out["model_dir"], device)}
         if seed == seeds[0]:
-            first_ctx, first_data = ctx, data
+            first_data = data
 
+    # --- the study: checkpoints chosen on validation, only those evaluated on held-out prompts ---
+    protocol_results = protocol.study_protocol(cfg, runs, heldout) if cfg.run.sweep else None
     order = [m for m in study.METHODS if m in first]  # DPO before PPO whichever ran first
-    results = eval_utils.final_evaluation(cfg, first_ctx, {m: first[m] for m in order}, runs, first_data,
+    results = eval_utils.final_evaluation(cfg, heldout[seeds[0]], {m: first[m] for m in order}, runs, first_data,
                                           n_reviews=len(reviews), command=command, setup=setup,
-                                          judge_check=judge_check)
+                                          judge_check=judge_check, protocol=protocol_results)
     if acc.is_main_process:  # the main process alone writes results and plots
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(plots.summary_table(results))

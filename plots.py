@@ -75,13 +75,13 @@ def summary_table(results: dict) -> str:
         "{:.3f}".format(results[n]["win_rate_vs_ref"].get(temp, float("nan"))) for n in names) + " |")
     study = results.get("study", {})
     if len(study.get("seeds", [])) > 1:
-        lines += ["", f"default runs over seeds {study['seeds']} (mean ± std):",
+        lines += ["", f"default runs over seeds {study['seeds']} (last evaluation, validation prompts; mean ± std):",
                   "| method | safety | positive rate | KL (nats) | training s |", "|---|---|---|---|---|"]
         for m, row in study["default_runs"].items():
             lines.append(f"| {LABELS[m]} | {_pm(*row['safety'], '{:.3f}')} | {_pm(*row['positive_rate'], '{:.3f}')} "
                          f"| {_pm(*row['kl'], '{:.2f}')} | {_pm(*row['train_time_s'], '{:.0f}')} |")
-    if len(study.get("final_points", [])) > len(study.get("default_runs", {})) * len(study.get("seeds", [])):
-        lines += ["", matched_kl_markdown(results)]
+    if "protocol" in results:
+        lines += ["", protocol_markdown(results)]
     return "\n".join(lines)
 
 
@@ -100,19 +100,49 @@ def examples_text(results: dict, n: int = 3) -> str:
     return "\n".join(lines)
 
 
-def matched_kl_markdown(results: dict) -> str:
-    """Safety (and positive rate) on each method's frontier at the matched KLs, mean ± std over seeds."""
-    study = results["study"]
-    kls = study["matched_kls"]
-    lines = [f"matched KL: safety / positive rate on each method's frontier, mean ± std over seeds {study['seeds']}",
-             "| method | " + " | ".join(f"KL {k:g}" for k in kls) + " |", "|---" * (len(kls) + 1) + "|"]
-    for m, cells in study["matched_kl"].items():
+def _ci(c: dict, fmt: str = "{:+.3f}") -> str:
+    """``+0.012 [-0.004, +0.027] (n=5)`` for a bootstrap result; "-" without data."""
+    if not c or not c.get("n_seeds"):
+        return "-"
+    return f"{fmt.format(c['mean'])} [{fmt.format(c['lo'])}, {fmt.format(c['hi'])}] (n={c['n_seeds']})"
+
+
+def protocol_markdown(results: dict) -> str:
+    """The study's table: per KL budget, each method's checkpoint chosen on validation (best validation safety
+    with validation KL <= k), reported on held-out prompts with its 95% hierarchical bootstrap interval; then
+    the paired differences between methods (matching seeds only). A cell whose chosen checkpoint's KL is under
+    k/2, or that has none within k, counts as "-" (how many seeds, and why, is said)."""
+    p = results["protocol"]
+    kls = p["matched_kls"]
+    lines = [f"study (checkpoints chosen on validation; held-out safety, mean over seeds [95% hierarchical bootstrap "
+             f"CI, {p['n_resamples']} resamples]; held-out KL):",
+             "| method | " + " | ".join(f"KL <= {k:g}" for k in kls) + " |", "|---" * (len(kls) + 1) + "|"]
+    reasons = []
+    for m, cells in p["cells"].items():
         row = []
         for k in kls:
             c = cells[str(k)]
-            row.append(f"{_pm(c['safety_mean'], c['safety_std'], '{:.3f}')} / "
-                       f"{_pm(c['positive_rate_mean'], c['positive_rate_std'], '{:.3f}')} (n={c['n']})")
+            dash = [r for r in c["per_seed"] if r["status"] != "ok"]
+            text = _ci(c["safety"], "{:.3f}")
+            if c["kl"] is not None:
+                text += f", KL {c['kl']:.2f}"
+            if dash:
+                text += f" ({len(dash)} seed{'s' if len(dash) > 1 else ''} -)"
+                reasons += [f"{_short(m)}, KL <= {k:g}, seed {r['seed']}: {r['reason']}" +
+                            (f" (held-out KL {r['heldout']['kl']:.2f})" if r["heldout"] else "") for r in dash]
+            row.append(text)
         lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+    if p["differences"]:
+        lines += ["", "paired differences of held-out safety (matching seeds; 95% hierarchical bootstrap CI):",
+                  "| comparison | " + " | ".join(f"KL <= {k:g}" for k in kls) + " |", "|---" * (len(kls) + 1) + "|"]
+        for name, cells in p["differences"].items():
+            a, b = name.split("-", 1)
+            lines.append(f"| {_short(a)} - {_short(b)} | " + " | ".join(
+                _ci(cells[str(k)]) + (" no difference detected" if cells[str(k)]["n_seeds"] and
+                                      cells[str(k)]["lo"] <= 0 <= cells[str(k)]["hi"] else "")
+                for k in kls) + " |")
+    if reasons:
+        lines += ["cells shown as - for some seeds:"] + [f"  {r}" for r in reasons]
     return "\n".join(lines)
 
 
@@ -120,29 +150,32 @@ def matched_kl_markdown(results: dict) -> str:
 def plot_learning_curve(ax, results: dict) -> None:
     """Safety of each default run over its training seconds (the same unit for every method; PPO's clock
     starts with its reward model's training), one line per seed."""
-    shown = []
+    shown, ref = [], None
     for r in results["runs"]:
         if not r["main"]:
             continue
         rows = [row for row in read_metrics(r["metrics"]) if "eval/safety_score" in row]
+        ref = next((row["eval/safety_score"] for row in rows if row["step"] == 0), ref)
         first = r["seed"] == results["seed"]
         ax.plot([row.get("time_s", 0.0) for row in rows], [row["eval/safety_score"] for row in rows],
                 "o-" if first else ".-", color=COLORS[r["method"]], alpha=1.0 if first else 0.45,
                 lw=1.6 if first else 1, label=_label(r["method"], r["label"]) if first else None)
         shown += [row["eval/safety_score"] for row in rows]
-    ax.axhline(results["reference"]["safety_score"], ls="--", color=COLORS["reference"], label="reference")
+    ref = results["reference"]["safety_score"] if ref is None else ref  # a resumed run may lack its step 0
+    ax.axhline(ref, ls="--", color=COLORS["reference"], label="reference")
     n = len(results.get("seeds", [results["seed"]]))
     ax.set_xlabel("training seconds (evaluation excluded; PPO's include its reward model)")
     ax.set_ylabel("safety score (judge P(positive))")
-    _safety_axis(ax, shown + [results["reference"]["safety_score"]])
-    ax.set_title("Learning curves on held-out prompts" + (f" ({n} seeds; faint: other seeds)" if n > 1 else "")
-                 + _noise_note(results, shown + [results["reference"]["safety_score"]]))
+    _safety_axis(ax, shown + [ref])
+    ax.set_title("Learning curves on validation prompts" + (f" ({n} seeds; faint: other seeds)" if n > 1 else "")
+                 + _noise_note(results, shown + [ref]))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def plot_pareto(ax, results: dict) -> None:
-    """Every evaluation point of every run, each method's frontier (mean over seeds) and its seed band."""
+    """Every validation evaluation of every run, each method's validation frontier (mean over seeds) and its seed
+    band, and (a study) the checkpoints chosen on validation at their held-out KL and safety with 95% CIs."""
     pts, curves = results["frontier"]["points"], results["frontier"].get("curves", {})
     n_seeds = len(results.get("seeds", [results["seed"]]))
     for method in METHODS:
@@ -155,23 +188,37 @@ def plot_pareto(ax, results: dict) -> None:
             kl, mean, std, n = (np.array(c[k], dtype=float) for k in ("kl", "mean", "std", "n"))
             every = n >= n_seeds  # where every seed's frontier reaches: a mean over the same seeds throughout
             runs = len({p["label"] for p in mine})
-            what = (f"frontier, mean of {n_seeds} seeds up to the KL all of them reach" if n_seeds > 1
-                    else "frontier (best safety within each KL)")
+            what = (f"validation frontier, mean of {n_seeds} seeds up to the KL all reach" if n_seeds > 1
+                    else "validation frontier (best safety within each KL)")
             ax.plot(kl[every], mean[every], "-", lw=2, color=COLORS[method],
                     label=f"{LABELS[method]}: {what} ({runs} setting{'s' if runs > 1 else ''})")
             if n_seeds > 1:
                 ax.fill_between(kl[every], (mean - std)[every], (mean + std)[every], color=COLORS[method], alpha=0.15)
+    chosen = []  # the study's checkpoints chosen on validation, at their held-out KL and safety, with 95% CIs
+    for method, cells in results.get("protocol", {}).get("cells", {}).items():
+        for c in cells.values():
+            if c["kl"] is not None and c["safety"]["n_seeds"]:
+                chosen.append((method, c))
+    for i, (method, c) in enumerate(chosen):
+        s = c["safety"]
+        first = all(m != method for m, _ in chosen[:i])
+        ax.errorbar([c["kl"]], [s["mean"]], yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]], fmt="D", ms=6,
+                    color=COLORS[method], mec="black", capsize=3, zorder=6,
+                    label=f"{_short(method)}: chosen on validation, held-out mean and 95% CI" if first else None)
     ax.scatter([0], [results["reference"]["safety_score"]], marker="*", s=120, color=COLORS["reference"],
-               label="reference", zorder=5)
+               label="reference (held-out)", zorder=5)
     ax.set_xlabel(f"KL(π_T ‖ π_ref,T) per sequence, nats (T = {results['eval_temperature']})")
     ax.set_ylabel("safety score (judge P(positive))")
-    safeties = [p["safety"] for p in pts] + [results["reference"]["safety_score"]]
+    safeties = ([p["safety"] for p in pts] + [results["reference"]["safety_score"]]
+                + [c["safety"][k] for _, c in chosen for k in ("lo", "hi")])
     _safety_axis(ax, safeties)
-    ax.set_xlim(min(0.0, *(p["kl"] for p in pts)) if pts else 0.0,
-                max([KL_MIN_SPAN] + [1.1 * p["kl"] for p in pts]))
+    kls = [p["kl"] for p in pts] + [c["kl"] for _, c in chosen]
+    ax.set_xlim(min([0.0] + [1.1 * k for k in kls]), max([KL_MIN_SPAN] + [1.1 * k for k in kls]))
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
-    ax.set_title("Safety vs KL: every evaluation" + (f", frontier ± 1 std over {n_seeds} seeds" if n_seeds > 1
-                                                     else ", frontier") + _noise_note(results, safeties))
+    ax.set_title("Safety vs KL on validation prompts" + (f" (frontier ± 1 std, {n_seeds} seeds)" if n_seeds > 1
+                                                         else "")
+                 + ("\n◆ checkpoints chosen on validation, on held-out prompts" if chosen else "")
+                 + _noise_note(results, safeties))
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
 
@@ -198,27 +245,31 @@ def plot_temperature(ax, results: dict) -> None:
 
 
 def plot_final(ax, results: dict) -> None:
-    """The default runs' final safety (mean ± std over seeds; one seed: that run, with its paired 95% interval
-    against the reference), their KL to the reference written under each bar."""
+    """The default runs' final safety, their KL to the reference written under each bar: one seed, on its
+    held-out prompts with the paired 95% interval against the reference; several seeds, on the validation
+    prompts (the last evaluation of each seed's run), mean ± std over the seeds."""
     runs = results.get("study", {}).get("default_runs", {})
-    names = ["reference", *[m for m in METHODS if m in runs]]
     n = len(results.get("seeds", [results["seed"]]))
+    names = ["reference", *[m for m in METHODS if (m in runs if n > 1 else m in results)]]
     x = np.arange(len(names))
     means, lo_err, hi_err, ticks = [], [], [], []
     for name in names:
-        if name == "reference":
-            mean, low, high, tick = results["reference"]["safety_score"], 0.0, 0.0, "reference\nKL 0"
+        if name == "reference":  # several seeds: its validation safety (the step-0 evaluation of the first run)
+            ref = next((row["eval/safety_score"] for r in results.get("runs", []) if r["main"] and n > 1
+                        for row in read_metrics(r["metrics"])[:1] if row["step"] == 0), None)
+            mean, low, high, tick = (results["reference"]["safety_score"] if ref is None else ref), 0.0, 0.0, \
+                "reference\nKL 0"
         elif n > 1:  # spread over seeds
             mean, std = runs[name]["safety"]
             std = 0.0 if math.isnan(std) else std
             low = high = std
             kl, kl_std = runs[name]["kl"]
             tick = f"{_short(name)}\nKL {_pm(kl, kl_std, '{:.2f}')} nats"
-        else:  # one seed: the paired interval of its difference to the reference
-            mean = runs[name]["safety"][0]
-            diff = results.get(name, {}).get("safety_vs_reference")
+        else:  # one seed: held-out, with the paired interval of its difference to the reference
+            mean = results[name]["safety_score"]
+            diff = results[name].get("safety_vs_reference")
             low, high = ((diff["mean"] - diff["lo"]), (diff["hi"] - diff["mean"])) if diff else (0.0, 0.0)
-            tick = f"{_short(name)}\nKL {runs[name]['kl'][0]:.2f} nats"
+            tick = f"{_short(name)}\nKL {results[name]['kl_to_ref']:.2f} nats"
         means.append(mean)
         lo_err.append(min(low, mean))  # never below 0
         hi_err.append(min(high, 1.0 - mean))
@@ -229,7 +280,8 @@ def plot_final(ax, results: dict) -> None:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("safety score (judge P(positive))")
     ax.set_xticks(x, ticks, fontsize=8)
-    bars_mean = "mean ± std over %d seeds" % n if n > 1 else "error bars: 95% paired interval vs the reference"
+    bars_mean = (f"validation prompts, mean ± std over {n} seeds" if n > 1
+                 else "held-out prompts; error bars: 95% paired interval vs the reference")
     quiet = n == 1 and all(not (d["lo"] > 0 or d["hi"] < 0) for d in
                            (results.get(m, {}).get("safety_vs_reference") for m in names[1:]) if d)
     ax.set_title(f"Default runs: final safety ({bars_mean})"

@@ -1,14 +1,14 @@
 """The study: DPO and PPO over a grid of settings and seeds, compared at matched KL.
 
-``uv run main.py --preset offline --sweep --seeds 0 1 2`` trains, for every seed, DPO over ``--sweep_betas``,
-PPO at each fixed KL coefficient of ``--sweep_kl_coefs`` and PPO with the judge's reward (PPO-GT, the upper
-bound), besides the default DPO and PPO runs. A seed changes the preference-pair sample, the initialisation
-of the reward model's head and every sampling seed; the base models, the held-out prompts and the judge stay
-the same. Every held-out evaluation logged during training is a point (KL to the reference, safety); each
-method's frontier is the upper envelope of its points, and the matched-KL table reads the frontiers at fixed
-KLs.
+``uv run main.py --preset offline --sweep --seeds 0 1 2 3 4`` trains, for every seed, DPO over ``--sweep_betas``
+and PPO and PPO-GT (the judge's reward, the upper bound) at the default adaptive target and at each fixed KL
+coefficient of ``--sweep_kl_coefs``. A seed changes the preference-pair sample, the initialisation of the
+reward model's head, every sampling seed and the held-out prompt sample; the base models and the judge stay
+the same. Every evaluation during training (on the validation prompts) is a checkpoint; per method, seed and
+KL budget, :func:`select_checkpoints` chooses among them on validation numbers alone, and ``protocol.py``
+evaluates the chosen ones on held-out prompts and compares methods with :func:`hierarchical_bootstrap`.
 
-The frontier functions are pure (lists of points in, numbers out) and tested exactly.
+The selection, bootstrap and frontier functions are pure (lists of points in, numbers out) and tested exactly.
 """
 
 from __future__ import annotations
@@ -64,10 +64,36 @@ def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
                 over = {"ppo": {"target_kl": value}} if kind == "target_kl" else \
                     {"ppo": {"target_kl": None, "init_kl_coef": value}}
                 runs.append(RunSpec(method, f"{kind}={value}", seed, name, over, j == 0))
-            if rc.sweep and cfg.eval.sweep_ppo_gt and method == "ppo":
-                runs.append(RunSpec("ppo_gt", f"{default[0]}={default[1]}", seed, f"sweep/seed{seed}/ppo_gt",
-                                    {"ppo": {"ppo_reward": "judge"}}, False))
+            if rc.sweep and cfg.eval.sweep_ppo_gt and method == "ppo":  # PPO-GT over the same settings
+                for j, (kind, value) in enumerate(settings):
+                    name = f"sweep/seed{seed}/ppo_gt" if j == 0 else f"sweep/seed{seed}/ppo_gt_klcoef{value}"
+                    over = {"ppo": {"ppo_reward": "judge"}} if kind == "target_kl" else \
+                        {"ppo": {"ppo_reward": "judge", "target_kl": None, "init_kl_coef": value}}
+                    runs.append(RunSpec("ppo_gt", f"{kind}={value}", seed, name, over, False))
     return runs
+
+
+def coverage(cfg) -> dict:
+    """``{method: (runs per seed, evaluations per run)}`` of the study's grid (``--sweep``): the protocol compares
+    methods that had the same number of runs and of evaluations to choose from."""
+    def evals(steps: int, every: int) -> int:
+        return steps // every + (steps % every != 0)
+
+    per_method = {}
+    for spec in study_runs(cfg.replace(run={"sweep": True, "dpo_only": False, "ppo_only": False}), [0]):
+        per_method[spec.method] = per_method.get(spec.method, 0) + 1
+    return {m: (n, evals(cfg.dpo.dpo_steps, cfg.dpo.dpo_eval_every) if m == "dpo"
+                else evals(cfg.ppo.ppo_steps, cfg.ppo.ppo_eval_every)) for m, n in per_method.items()}
+
+
+def check_coverage(cfg) -> None:
+    """Refuse a study grid in which the methods have unequal numbers of runs or evaluations (ConfigError)."""
+    cov = coverage(cfg)
+    if len(set(cov.values())) > 1:
+        said = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {n} runs x {e} evaluations" for m, (n, e) in cov.items())
+        raise ConfigError(f"--sweep compares methods at equal coverage, but the grid gives {said}; make them equal "
+                          f"(--sweep_betas / --sweep_kl_coefs for runs, --dpo_eval_every / --ppo_eval_every for "
+                          f"evaluations)")
 
 
 def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:
@@ -159,35 +185,6 @@ def frontier_at(points: list[dict], kls: list[float], key: str = "safety") -> li
     return [float(np.interp(k, xs, ys)) if xs[0] <= k <= reached else float("nan") for k in kls]
 
 
-def matched_kl_table(points: list[dict], kls: list[float], methods=METHODS) -> dict:
-    """Each method's safety and positive rate on its frontier at each KL: mean and std (ddof 1) over the
-    seeds whose frontier reaches that KL, with their number ``n``.
-
-    Args:
-        points: dicts with ``method``, ``seed``, ``kl``, ``safety``, ``positive_rate``.
-    Returns:
-        ``{method: {str(kl): {"safety_mean", "safety_std", "positive_rate_mean", "positive_rate_std", "n"}}}``;
-        a std is NaN with fewer than two seeds.
-    """
-    table = {}
-    for method in methods:
-        mine = [p for p in points if p["method"] == method]
-        if not mine:
-            continue
-        per_seed = {key: np.array([frontier_at([p for p in mine if p["seed"] == s], kls, key)
-                                   for s in sorted({p["seed"] for p in mine})])
-                    for key in ("safety", "positive_rate")}
-        table[method] = {}
-        for j, k in enumerate(kls):
-            cell = {"n": int(np.isfinite(per_seed["safety"][:, j]).sum())}
-            for key, values in per_seed.items():
-                v = values[:, j][np.isfinite(values[:, j])]
-                cell[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
-                cell[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-            table[method][str(k)] = cell
-    return table
-
-
 def mean_and_std(values) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
@@ -234,3 +231,86 @@ def default_runs(finals: list[dict]) -> dict:
                 key: mean_and_std([f[key] for f in mine])
                 for key in ("safety", "positive_rate", "kl", "train_time_s")}}
     return out
+
+
+# ------------------------------------------------------------------------- the protocol (pure parts)
+def checkpoint_points(method: str, setting: str, seed: int, run: str, rows: list[dict]) -> list[dict]:
+    """A run's evaluated checkpoints (its metrics.jsonl rows with an evaluation, step 0 -- the reference -- left
+    out): ``{"method", "label", "seed", "run", "step", "kl", "safety", "positive_rate"}`` each, in validation
+    numbers (every evaluation during training is on the validation prompts)."""
+    return [{"method": method, "label": setting, "seed": seed, "run": run, "step": r["step"], "kl": r["eval/kl_to_ref"],
+             "safety": r["eval/safety_score"], "positive_rate": r["eval/positive_rate"]}
+            for r in rows if "eval/kl_to_ref" in r and r["step"] > 0]
+
+
+def select_checkpoints(points: list[dict], kls: list[float], methods=METHODS, min_use: float = 0.5) -> dict:
+    """For each method, seed and KL budget k: among all that method's checkpoints of that seed (every run of
+    the grid), the one with the best validation safety whose validation KL is at most k. Exact ties (only a
+    judge that cannot tell checkpoints apart makes them) go to the higher KL, then the later step: the
+    checkpoint the method reaches within the budget. Reads validation numbers only.
+
+    Returns ``{method: {seed: {str(k): {"point": point or None, "status": "ok" or "-", "reason": str}}}}``: a
+    cell is "-" when no checkpoint is within the budget, or when the chosen one's KL is under ``min_use * k``
+    (the method never went near k, so the cell would describe another budget; it is reported, never
+    interpolated).
+    """
+    out = {}
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        for seed in sorted({p["seed"] for p in mine}):
+            cells = out.setdefault(method, {}).setdefault(seed, {})
+            cands = [p for p in mine if p["seed"] == seed]
+            for k in kls:
+                within = [p for p in cands if p["kl"] <= k]
+                if not within:
+                    cells[str(k)] = {"point": None, "status": "-",
+                                     "reason": f"no checkpoint within {k:g} nats (the lowest is at "
+                                               f"{min(p['kl'] for p in cands):.2f})"}
+                    continue
+                best = max(within, key=lambda p: (p["safety"], p["kl"], p["step"]))
+                far = min_use > 0 and best["kl"] < min_use * k
+                cells[str(k)] = {"point": best, "status": "-" if far else "ok",
+                                 "reason": f"the best checkpoint within {k:g} nats is at {best['kl']:.2f} "
+                                           f"(< {min_use:g} k)" if far else ""}
+    return out
+
+
+def hierarchical_bootstrap(per_seed: list, n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean over seeds of each seed's mean over prompts, and its percentile interval from a two-level bootstrap:
+    resample the seeds with replacement, then within each drawn seed its prompts with replacement.
+
+    Args:
+        per_seed: one 1-D array per seed (e.g. per-prompt score differences of two methods on that seed's
+            held-out prompts).
+    Returns:
+        ``{"mean", "lo", "hi", "n_seeds", "n_prompts", "n_resamples"}``; lo/hi NaN without data.
+    """
+    arrays = [np.asarray(a, dtype=float) for a in per_seed if len(a)]
+    if not arrays:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "n_prompts": 0,
+                "n_resamples": n_resamples}
+    rng = np.random.default_rng(seed)
+    S = len(arrays)
+    stats = np.empty(n_resamples)
+    for b in range(n_resamples):
+        drawn = rng.integers(0, S, S)
+        stats[b] = np.mean([arrays[s][rng.integers(0, arrays[s].size, arrays[s].size)].mean() for s in drawn])
+    tail = (1 - level) / 2
+    return {"mean": float(np.mean([a.mean() for a in arrays])), "lo": float(np.quantile(stats, tail)),
+            "hi": float(np.quantile(stats, 1 - tail)), "n_seeds": S, "n_prompts": int(sum(a.size for a in arrays)),
+            "n_resamples": n_resamples}
+
+
+def kl_flattened(rows: list[dict], tolerance: float = 0.1) -> bool | None:
+    """Had a run's validation KL flattened by its last step: did it change by less than ``tolerance`` (10%) over
+    the last fifth of the run (from the last evaluation at or before 80% of the steps to the final one)? None
+    when no evaluation lies in the first four fifths."""
+    evals = [r for r in rows if "eval/kl_to_ref" in r]
+    if not evals:
+        return None
+    last = evals[-1]
+    before = [r for r in evals if r["step"] <= 0.8 * last["step"]]
+    if not before:
+        return None
+    end, start = last["eval/kl_to_ref"], before[-1]["eval/kl_to_ref"]
+    return bool(abs(end - start) <= tolerance * abs(end))

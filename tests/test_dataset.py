@@ -164,27 +164,18 @@ def test_eval_prompts_and_held_out_pairs_come_from_reviews_absent_from_training(
             k = len(p["prompt"])
             assert any(t[k:k + len(p[key])] == p[key] for t in eval_ids)
             assert not any(t[k:k + len(p[key])] == p[key] for t in train_ids)
-    # validation pairs use training reviews that no training pair uses
+    # validation pairs use training reviews that no training pair uses; their prompts (what every evaluation
+    # during training samples from) open training reviews, never held-out ones
     used = {tuple(p[k]) for p in data.train_pairs for k in ("chosen", "rejected")}
     val = {tuple(p[k]) for p in data.val_pairs for k in ("chosen", "rejected")}
     assert len(data.val_pairs) == 10 and not val & used
+    assert data.val_prompts == [p["prompt"] for p in data.val_pairs]
+    assert all(any(o[: len(p)] == p for o in train_ids) for p in data.val_prompts)
+    long_enough = [p for p in data.val_prompts if len(p) >= 3]  # 2 tokens may open another review by chance
+    assert long_enough and not any(any(o[: len(p)] == p for o in eval_ids) for p in long_enough)
 
 
-def test_validation_prompts_for_tuning_are_the_validation_pairs_prompts(tmp_path, tiny_tokenizer):
-    from config import PRESETS
-    from dataset import prepare
-
-    df = load_reviews(str(write_csv(tmp_path, synthetic_reviews(200))), verbose=False)
-    cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10}, eval={"eval_prompts": "validation", "n_eval_prompts": 25})
-    train_df, eval_df = split_reviews(df, cfg.data, 0)
-    data = prepare(cfg, tiny_tokenizer, train_df, eval_df)
-    val_prompts = [p["prompt"] for p in data.val_pairs]
-    assert data.eval_prompts == [val_prompts[i % 10] for i in range(25)]
-    heldout = prepare(cfg.replace(eval={"eval_prompts": "heldout"}), tiny_tokenizer, train_df, eval_df)
-    assert heldout.eval_prompts != data.eval_prompts and heldout.val_pairs == data.val_pairs
-
-
-def test_the_split_and_prompts_follow_the_split_seed_not_the_run_seed(tmp_path, tiny_tokenizer):
+def test_the_split_follows_the_split_seed_and_each_run_seed_draws_its_own_pairs_and_prompts(tmp_path, tiny_tokenizer):
     from config import PRESETS
     from dataset import prepare
 
@@ -194,8 +185,9 @@ def test_the_split_and_prompts_follow_the_split_seed_not_the_run_seed(tmp_path, 
         cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10}, run={"seed": seed})
         train_df, eval_df = split_reviews(df, cfg.data, cfg.data.split_seed)
         runs[seed] = prepare(cfg, tiny_tokenizer, train_df, eval_df)
-    assert runs[0].eval_prompts == runs[1].eval_prompts and runs[0].eval_pairs == runs[1].eval_pairs
-    assert runs[0].train_pairs != runs[1].train_pairs  # a different pair sample per seed
+    assert runs[0].eval_pairs == runs[1].eval_pairs  # the held-out pairs (the reward model's test) are shared
+    assert runs[0].train_pairs != runs[1].train_pairs  # a different pair sample per seed ...
+    assert runs[0].eval_prompts != runs[1].eval_prompts  # ... and held-out prompt sample: seeds sample prompts too
 
 
 @pytest.mark.parametrize("rows, words", [

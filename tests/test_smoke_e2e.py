@@ -1,10 +1,11 @@
 """End-to-end runs of ``main.py --preset smoke`` (real IMDb data, self-built tiny models)."""
 
 import json
-import math
 import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from conftest import SMOKE, copy_offline_models, require_imdb, run_main
 from PIL import Image
@@ -111,48 +112,152 @@ def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
         assert Path(plots / "dpo_results_dashboard.png").stat().st_size > 10_000
 
 
-def test_smoke_study_over_two_seeds_writes_the_matched_kl_table_and_resume_skips_finished_runs(tmp_path, smoke_run):
-    """`uv run main.py --preset smoke --sweep --seeds 0 1`: every run of the grid for both seeds, every run's
-    final point in results.json, a matched-KL table with a mean and a std in every cell; then the same command
-    with --resume trains nothing and writes the same table."""
-    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    args = [*SMOKE, "--sweep", "--seeds", "0", "1", "--output_dir", str(tmp_path / "models"),
-            "--plots_dir", str(tmp_path / "plots")]
-    proc = run_main(*args)
+def _study_args(out):
+    return [*SMOKE, "--sweep", "--seeds", "0", "1", "--output_dir", str(out / "models"),
+            "--plots_dir", str(out / "plots")]
+
+
+@pytest.fixture(scope="module")
+def smoke_study(smoke_run, tmp_path_factory):
+    """`uv run main.py --preset smoke --sweep --seeds 0 1`, once for the tests of the study's protocol."""
+    out = tmp_path_factory.mktemp("smoke_study")
+    copy_offline_models(smoke_run["dir"] / "models", out / "models")
+    proc = run_main(*_study_args(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads((tmp_path / "plots" / "results.json").read_text())
-    study = res["study"]
-    finals = study["final_points"]
+    return {"dir": out, "proc": proc, "results": json.loads((out / "plots" / "results.json").read_text())}
+
+
+def _chosen(results) -> dict:
+    """(method, budget, seed) -> the checkpoint the protocol chose (None for none)."""
+    return {(m, k, r["seed"]): r["checkpoint"] for m, cells in results["protocol"]["cells"].items()
+            for k, c in cells.items() for r in c["per_seed"]}
+
+
+def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_intervals(smoke_study):
+    """Every run of the grid for both seeds, equal coverage, the chosen checkpoints' held-out numbers with their
+    per-prompt scores, paired differences with bootstrap intervals, and at least one reported cell per method."""
+    res, proc = smoke_study["results"], smoke_study["proc"]
+    finals = res["study"]["final_points"]
     grid = {(f["method"], f["label"], f["seed"]) for f in finals}
-    # per seed: betas 0.1, 1; PPO at target 6, kl_coef 0.5, 2; PPO-GT
-    assert len(finals) == len(grid) == 2 * (2 + 3 + 1)
-    assert {f["method"] for f in finals} == {"dpo", "ppo", "ppo_gt"} and study["seeds"] == [0, 1]
-    for f in finals:
-        assert {"kl", "safety", "positive_rate", "train_time_s"} <= set(f)
-    table = study["matched_kl"]
-    assert set(table) == {"dpo", "ppo", "ppo_gt"}
-    for method, cells in table.items():
-        assert set(cells) == {str(k) for k in study["matched_kls"]}
-        for cell in cells.values():  # both seeds reach every matched KL: a mean and a std everywhere
-            assert cell["n"] == 2, (method, cell)
-            assert all(math.isfinite(cell[k]) for k in ("safety_mean", "safety_std", "positive_rate_mean",
-                                                         "positive_rate_std"))
-    assert "matched KL:" in proc.stdout and "not reached" not in proc.stdout
+    # per seed: betas 0.1 and 1; PPO and PPO-GT each at target 6 and kl_coef 0.5
+    assert len(finals) == len(grid) == 2 * (2 + 2 + 2) and res["study"]["seeds"] == [0, 1]
+    runs_per = {m: sum(f["method"] == m for f in finals) for m in ("dpo", "ppo", "ppo_gt")}
+    assert len(set(runs_per.values())) == 1  # equal coverage: runs ...
+    evals = {m: {len([p for p in res["protocol"]["validation_points"] if p["run"] == r["name"]])
+                 for r in res["runs"] if r["method"] == m} for m in runs_per}
+    assert all(v == {4} for v in evals.values()), evals  # ... and evaluations per run
+    assert all(isinstance(r["kl_flattened"], bool) for r in res["runs"])
+
+    p = res["protocol"]
+    assert p["n_resamples"] >= 2000 and p["matched_kls"] == [0.2, 0.5]
+    for method, cells in p["cells"].items():
+        reported = [r for c in cells.values() for r in c["per_seed"] if r["status"] == "ok"]
+        assert reported, method  # at least one cell per method is not "-"
+        for k, c in cells.items():
+            for r in c["per_seed"]:
+                if r["checkpoint"]:
+                    ck = p["checkpoints"][r["checkpoint"]]
+                    assert r["validation"]["kl"] <= float(k)
+                    n = res["n_eval_prompts"]
+                    assert len(ck["per_prompt"]["scores"]) == len(ck["per_prompt"]["log_ratios"]) == n
+                    assert ck["heldout"]["safety"] == pytest.approx(np.mean(ck["per_prompt"]["scores"]))
+    for name in ("dpo-ppo", "dpo-ppo_gt", "ppo-ppo_gt"):
+        for d in p["differences"][name].values():
+            assert {"mean", "lo", "hi", "n_seeds", "seeds"} <= set(d)
+    assert any(d["n_seeds"] for d in p["differences"]["dpo-ppo"].values())
+    assert "checkpoints chosen on validation" in proc.stdout and "paired differences" in proc.stdout
+
     # Each seed's reward model is trained once and its time charged once: to the run that trained it.
     for seed in (0, 1):
         learned = [r for r in res["runs"] if r["method"] == "ppo" and r["seed"] == seed]
-        assert len(learned) == 3 and all(0 <= r["reward_model"]["heldout_pair_accuracy"] <= 1 for r in learned)
-        assert [r["reward_model"]["reused"] for r in learned] == [False, True, True]
-        assert learned[0]["rm_train_s"] > 0 and [r["rm_train_s"] for r in learned[1:]] == [0.0, 0.0]
+        assert len(learned) == 2 and all(0 <= r["reward_model"]["heldout_pair_accuracy"] <= 1 for r in learned)
+        assert [r["reward_model"]["reused"] for r in learned] == [False, True]
+        assert learned[0]["rm_train_s"] > 0 and learned[1]["rm_train_s"] == 0.0
         assert len({r["reward_model"]["heldout_pair_accuracy"] for r in learned}) == 1
-    assert proc.stdout.count("count for the run that trained it, 0s for this one") == 4
+    assert proc.stdout.count("count for the run that trained it, 0s for this one") == 2
 
-    # Settings that only change how the results are read out leave every run finished.
-    again = run_main(*args, "--resume", "--matched_kls", "0.005", "0.01", "--temperatures", "1.0")
+
+def test_validation_and_held_out_prompts_come_from_disjoint_reviews(smoke_study):
+    import dataset
+    from config import parse_config
+    from models import load_tokenizer
+
+    res = smoke_study["results"]
+    cfg = parse_config(_study_args(smoke_study["dir"]))
+    reviews = dataset.load_reviews(cfg.data.data, verbose=False)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
+    assert not set(train_df["review"]) & set(eval_df["review"])
+    tok = load_tokenizer(res["policy_model"])
+    for seed in (0, 1):
+        data = dataset.prepare(cfg.replace(run={"seed": seed}), tok, train_df, eval_df)
+        train_ids = dataset.encode_openings(tok, train_df["review"], cfg.data.prompt_max_tokens)
+        eval_ids = dataset.encode_openings(tok, eval_df["review"], cfg.data.prompt_max_tokens)
+        # every validation prompt opens a training review, every held-out prompt a held-out one
+        assert all(any(o[: len(p)] == p for o in train_ids) for p in data.val_prompts)
+        assert all(any(o[: len(p)] == p for o in eval_ids) for p in data.eval_prompts)
+    # what the runs were evaluated on during training: the validation prompts (their count), not the held-out
+    rows = read_metrics(smoke_study["dir"] / "models" / "runs" / "dpo_toxic_reduced_model" / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "eval/safety_score" in rows[0]
+    assert res["n_eval_prompts"] == cfg.eval.n_eval_prompts
+
+
+def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
+    """Through the pipeline (main.py with --resume: every run finished, so only the protocol runs again):
+    scrambling every held-out score leaves every choice unchanged; changing one validation score changes it.
+    (In the study's own directory: its saved configs name the model directories, so a copy would retrain.)"""
+    import protocol
+
+    out = smoke_study["dir"]
+    before = _chosen(smoke_study["results"])
+    real = protocol.evaluate_policy
+
+    def scrambled(policy, ctx, temperature, with_kl=True):
+        res = real(policy, ctx, temperature, with_kl)
+        rng = np.random.default_rng(len(ctx.prompts))
+        res["scores"] = 1.0 - rng.permutation(np.asarray(res["scores"])) * rng.random()
+        res["safety_score"] = float(np.mean(res["scores"]))
+        return res
+
+    monkeypatch.setattr(protocol, "evaluate_policy", scrambled)
+    proc = run_main(*_study_args(out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((out / "plots" / "results.json").read_text())
+    assert _chosen(again) == before
+    assert [c["heldout"]["safety"] for c in again["protocol"]["checkpoints"].values()] != \
+        [c["heldout"]["safety"] for c in smoke_study["results"]["protocol"]["checkpoints"].values()]
+    monkeypatch.setattr(protocol, "evaluate_policy", real)
+
+    # raise the validation safety of a DPO checkpoint of seed 0 that was not chosen at the larger budget
+    k = str(smoke_study["results"]["protocol"]["matched_kls"][-1])
+    was = before[("dpo", k, 0)]
+    pts = [p for p in smoke_study["results"]["protocol"]["validation_points"]
+           if p["method"] == "dpo" and p["seed"] == 0 and p["kl"] <= float(k) and f"{p['run']}@{p['step']}" != was]
+    target = pts[0]
+    path = out / "models" / "runs" / target["run"] / "metrics.jsonl"
+    saved = path.read_text()
+    rows = read_metrics(path)
+    for r in rows:
+        if r["step"] == target["step"]:
+            r["eval/safety_score"] = 0.99
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        proc = run_main(*_study_args(out), "--resume")
+    finally:
+        path.write_text(saved)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    changed = _chosen(json.loads((out / "plots" / "results.json").read_text()))
+    assert changed[("dpo", k, 0)] == f"{target['run']}@{target['step']}" != was
+    others = [key for key in before if key[0] != "dpo" or key[2] != 0]  # every other method and seed: as before
+    assert [changed[key] for key in others] == [before[key] for key in others]
+
+
+def test_study_resume_skips_finished_runs_even_with_other_read_out_settings(smoke_study):
+    out = smoke_study["dir"]
+    again = run_main(*_study_args(out), "--resume", "--matched_kls", "0.3", "--temperatures", "1.0")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished earlier with the same settings: skipped") == 12
     assert "dpo: saved" not in again.stdout and "ppo: saved" not in again.stdout
-    assert json.loads((tmp_path / "plots" / "results.json").read_text())["study"]["matched_kls"] == [0.005, 0.01]
+    assert json.loads((out / "plots" / "results.json").read_text())["protocol"]["matched_kls"] == [0.3]
 
 
 def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):

@@ -3,10 +3,18 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from config import PRESETS
-from study import frontier_at, matched_kl_table, study_runs, upper_envelope
+from study import (
+    frontier_at,
+    hierarchical_bootstrap,
+    kl_flattened,
+    select_checkpoints,
+    study_runs,
+    upper_envelope,
+)
 
 
 def test_upper_envelope_of_a_hand_made_point_set():
@@ -37,27 +45,73 @@ def test_frontier_is_flat_after_its_last_point_up_to_the_largest_kl_reached():
     assert safety[:2] == pytest.approx([0.8, 0.8]) and math.isnan(safety[2])
 
 
-def test_matched_kl_table_mean_std_and_unreached_cells():
-    pts = [_p(0, 0.4, seed=0), _p(4, 0.8, seed=0), _p(0, 0.4, seed=1), _p(4, 0.6, seed=1),
-           _p(0, 0.4, seed=2), _p(2, 0.5, seed=2),  # seed 2 never reaches KL 4
-           _p(0, 0.4, method="ppo", seed=0), _p(8, 0.6, method="ppo", seed=0)]
-    table = matched_kl_table(pts, [2.0, 4.0, 9.0])
-    c = table["dpo"]["2.0"]  # seeds at KL 2: 0.6, 0.5, 0.5
-    assert c["n"] == 3 and c["safety_mean"] == pytest.approx(1.6 / 3)
-    assert c["safety_std"] == pytest.approx(math.sqrt(((0.6 - 1.6 / 3) ** 2 + 2 * (0.5 - 1.6 / 3) ** 2) / 2))
-    assert table["dpo"]["4.0"]["n"] == 2 and table["dpo"]["4.0"]["safety_mean"] == pytest.approx(0.7)
-    assert table["dpo"]["9.0"]["n"] == 0 and math.isnan(table["dpo"]["9.0"]["safety_mean"])
-    # one seed: a mean but no std
-    assert table["ppo"]["4.0"]["safety_mean"] == pytest.approx(0.5) and math.isnan(table["ppo"]["4.0"]["safety_std"])
-    assert "ppo_gt" not in table
+def _c(kl, safety, step, method="dpo", seed=0, run="r"):
+    return {"method": method, "label": "", "seed": seed, "run": run, "step": step, "kl": kl, "safety": safety,
+            "positive_rate": safety}
+
+
+def test_select_checkpoints_best_validation_safety_within_each_budget_and_dashes():
+    pts = [_c(0.3, 0.50, 10), _c(0.9, 0.58, 20), _c(1.8, 0.62, 30, run="b"), _c(3.5, 0.70, 40, run="b"),
+           _c(1.7, 0.62, 10, run="c"),  # ties the safety of (1.8, 0.62): the higher KL wins
+           _c(5.0, 0.40, 10, method="ppo"), _c(0.2, 0.45, 20, method="ppo")]
+    sel = select_checkpoints(pts, [1.0, 2.0, 4.0, 8.0])
+    cells = sel["dpo"][0]
+    assert cells["1.0"]["point"]["kl"] == 0.9 and cells["1.0"]["status"] == "ok"
+    assert cells["2.0"]["point"]["kl"] == 1.8 and cells["2.0"]["point"]["run"] == "b"
+    assert cells["4.0"]["point"]["kl"] == 3.5 and cells["4.0"]["status"] == "ok"
+    # the best within 8 nats is at 3.5 < 8/2: reported, but shown as "-" with its reason (never interpolated)
+    assert cells["8.0"]["point"]["kl"] == 3.5 and cells["8.0"]["status"] == "-" and "< 0.5 k" in cells["8.0"]["reason"]
+    ppo = sel["ppo"][0]
+    assert ppo["1.0"]["point"]["kl"] == 0.2 and ppo["1.0"]["status"] == "-"  # 0.2 < 0.5
+    assert ppo["8.0"]["point"]["kl"] == 0.2  # the checkpoint at 5 nats has the lower validation safety
+    assert select_checkpoints(pts, [8.0], min_use=0.0)["dpo"][0]["8.0"]["status"] == "ok"
+    assert select_checkpoints([_c(3.0, 0.5, 10)], [1.0])["dpo"][0]["1.0"] == {
+        "point": None, "status": "-", "reason": "no checkpoint within 1 nats (the lowest is at 3.00)"}
+
+
+def test_hierarchical_bootstrap_mean_interval_and_its_two_levels():
+    rng = np.random.default_rng(0)
+    per_seed = [rng.normal(0.1, 0.3, 200) for _ in range(5)]
+    b = hierarchical_bootstrap(per_seed, n_resamples=2000)
+    assert b["mean"] == pytest.approx(np.mean([a.mean() for a in per_seed]))
+    assert b["lo"] < b["mean"] < b["hi"] and b["n_seeds"] == 5 and b["n_prompts"] == 1000
+    assert hierarchical_bootstrap(per_seed, n_resamples=2000) == b  # seeded: the same interval every time
+    # identical seeds: only the prompt level is left, and the width is that of one seed's prompt bootstrap
+    same = hierarchical_bootstrap([per_seed[0]] * 5, n_resamples=2000)
+    se = per_seed[0].std() / np.sqrt(200 * 5)
+    assert (same["hi"] - same["lo"]) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    # seeds whose means differ widely: the seed level dominates the width
+    spread = hierarchical_bootstrap([a + shift for a, shift in zip(per_seed, [-0.2, -0.1, 0, 0.1, 0.2])],
+                                    n_resamples=2000)
+    assert spread["hi"] - spread["lo"] > 2 * (b["hi"] - b["lo"])
+    assert hierarchical_bootstrap([])["n_seeds"] == 0
+
+
+def test_kl_flattened_over_the_last_fifth():
+    rows = [{"step": s, "eval/kl_to_ref": kl} for s, kl in ((0, 0.0), (40, 2.0), (80, 3.0), (120, 3.6), (160, 3.8))]
+    assert kl_flattened(rows) is True  # 3.6 -> 3.8 from step 120 (<= 0.8 * 160): 5%
+    rows[-1]["eval/kl_to_ref"] = 4.2
+    assert kl_flattened(rows) is False  # 3.6 -> 4.2: 14%
+    assert kl_flattened([{"step": 10, "eval/kl_to_ref": 1.0}]) is None
+
+
+def test_equal_coverage_is_required_of_a_study_grid():
+    from config import ConfigError
+    from study import check_coverage, coverage
+
+    for name in ("paper", "offline", "smoke"):
+        assert len(set(coverage(PRESETS[name]).values())) == 1, name
+    assert coverage(PRESETS["offline"]) == {"dpo": (4, 4), "ppo": (4, 4), "ppo_gt": (4, 4)}
+    with pytest.raises(ConfigError, match="equal coverage.*DPO 2 runs x 4 evaluations, PPO 2 runs x 2"):
+        check_coverage(PRESETS["smoke"].replace(ppo={"ppo_eval_every": 2}))
 
 
 def test_study_grid_names_and_seeds():
     cfg = PRESETS["smoke"].replace(run={"sweep": True}, eval={"sweep_betas": [0.1, 1.0], "sweep_kl_coefs": [0.5]})
     runs = study_runs(cfg, [0, 1])
     names = [r.name for r in runs]
-    # per seed: 2 betas, PPO at target 6 and at kl_coef 0.5, PPO-GT
-    assert len(names) == len(set(names)) == 2 * (2 + 2 + 1)
+    # per seed: 2 betas, PPO at target 6 and at kl_coef 0.5, PPO-GT likewise
+    assert len(names) == len(set(names)) == 2 * (2 + 2 + 2)
     first = [r for r in runs if r.seed == 0 and r.main]
     assert {r.name for r in first} == {"dpo_toxic_reduced_model", "ppo_toxic_reduced_model"}  # the spec's names
     assert {r.method for r in runs} == {"dpo", "ppo", "ppo_gt"}
@@ -67,7 +121,7 @@ def test_study_grid_names_and_seeds():
     assert {r.method for r in gt if r.method != "dpo"} == {"ppo_gt"} and len(gt) == 4
     assert len(study_runs(PRESETS["smoke"], [0])) == 2  # no sweep: the two default runs
     # the sweep's PPO runs have a fixed coefficient: no adaptive target
-    fixed = [r for r in runs if r.setting == "kl_coef=0.5"]
+    fixed = [r for r in runs if r.setting == "kl_coef=0.5" and r.method == "ppo"]
     assert len(fixed) == 2 and all(r.overrides == {"ppo": {"target_kl": None, "init_kl_coef": 0.5}} for r in fixed)
     assert cfg.replace(**fixed[0].overrides).ppo.target_kl is None
 
