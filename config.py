@@ -168,8 +168,10 @@ class DPOConfig:
     label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is "
                                 "flipped (sigmoid loss only; an error with --loss_type ipo).")
     pair_source: Literal["dataset", "generated"] = _f(
-        "dataset", "dataset: positive vs negative IMDb review after the same prompt; generated: completions "
-                   "sampled from the reference and ordered by the judge, as in the DPO paper.")
+        "dataset", "The preference pairs of DPO and of PPO's reward model. dataset: positive vs negative IMDb review "
+                   "after the same prompt; generated: completions sampled from the reference and labelled by the "
+                   "judge, as in the DPO paper (default output directories models/<preset>-generated and "
+                   "evaluation_plots/<preset>-generated).")
     n_generated_samples: int = _f(4, "pair_source=generated: completions sampled per prompt; the judge's "
                                   "best and worst form the pair.")
     dpo_steps: int = _f(200, "Optimiser steps of DPO.")
@@ -290,9 +292,10 @@ class RunConfig:
     seeds: list[int] = _f([], "Run everything once per seed (e.g. --seeds 0 1 2): the study's spread. Default: "
                           "--seed alone.")
     output_dir: str = _f("", "Where this run's models, metrics and checkpoints are written. Default: "
-                             "models/<preset> (each preset its own, so no preset overwrites another's).")
+                             "models/<preset> (each preset its own, so no preset overwrites another's; "
+                             "models/<preset>-generated with --pair_source generated).")
     plots_dir: str = _f("", "Where the dashboard, plots and results.json are written. Default: "
-                            "evaluation_plots/<preset>.")
+                            "evaluation_plots/<preset> (evaluation_plots/<preset>-generated).")
     cache_dir: str = _f("", "Where the hash-keyed artifacts live (self-built models, reward models, reference "
                             "log-probs, SFT models), shared by presets since each key names its settings. Default: "
                             "models, or --output_dir when that is given.")
@@ -304,10 +307,6 @@ class RunConfig:
                                     "non-finite guard.")
 
     def __post_init__(self):
-        # Empty paths take their defaults here, where the preset is known (see the fields' help).
-        self.cache_dir = self.cache_dir or self.output_dir or "models"
-        self.output_dir = self.output_dir or f"models/{self.preset}"
-        self.plots_dir = self.plots_dir or f"evaluation_plots/{self.preset}"
         _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite_skips"):
@@ -330,6 +329,13 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        # Empty paths take their defaults here, where the preset and the pair source are known (see the fields'
+        # help): each setting its own directories, so neither study overwrites or resumes the other.
+        r = self.run
+        setting = r.preset + ("-generated" if self.dpo.pair_source == "generated" else "")
+        r.cache_dir = r.cache_dir or r.output_dir or "models"
+        r.output_dir = r.output_dir or f"models/{setting}"
+        r.plots_dir = r.plots_dir or f"evaluation_plots/{setting}"
         # Cross-section checks: a generated completion must fit the cap on prompt + completion.
         _check(self.data.prompt_max_tokens + self.data.response_tokens <= self.data.max_length,
                f"--max_length {self.data.max_length} is below prompt + response "
@@ -391,8 +397,10 @@ def _preset(name: str) -> Config:
                           ppo_steps=20, ppo_lr=1e-4, kl_horizon=256, ppo_eval_every=5),
             # Matched KLs inside the range both methods reach in this budget (DPO's smallest beta ~6-7 nats). The
             # study's grid gives every method 4 runs of 4 evaluations (betas 0.05-5; PPO and PPO-GT adaptive plus
-            # fixed coefficients 0.5, 2 and 5, the large ones for points below 1 nat).
-            eval=EvalConfig(eval_batch_size=256, matched_kls=[1.0, 2.0, 4.0, 6.0], sweep_kl_coefs=[0.5, 2.0, 5.0]),
+            # fixed coefficients 0.5, 2 and 5, the large ones for points below 1 nat). 1,024 held-out prompts per
+            # seed for the reported numbers (the validation prompts, 512, are the --n_val_pairs).
+            eval=EvalConfig(n_eval_prompts=1024, eval_batch_size=256, matched_kls=[1.0, 2.0, 4.0, 6.0],
+                            sweep_kl_coefs=[0.5, 2.0, 5.0]),
             run=RunConfig(preset="offline"))
     if name == "quick":
         # A first run worth looking at on a 2-core CPU in under 3 minutes, model builds included (README: 116 s):

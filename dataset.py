@@ -305,6 +305,9 @@ class StudyData:
     val_pairs: list[dict]
     eval_pairs: list[dict]
     eval_prompts: list[list[int]]
+    # The prompts of every evaluation during training: the validation pairs' openings, of training reviews no
+    # training pair uses (so choosing checkpoints never looks at the held-out reviews).
+    val_prompts: list[list[int]]
     train_reviews: pd.DataFrame = field(repr=False)
     eval_reviews: pd.DataFrame = field(repr=False)
 
@@ -312,12 +315,6 @@ class StudyData:
     def train_prompts(self) -> list[list[int]]:
         """PPO's rollout prompts: the prompts of the training pairs DPO sees."""
         return [p["prompt"] for p in self.train_pairs]
-
-    @property
-    def val_prompts(self) -> list[list[int]]:
-        """The prompts of every evaluation during training: the validation pairs' openings, of training reviews
-        no training pair uses (so choosing checkpoints never looks at the held-out reviews)."""
-        return [p["prompt"] for p in self.val_pairs]
 
 
 def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
@@ -335,4 +332,5 @@ def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> St
     eval_pairs = build_pairs(eval_df, tokenizer, dc, dc.split_seed + 100, what="held-out")
     # Each seed draws its own held-out prompts, so that a study's seeds also sample the prompts.
     eval_prompts = build_prompts(eval_df, tokenizer, dc, [dc.split_seed, cfg.run.seed, 2], cfg.eval.n_eval_prompts)
-    return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, train_df, eval_df)
+    return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, [p["prompt"] for p in val_pairs], train_df,
+                     eval_df)

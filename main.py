@@ -63,6 +63,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     import transformers
 
     import eval_utils
+    import pair_generation
     import plots
     import protocol
     import study
@@ -149,16 +150,19 @@ def run(cfg: Config, argv: list[str]) -> int:
     for seed in seeds:
         scfg = cfg.replace(run={"seed": seed})
         data = dataset.prepare(scfg, tokenizer, train_df, eval_df)  # this seed's pair sample
-        print(f"data: {len(data.train_pairs)} training pairs, {len(data.val_pairs)} validation pairs, "
-              f"{len(data.eval_pairs)} held-out pairs, {len(data.eval_prompts)} evaluation prompts (seed {seed}); "
-              f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
-              f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype}), "
-              f"{torch.get_num_threads()} CPU threads")
         # Runs are evaluated on the validation prompts while they train, on this seed's held-out prompts after.
         ctx = RunContext(tokenizer=tokenizer, ref_model=ref_model, device=device, acc=acc, dtype=dtype,
                          batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge, judge_dtype=judge_dtype,
                          prompts=data.val_prompts, max_new_tokens=cfg.data.response_tokens, seed=seed)
         heldout[seed] = ctx.on(data.eval_prompts)
+        if cfg.dpo.pair_source == "generated":  # the paper's setting: the judge labels the reference's samples
+            data = pair_generation.generated_data(scfg, data, ctx)
+        print(f"data: {len(data.train_pairs)} {cfg.dpo.pair_source} training pairs, {len(data.val_pairs)} validation "
+              f"pairs ({len(data.val_prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
+              f"{len(data.eval_prompts)} held-out prompts (seed {seed}); "
+              f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
+              f"precision {dtype_name(dtype)} (judge {dtype_name(judge_dtype)}; --dtype {cfg.model.dtype}), "
+              f"{torch.get_num_threads()} CPU threads")
         for spec in (s for s in specs if s.seed == seed):
             rcfg = scfg.replace(**spec.overrides)
             trainer = train_dpo if spec.method == "dpo" else train_ppo

@@ -101,7 +101,7 @@ def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:
     precision and the evaluation's prompts and temperatures."""
     return {"preset": cfg.run.preset, "policy_model": cfg.model.policy_model, "judge_model": cfg.model.judge_model,
             "precision": precision, "data": data_fingerprint, "split_seed": cfg.data.split_seed,
-            "n_pairs": cfg.data.n_pairs, "seeds": cfg.run.seeds or [cfg.run.seed],
+            "n_pairs": cfg.data.n_pairs, "pair_source": cfg.dpo.pair_source, "seeds": cfg.run.seeds or [cfg.run.seed],
             "n_eval_prompts": cfg.eval.n_eval_prompts, "response_tokens": cfg.data.response_tokens,
             "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures)}
 

@@ -11,14 +11,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from artifacts import Artifact
 from batching import concatenated_batch
 from dpo_utils import concatenated_forward, dpo_loss
-from eval_utils import generate, judge_scores
 from lifecycle import RunContext, TrainingRun
 from logprobs import ResponseLogProbs
 from models import autocast, dtype_name, load_causal_lm, weights_fingerprint
@@ -57,29 +55,12 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     return out["chosen"], out["rejected"], False
 
 
-def generated_pairs(cfg, prompts: list[list[int]], ctx: RunContext) -> list[dict]:
-    """Pairs as in the DPO paper: sample several completions per prompt from the reference and let the judge
-    order them; the best is y_w, the worst y_l (prompts whose samples tie are dropped)."""
-    k = cfg.dpo.n_generated_samples
-    samples, scores = [], []
-    for i in tqdm(range(k), desc="dpo: sample pairs from the reference", unit="round"):
-        resp = generate(ctx.ref_model, ctx.tokenizer, prompts, cfg.data.response_tokens, 1.0, cfg.run.seed + 1000 + i,
-                        ctx.batch_size, ctx.device, ctx.dtype)
-        texts = [ctx.tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
-        samples.append(resp)
-        scores.append(judge_scores(ctx.judge_tok, ctx.judge, texts, ctx.batch_size, ctx.device, ctx.judge_dtype))
-    scores = np.stack(scores)  # (k, N)
-    best, worst = scores.argmax(0), scores.argmin(0)
-    return [{"prompt": p, "chosen": samples[best[j]][j], "rejected": samples[worst[j]][j]}
-            for j, p in enumerate(prompts) if scores[best[j], j] > scores[worst[j], j]]
-
-
 def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", evaluate: bool = True) -> dict:
-    """Train DPO on ``data.train_pairs`` (or generated pairs); ``evaluate=False`` skips the held-out
+    """Train DPO on ``data.train_pairs``; ``evaluate=False`` skips the held-out
     evaluations (benchmarks time the training alone). Data-parallel over ``ctx.acc``'s processes: each takes
     its share of every batch, so the batch size is global and the result the same at any process count."""
     dc, rc, acc, device, tok = cfg.dpo, cfg.run, ctx.acc, ctx.device, ctx.tokenizer
-    # Seeds everything; the pair sampling and the reference pass count as DPO's training time.
+    # Seeds everything; the reference pass counts as DPO's training time.
     run = TrainingRun(cfg, ctx, name, "dpo", dc.dpo_steps, dc.dpo_eval_every, evaluate,
                       per_process={"--dpo_batch_size": dc.dpo_batch_size})
     # eval mode: dropout off (the log-probs must match the reference's at step 1)
@@ -87,12 +68,8 @@ def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", eva
     weights = weights_fingerprint(policy.lm)  # of the reference's weights, before any sharding
     pairs_per_step = dc.dpo_batch_size * dc.dpo_grad_accum
 
-    # --- preference pairs ---
-    if dc.pair_source == "generated":
-        n_needed = min(len(data.train_prompts), dc.dpo_steps * pairs_per_step)
-        pairs = generated_pairs(cfg, data.train_prompts[:n_needed], ctx)
-    else:
-        pairs = data.train_pairs
+    # --- preference pairs: review pairs, or the reference's judged samples (data preparation made them) ---
+    pairs = data.train_pairs
     if not pairs:
         raise StopTraining("dpo: no preference pairs to train on", 2)
 

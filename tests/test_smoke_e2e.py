@@ -251,6 +251,31 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
     assert [changed[key] for key in others] == [before[key] for key in others]
 
 
+def test_smoke_study_in_the_papers_generated_pair_setting(smoke_run, tmp_path):
+    """`--sweep --seeds 0 1 --pair_source generated`: pairs sampled from the reference and labelled by the judge,
+    made once per seed in data preparation; DPO and the reward model learn from the very same pairs; the same
+    protocol and structure as the review-pair study, with a reported cell per method."""
+    import hashlib
+
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main(*_study_args(tmp_path), "--pair_source", "generated")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("generated training pairs") == 2 and "sample pairs from the reference" in proc.stderr
+    res = json.loads((tmp_path / "plots" / "results.json").read_text())
+    assert res["setup"]["pair_source"] == "generated"
+    for method, cells in res["protocol"]["cells"].items():
+        assert any(r["status"] == "ok" for c in cells.values() for r in c["per_seed"]), method
+    assert set(res["protocol"]["differences"]) == {"dpo-ppo", "dpo-ppo_gt", "ppo-ppo_gt"}
+    # one cached pair set per seed, and each seed's reward model trained on exactly those pairs
+    sets = [json.loads(p.read_text()) for p in (tmp_path / "models" / "cache").glob("generated_pairs-*.json")]
+    assert len(sets) == 2
+    rm_settings = (tmp_path / "models" / "reward_models").glob("*/rm_settings.json")
+    rm_pairs = {json.loads(p.read_text())["pairs"] for p in rm_settings}
+    assert rm_pairs == {hashlib.sha256(json.dumps([s["train"], s["val"]]).encode()).hexdigest()[:16] for s in sets}
+    for s in sets:
+        assert all(p["chosen"] != p["rejected"] for p in s["train"])
+
+
 def test_study_resume_skips_finished_runs_even_with_other_read_out_settings(smoke_study):
     out = smoke_study["dir"]
     again = run_main(*_study_args(out), "--resume", "--matched_kls", "0.3", "--temperatures", "1.0")
@@ -262,11 +287,14 @@ def test_study_resume_skips_finished_runs_even_with_other_read_out_settings(smok
 
 def test_generated_pairs_and_judge_reward_options(tmp_path, smoke_run):
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    common = [*SMOKE, "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
-    dpo = run_main(*common, "--dpo-only", "--pair_source", "generated", "--dpo_steps", "4", "--loss_type", "ipo")
+    common = [*SMOKE, "--output_dir", str(tmp_path / "models")]
+    dpo = run_main(*common, "--plots_dir", str(tmp_path / "plots_generated"), "--dpo-only", "--pair_source",
+                   "generated", "--dpo_steps", "4", "--loss_type", "ipo")
     assert dpo.returncode == 0, dpo.stderr[-2000:]
     assert "sample pairs from the reference" in dpo.stderr
-    ppo = run_main(*common, "--ppo-only", "--ppo_reward", "judge", "--ppo_steps", "2")
+    # another setup (review pairs): its own results.json (the generated one's is refused, never mixed in)
+    ppo = run_main(*common, "--plots_dir", str(tmp_path / "plots"), "--ppo-only", "--ppo_reward", "judge",
+                   "--ppo_steps", "2")
     assert ppo.returncode == 0, ppo.stderr[-2000:]
     summary = json.loads((tmp_path / "models" / "ppo_toxic_reduced_model" / "train_summary.json").read_text())
     assert summary["reward"] == "judge" and summary["reward_model"] is None
@@ -332,6 +360,12 @@ def test_outputs_default_to_per_preset_directories():
     assert (run.output_dir, run.plots_dir, run.cache_dir) == ("models/offline", "evaluation_plots/offline", "models")
     run = parse_config(["--preset", "smoke", "--output_dir", "x"]).run  # a given --output_dir holds the caches too
     assert (run.output_dir, run.cache_dir, run.plots_dir) == ("x", "x", "evaluation_plots/smoke")
+    # the paper's generated-pair setting: its own directories, the caches shared
+    run = parse_config(["--preset", "offline", "--pair_source", "generated"]).run
+    assert (run.output_dir, run.plots_dir, run.cache_dir) == ("models/offline-generated",
+                                                              "evaluation_plots/offline-generated", "models")
+    cfg = parse_config(["--preset", "offline"])  # a resolved config keeps its paths when copied
+    assert cfg.replace(dpo={"beta": 0.5}).run.output_dir == "models/offline"
 
 
 def test_a_smoke_run_leaves_another_presets_results_alone(tmp_path):
