@@ -199,7 +199,9 @@ class TrainingRun:
         one) with its config, metrics and summary; returns the train() output: ``model_dir``, ``policy`` and the
         summary."""
         summary = {"method": self.method, "precision": dtype_name(self.ctx.dtype), "train_time_s": self.timer.elapsed,
-                   "eval_time_s": self.timer.eval_s, **summary}
+                   "eval_time_s": self.timer.eval_s,
+                   # what its metrics.jsonl evaluations were on, and whether their weights were kept (the study's)
+                   "evaluated_on": "validation", "kept_evaluated": bool(self.cfg.run.sweep), **summary}
         save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
         self.metrics.close()
         print(f"{self.method}: saved {self.final_dir} ({summary['train_time_s']:.0f}s of training{note}; "

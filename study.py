@@ -140,12 +140,18 @@ def finished(run_cfg, spec: RunSpec) -> dict | None:
     """The saved summary of a run that completed with this very configuration (its final model directory is
     only ever written whole), or None. A run whose saved config differs in a setting it depends on
     (``config.run_settings``: not the run-control flags, nor the read-out-only settings) is not finished: it is
-    trained again."""
+    trained again; so is one whose evaluations were not on the validation prompts, or a study run that did not
+    keep its evaluated weights."""
     final = Path(run_cfg.run.output_dir) / spec.name
     if not (final / "train_summary.json").exists() or not (final / "training_config.json").exists():
         return None
     saved, now = json.loads((final / "training_config.json").read_text()), run_cfg.to_dict()
-    return None if settings_diff(saved, now) else json.loads((final / "train_summary.json").read_text())
+    summary = json.loads((final / "train_summary.json").read_text())
+    # A run trained before evaluations moved to the validation prompts, or (for the study) without its evaluated
+    # weights kept, cannot serve the study's choices: trained again.
+    if summary.get("evaluated_on") != "validation" or (run_cfg.run.sweep and not summary.get("kept_evaluated")):
+        return None
+    return None if settings_diff(saved, now) else summary
 
 
 # ----------------------------------------------------------------------------------------- frontiers

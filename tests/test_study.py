@@ -171,7 +171,11 @@ def test_read_out_only_settings_leave_a_finished_run_finished_and_training_setti
     final.mkdir()
     cfg.save(final / "training_config.json")
     (final / "train_summary.json").write_text(json.dumps({"method": "dpo", "train_time_s": 1.0}))
+    assert finished(cfg, spec) is None  # trained before evaluations moved to the validation prompts
+    (final / "train_summary.json").write_text(json.dumps({"method": "dpo", "train_time_s": 1.0,
+                                                          "evaluated_on": "validation", "kept_evaluated": False}))
     assert finished(cfg, spec)["method"] == "dpo"
+    assert finished(cfg.replace(run={"sweep": True}), spec) is None  # the study needs its evaluated weights
     read_out = cfg.replace(eval={"matched_kls": [0.5], "temperatures": [1.0], "n_examples": 1,
                                  "sweep_betas": [3.0], "sweep_kl_coefs": [9.0]}, model={"threads": 3},
                            run={"log_every": 7, "resume": True})
