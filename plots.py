@@ -280,8 +280,8 @@ def plot_final(ax, results: dict) -> None:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("safety score (judge P(positive))")
     ax.set_xticks(x, ticks, fontsize=8)
-    bars_mean = (f"validation prompts, mean ± std over {n} seeds" if n > 1
-                 else "held-out prompts; error bars: 95% paired interval vs the reference")
+    bars_mean = (f"validation, mean ± std over {n} seeds" if n > 1
+                 else "held-out; bars: 95% paired CI vs reference")
     quiet = n == 1 and all(not (d["lo"] > 0 or d["hi"] < 0) for d in
                            (results.get(m, {}).get("safety_vs_reference") for m in names[1:]) if d)
     ax.set_title(f"Default runs: final safety ({bars_mean})"
