@@ -21,7 +21,7 @@ import study
 from eval_utils import evaluate_policy
 from lifecycle import evaluated_dir
 from models import load_causal_lm
-from run_log import read_metrics
+from run_log import StopTraining, read_metrics
 
 PAIRS = (("dpo", "ppo"), ("dpo", "ppo_gt"), ("ppo", "ppo_gt"))  # the paired comparisons of the table
 N_RESAMPLES = 2000
@@ -49,6 +49,13 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
     checkpoints, reference = {}, {}
     todo = {(c["point"]["seed"], c["point"]["run"], c["point"]["step"]): c["point"]
             for by_seed in chosen.values() for cells in by_seed.values() for c in cells.values() if c["point"]}
+    runs_dir = Path(cfg.run.output_dir) / "runs"
+    missing = sorted((run, step) for _, run, step in todo if not evaluated_dir(runs_dir / run, step).is_dir())
+    if missing:  # e.g. a run carried over from a --dpo-only / --ppo-only run made without --sweep
+        run, step = missing[0]
+        raise StopTraining(f"study: run {run} kept no weights of its evaluated step {step} ({len(missing)} such "
+                           f"checkpoint(s)); it was trained without --sweep: train it again with --sweep, or pass "
+                           f"another --output_dir", 2)
     for (seed, run, step), p in tqdm(sorted(todo.items()), desc="study: held-out evaluation of the chosen",
                                      unit="checkpoint"):
         ctx = heldout[seed]
@@ -56,7 +63,7 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
             ref = ctx.reference_result(temp)
             reference[seed] = {"safety": ref["safety_score"],
                                "per_prompt": {"scores": [float(x) for x in ref["scores"]]}}
-        lm = load_causal_lm(str(evaluated_dir(Path(cfg.run.output_dir) / "runs" / run, step)), ctx.device)
+        lm = load_causal_lm(str(evaluated_dir(runs_dir / run, step)), ctx.device)
         res = evaluate_policy(lm, ctx, temp)
         checkpoints[f"{run}@{step}"] = {
             "method": p["method"], "label": p["label"], "seed": seed, "run": run, "step": step,

@@ -183,3 +183,20 @@ def test_read_out_only_settings_leave_a_finished_run_finished_and_training_setti
     for changed in ({"dpo": {"dpo_lr": 5e-3}}, {"eval": {"n_eval_prompts": 8}}, {"run": {"seed": 1}},
                     {"data": {"response_tokens": 8}}):
         assert finished(cfg.replace(**changed), spec) is None, changed
+
+
+def test_the_protocol_refuses_checkpoints_whose_weights_were_not_kept(tmp_path):
+    from protocol import study_protocol
+    from run_log import StopTraining
+    from study import RunSpec
+
+    cfg = PRESETS["smoke"].replace(run={"output_dir": str(tmp_path), "sweep": True})
+    run_dir = tmp_path / "runs" / "dpo_toxic_reduced_model"
+    run_dir.mkdir(parents=True)
+    rows = [{"step": 0, "eval/kl_to_ref": 0.0, "eval/safety_score": 0.4, "eval/positive_rate": 0.4},
+            {"step": 10, "eval/kl_to_ref": 0.3, "eval/safety_score": 0.5, "eval/positive_rate": 0.5}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = [{"spec": RunSpec("dpo", "beta=0.1", 0, "dpo_toxic_reduced_model", {}, True)}]
+    with pytest.raises(StopTraining, match="kept no weights of its evaluated step 10") as e:
+        study_protocol(cfg, runs, heldout={})  # refused before any evaluation
+    assert e.value.code == 2
