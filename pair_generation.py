@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from artifacts import Artifact
@@ -43,7 +44,7 @@ def generated_data(cfg, data, ctx):
     sets = {"train": [p["prompt"] for p in data.train_pairs], "val": list(data.val_prompts),
             "heldout": [p["prompt"] for p in data.eval_pairs[:N_HELDOUT]]}
     settings = [weights_fingerprint(ctx.ref_model), weights_fingerprint(ctx.judge), dtype_name(ctx.dtype),
-                dtype_name(ctx.judge_dtype), str(ctx.device.type if hasattr(ctx.device, "type") else ctx.device),
+                dtype_name(ctx.judge_dtype), torch.device(ctx.device).type,
                 k, n_tokens, seed, sets]
     art = Artifact(Path(cfg.run.cache_dir) / "cache", settings, prefix="generated_pairs-", suffix=".json", digits=16)
     if art.exists():
