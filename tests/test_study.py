@@ -101,7 +101,7 @@ def test_equal_coverage_is_required_of_a_study_grid():
 
     for name in ("paper", "offline", "smoke"):
         assert len(set(coverage(PRESETS[name]).values())) == 1, name
-    assert coverage(PRESETS["offline"]) == {"dpo": (4, 4), "ppo": (4, 4), "ppo_gt": (4, 4)}
+    assert coverage(PRESETS["offline"]) == {"dpo": (3, 4), "ppo": (3, 4), "ppo_gt": (3, 4)}
     with pytest.raises(ConfigError, match="equal coverage.*DPO 2 runs x 4 evaluations, PPO 2 runs x 2"):
         check_coverage(PRESETS["smoke"].replace(ppo={"ppo_eval_every": 2}))
 

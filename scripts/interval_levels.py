@@ -1,0 +1,94 @@
+"""Recompute the study's paired intervals from the per-prompt scores in results.json, and split their width by
+level: how wide would each interval be from prompt sampling alone, and from seeds alone?
+
+    uv run scripts/interval_levels.py evaluation_plots/offline/results.json
+
+For every comparison (DPO - PPO, DPO - PPO-GT, PPO - PPO-GT) and KL budget it prints
+
+* ``full``: the 95% hierarchical bootstrap (seeds, then prompts within each seed), recomputed from
+  ``protocol.checkpoints[...].per_prompt.scores``; it must equal the interval stored in
+  ``protocol.differences`` (the script exits 1 if not), so the stored intervals are reproducible from the
+  stored per-prompt scores;
+* ``prompts only``: the seeds held fixed, each seed's prompts resampled (the width prompt sampling alone gives);
+* ``seeds only``: each seed's mean difference held fixed, the seeds resampled.
+
+Numbers only; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from study import hierarchical_bootstrap  # noqa: E402
+
+LEVEL, N_RESAMPLES = 0.95, 2000
+
+
+def per_seed_differences(protocol: dict, a: str, b: str, k: str) -> list[np.ndarray]:
+    """Per matching seed, the per-prompt differences of held-out safety between the checkpoints chosen for
+    methods ``a`` and ``b`` at budget ``k`` (seeds where either cell is "-" are left out, as the study does)."""
+    def chosen(method):
+        return {r["seed"]: r["checkpoint"] for r in protocol["cells"][method][k]["per_seed"] if r["status"] == "ok"}
+
+    ca, cb, ck = chosen(a), chosen(b), protocol["checkpoints"]
+    return [np.asarray(ck[ca[s]]["per_prompt"]["scores"]) - np.asarray(ck[cb[s]]["per_prompt"]["scores"])
+            for s in sorted(set(ca) & set(cb))]
+
+
+def percentile_interval(stats: np.ndarray) -> tuple[float, float]:
+    tail = (1 - LEVEL) / 2
+    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))
+
+
+def prompts_only(arrays: list[np.ndarray], rng) -> tuple[float, float]:
+    return percentile_interval(np.array([np.mean([a[rng.integers(0, a.size, a.size)].mean() for a in arrays])
+                                         for _ in range(N_RESAMPLES)]))
+
+
+def seeds_only(arrays: list[np.ndarray], rng) -> tuple[float, float]:
+    means = np.array([a.mean() for a in arrays])
+    return percentile_interval(np.array([means[rng.integers(0, means.size, means.size)].mean()
+                                         for _ in range(N_RESAMPLES)]))
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+        print("usage: uv run scripts/interval_levels.py PATH/results.json (a study's, made with --sweep)")
+        return 2
+    results = json.loads(Path(sys.argv[1]).read_text())
+    protocol = results.get("protocol")
+    if not protocol:
+        print(f"{sys.argv[1]}: no 'protocol' section: it is not a study's results.json (run main.py with --sweep)")
+        return 2
+    mismatches = 0
+    print(f"{'comparison':<16}{'KL <=':>6}  {'seeds':>5}  {'mean':>7}  {'full 95% CI':>18}  {'prompts only':>18}  "
+          f"{'seeds only':>18}  half-widths full / prompts / seeds")
+    for name, cells in protocol["differences"].items():
+        a, b = name.split("-", 1)
+        for k, stored in cells.items():
+            arrays = per_seed_differences(protocol, a, b, k)
+            if not arrays:
+                print(f"{name:<16}{k:>6}  {0:>5}  (no seed with both cells)")
+                continue
+            full = hierarchical_bootstrap(arrays, N_RESAMPLES)
+            same = all(math.isclose(full[x], stored[x], rel_tol=0, abs_tol=1e-12) for x in ("mean", "lo", "hi"))
+            mismatches += not same
+            rng = np.random.default_rng(0)
+            p_lo, p_hi = prompts_only(arrays, rng)
+            s_lo, s_hi = seeds_only(arrays, rng)
+            print(f"{name:<16}{k:>6}  {len(arrays):>5}  {full['mean']:+.4f}  [{full['lo']:+.4f}, {full['hi']:+.4f}]  "
+                  f"[{p_lo:+.4f}, {p_hi:+.4f}]  [{s_lo:+.4f}, {s_hi:+.4f}]  {(full['hi'] - full['lo']) / 2:.4f} / "
+                  f"{(p_hi - p_lo) / 2:.4f} / {(s_hi - s_lo) / 2:.4f}" + ("" if same else "  DIFFERS FROM STORED"))
+    print("recomputed intervals " + ("all equal the stored ones" if not mismatches
+                                     else f"differ from the stored ones in {mismatches} cell(s)"))
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
