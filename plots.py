@@ -219,7 +219,7 @@ def plot_pareto(ax, results: dict) -> None:
                                                          else "")
                  + ("\n◆ checkpoints chosen on validation, on held-out prompts" if chosen else "")
                  + _noise_note(results, safeties))
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)  # the frontiers rise to the right: the upper left stays empty
     ax.grid(alpha=0.3)
 
 

@@ -2,12 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, copy_offline_models, require_imdb, run_main
+from conftest import ROOT, SMOKE, copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -412,3 +414,29 @@ def test_a_judge_at_chance_is_called_out(smoke_run):
     acc = smoke_run["results"]["judge_accuracy"]["accuracy"]
     assert acc < 0.6 and f"judge: held-out accuracy {acc:.3f}" in out
     assert "carry no signal" in out and "--preset quick" in out
+
+
+def test_study_scripts_recompute_the_intervals_and_the_flattened_table(smoke_study, tmp_path):
+    """README's two study scripts on a study's results.json: interval_levels recomputes every stored interval
+    from the per-prompt scores (and fails on a tampered one); flattened agrees with results.json per run."""
+    path = smoke_study["dir"] / "plots" / "results.json"
+
+    def script(name, results):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / name), str(results)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    proc = script("interval_levels.py", path)
+    assert proc.returncode == 0 and "all equal the stored ones" in proc.stdout, proc.stdout + proc.stderr
+    res = json.loads(path.read_text())
+    cell = next(c for c in res["protocol"]["differences"]["dpo-ppo"].values() if c["n_seeds"])
+    cell["hi"] += 1e-6
+    (tmp_path / "tampered.json").write_text(json.dumps(res))
+    proc = script("interval_levels.py", tmp_path / "tampered.json")
+    assert proc.returncode == 1 and "DIFFERS FROM STORED" in proc.stdout
+
+    proc = script("flattened.py", path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n_flat = sum(bool(r["kl_flattened"]) for r in res["runs"])
+    assert f"{n_flat} of {len(res['runs'])} runs flat" in proc.stdout
+    table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("| "))
+    assert table.count(" flat (") + table.count(" moving (") == len(res["runs"])  # one entry per run

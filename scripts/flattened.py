@@ -1,0 +1,68 @@
+"""Per run of a study: had its validation KL flattened by its last step? (README, "Key results")
+
+    uv run scripts/flattened.py evaluation_plots/offline/results.json
+
+Prints a markdown table, one row per setting (method and beta / KL coefficient / target), one column per
+seed: the run's validation KL at its last evaluation, then "flat" when it changed by less than 10% over the
+run's last fifth (``study.kl_flattened``, recorded in results.json ``runs[...].kl_flattened``) or "moving"
+when not, with the change in percent. Read from results.json and the runs' metrics.jsonl; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_log import read_metrics  # noqa: E402
+from study import METHOD_LABELS, kl_flattened  # noqa: E402
+
+
+def last_fifth_change(rows: list[dict]) -> tuple[float, float] | None:
+    """(last validation KL, its relative change over the last fifth), as ``study.kl_flattened`` measures it."""
+    evals = [r for r in rows if "eval/kl_to_ref" in r]
+    before = [r for r in evals if evals and r["step"] <= 0.8 * evals[-1]["step"]]
+    if not evals or not before:
+        return None
+    end, start = evals[-1]["eval/kl_to_ref"], before[-1]["eval/kl_to_ref"]
+    return end, (end - start) / abs(end) if end else float("nan")
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+        print("usage: uv run scripts/flattened.py PATH/results.json (a study's)")
+        return 2
+    path = Path(sys.argv[1])
+    runs = json.loads(path.read_text()).get("runs", [])
+    if not runs:
+        print(f"{path}: no 'runs' section: not a study's results.json")
+        return 2
+    seeds = sorted({r["seed"] for r in runs})
+    table, n_flat = {}, 0
+    for r in runs:
+        metrics = Path(r["metrics"])
+        if not metrics.is_file():
+            print(f"{path}: {metrics} is missing (results.json names the runs' metrics.jsonl): run this where the "
+                  f"study ran")
+            return 2
+        rows = read_metrics(metrics)
+        flat, change = kl_flattened(rows), last_fifth_change(rows)
+        if flat != r.get("kl_flattened"):
+            print(f"{r['name']}: kl_flattened in results.json ({r.get('kl_flattened')}) disagrees with its metrics")
+            return 1
+        n_flat += bool(flat)
+        text = "-" if change is None else f"{change[0]:.2f} {'flat' if flat else 'moving'} ({change[1]:+.0%})"
+        table.setdefault((r["method"], r["label"]), {})[r["seed"]] = text
+    print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---" * (len(seeds) + 1) + "|")
+    for (method, label), by_seed in table.items():
+        print(f"| {METHOD_LABELS[method].split(' (')[0]} {label} | " +
+              " | ".join(by_seed.get(s, "") for s in seeds) + " |")
+    print(f"\n{n_flat} of {len(runs)} runs flat (validation KL at the last evaluation, nats; its change over the "
+          f"run's last fifth)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
