@@ -307,10 +307,9 @@ def hierarchical_bootstrap(per_seed: list, n_resamples: int = 2000, level: float
             "n_resamples": n_resamples}
 
 
-def kl_flattened(rows: list[dict], tolerance: float = 0.1) -> bool | None:
-    """Had a run's validation KL flattened by its last step: did it change by less than ``tolerance`` (10%) over
-    the last fifth of the run (from the last evaluation at or before 80% of the steps to the final one)? None
-    when no evaluation lies in the first four fifths."""
+def kl_over_last_fifth(rows: list[dict]) -> tuple[float, float] | None:
+    """A run's validation KL at the start of its last fifth (the last evaluation at or before 80% of the steps)
+    and at its final evaluation, ``(start, end)``; None when no evaluation lies in the first four fifths."""
     evals = [r for r in rows if "eval/kl_to_ref" in r]
     if not evals:
         return None
@@ -318,5 +317,14 @@ def kl_flattened(rows: list[dict], tolerance: float = 0.1) -> bool | None:
     before = [r for r in evals if r["step"] <= 0.8 * last["step"]]
     if not before:
         return None
-    end, start = last["eval/kl_to_ref"], before[-1]["eval/kl_to_ref"]
+    return before[-1]["eval/kl_to_ref"], last["eval/kl_to_ref"]
+
+
+def kl_flattened(rows: list[dict], tolerance: float = 0.1) -> bool | None:
+    """Had a run's validation KL flattened by its last step: did it change by less than ``tolerance`` (10%) over
+    the last fifth of the run (:func:`kl_over_last_fifth`)? None when that cannot be read."""
+    span = kl_over_last_fifth(rows)
+    if span is None:
+        return None
+    start, end = span
     return bool(abs(end - start) <= tolerance * abs(end))

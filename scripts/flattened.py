@@ -16,17 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_log import read_metrics  # noqa: E402
-from study import METHOD_LABELS, kl_flattened  # noqa: E402
-
-
-def last_fifth_change(rows: list[dict]) -> tuple[float, float] | None:
-    """(last validation KL, its relative change over the last fifth), as ``study.kl_flattened`` measures it."""
-    evals = [r for r in rows if "eval/kl_to_ref" in r]
-    before = [r for r in evals if evals and r["step"] <= 0.8 * evals[-1]["step"]]
-    if not evals or not before:
-        return None
-    end, start = evals[-1]["eval/kl_to_ref"], before[-1]["eval/kl_to_ref"]
-    return end, (end - start) / abs(end) if end else float("nan")
+from study import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: E402
 
 
 def main() -> int:
@@ -47,12 +37,17 @@ def main() -> int:
                   f"study ran")
             return 2
         rows = read_metrics(metrics)
-        flat, change = kl_flattened(rows), last_fifth_change(rows)
+        flat, span = kl_flattened(rows), kl_over_last_fifth(rows)
         if flat != r.get("kl_flattened"):
             print(f"{r['name']}: kl_flattened in results.json ({r.get('kl_flattened')}) disagrees with its metrics")
             return 1
         n_flat += bool(flat)
-        text = "-" if change is None else f"{change[0]:.2f} {'flat' if flat else 'moving'} ({change[1]:+.0%})"
+        if span is None:
+            text = "-"
+        else:
+            start, end = span
+            change = (end - start) / abs(end) if end else float("nan")
+            text = f"{end:.2f} {'flat' if flat else 'moving'} ({change:+.0%})"
         table.setdefault((r["method"], r["label"]), {})[r["seed"]] = text
     print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---" * (len(seeds) + 1) + "|")
