@@ -3,14 +3,13 @@ alone (no torch), so ``uv run main.py --plots-only`` redraws them in seconds."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from config import ConfigError
-from run_log import read_metrics
+from run_log import read_metrics, read_results
 from study import METHOD_LABELS, METHODS
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
@@ -303,7 +302,10 @@ def draw_dashboard(plots_dir) -> Path:
     path = plots_dir / "results.json"
     if not path.exists():
         raise ConfigError(f"no {path}: train first (uv run main.py ...), then --plots-only can redraw it")
-    results = json.loads(path.read_text())
+    try:
+        results = read_results(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     missing = [r["metrics"] for r in results["runs"] if not Path(r["metrics"]).exists()]
     if missing:
         raise ConfigError(f"metrics file {missing[0]} named in {path} is missing; rerun training to recreate it")

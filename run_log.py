@@ -25,6 +25,22 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_results(path) -> dict:
+    """A results.json written by main.py, or a one-line ``ValueError`` naming the problem (missing, not JSON,
+    not an object) for the caller to print; ``--plots-only`` and the scripts under ``scripts/`` read it here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no {path}: train first (uv run main.py ...), which writes it")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a results.json written by main.py ({type(e).__name__}: {e}); "
+                         f"rerun the training that writes it") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not the object main.py writes")
+    return results
+
+
 class MetricsLog:
     """Appends one flat JSON dict per step to ``metrics.jsonl`` (main process only) and sends the same
     names to the experiment trackers of ``--report_to`` (TensorBoard, W&B) through accelerate.

@@ -281,28 +281,38 @@ def select_checkpoints(points: list[dict], kls: list[float], methods=METHODS, mi
     return out
 
 
-def hierarchical_bootstrap(per_seed: list, n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+def hierarchical_bootstrap(per_seed: list, n_resamples: int = 2000, level: float = 0.95, seed: int = 0,
+                           resample: str = "both") -> dict:
     """Mean over seeds of each seed's mean over prompts, and its percentile interval from a two-level bootstrap:
     resample the seeds with replacement, then within each drawn seed its prompts with replacement.
 
     Args:
         per_seed: one 1-D array per seed (e.g. per-prompt score differences of two methods on that seed's
             held-out prompts).
+        resample: ``"both"`` (the interval the study reports), or one level alone to see where the width
+            comes from: ``"prompts"`` (the seeds held fixed, each seed's prompts resampled) or ``"seeds"``
+            (each seed's mean held fixed, the seeds resampled).
     Returns:
         ``{"mean", "lo", "hi", "n_seeds", "n_prompts", "n_resamples"}``; lo/hi NaN without data.
     """
+    if resample not in ("both", "prompts", "seeds"):
+        raise ValueError(f"resample must be 'both', 'prompts' or 'seeds', not {resample!r}")
     arrays = [np.asarray(a, dtype=float) for a in per_seed if len(a)]
     if not arrays:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "n_prompts": 0,
                 "n_resamples": n_resamples}
     rng = np.random.default_rng(seed)
     S = len(arrays)
+    means = np.array([a.mean() for a in arrays])
     stats = np.empty(n_resamples)
     for b in range(n_resamples):
-        drawn = rng.integers(0, S, S)
-        stats[b] = np.mean([arrays[s][rng.integers(0, arrays[s].size, arrays[s].size)].mean() for s in drawn])
+        drawn = np.arange(S) if resample == "prompts" else rng.integers(0, S, S)
+        if resample == "seeds":
+            stats[b] = means[drawn].mean()
+        else:
+            stats[b] = np.mean([arrays[s][rng.integers(0, arrays[s].size, arrays[s].size)].mean() for s in drawn])
     tail = (1 - level) / 2
-    return {"mean": float(np.mean([a.mean() for a in arrays])), "lo": float(np.quantile(stats, tail)),
+    return {"mean": float(means.mean()), "lo": float(np.quantile(stats, tail)),
             "hi": float(np.quantile(stats, 1 - tail)), "n_seeds": S, "n_prompts": int(sum(a.size for a in arrays)),
             "n_resamples": n_resamples}
 

@@ -10,21 +10,24 @@ when not, with the change in percent. Read from results.json and the runs' metri
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_log import read_metrics  # noqa: E402
+from run_log import read_metrics, read_results  # noqa: E402
 from study import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: E402
 
 
 def main() -> int:
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+    if len(sys.argv) != 2:
         print("usage: uv run scripts/flattened.py PATH/results.json (a study's)")
         return 2
     path = Path(sys.argv[1])
-    runs = json.loads(path.read_text()).get("runs", [])
+    try:
+        runs = read_results(path).get("runs", [])
+    except ValueError as e:
+        print(e)
+        return 2
     if not runs:
         print(f"{path}: no 'runs' section: not a study's results.json")
         return 2

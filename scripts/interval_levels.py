@@ -17,7 +17,6 @@ Numbers only; nothing is written.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_log import read_results  # noqa: E402
 from study import hierarchical_bootstrap  # noqa: E402
 
-LEVEL, N_RESAMPLES = 0.95, 2000
+N_RESAMPLES = 2000
 
 
 def per_seed_differences(protocol: dict, a: str, b: str, k: str) -> list[np.ndarray]:
@@ -41,27 +41,15 @@ def per_seed_differences(protocol: dict, a: str, b: str, k: str) -> list[np.ndar
             for s in sorted(set(ca) & set(cb))]
 
 
-def percentile_interval(stats: np.ndarray) -> tuple[float, float]:
-    tail = (1 - LEVEL) / 2
-    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))
-
-
-def prompts_only(arrays: list[np.ndarray], rng) -> tuple[float, float]:
-    return percentile_interval(np.array([np.mean([a[rng.integers(0, a.size, a.size)].mean() for a in arrays])
-                                         for _ in range(N_RESAMPLES)]))
-
-
-def seeds_only(arrays: list[np.ndarray], rng) -> tuple[float, float]:
-    means = np.array([a.mean() for a in arrays])
-    return percentile_interval(np.array([means[rng.integers(0, means.size, means.size)].mean()
-                                         for _ in range(N_RESAMPLES)]))
-
-
 def main() -> int:
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+    if len(sys.argv) != 2:
         print("usage: uv run scripts/interval_levels.py PATH/results.json (a study's, made with --sweep)")
         return 2
-    results = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        results = read_results(sys.argv[1])
+    except ValueError as e:
+        print(e)
+        return 2
     protocol = results.get("protocol")
     if not protocol:
         print(f"{sys.argv[1]}: no 'protocol' section: it is not a study's results.json (run main.py with --sweep)")
@@ -79,9 +67,9 @@ def main() -> int:
             full = hierarchical_bootstrap(arrays, N_RESAMPLES)
             same = all(math.isclose(full[x], stored[x], rel_tol=0, abs_tol=1e-12) for x in ("mean", "lo", "hi"))
             mismatches += not same
-            rng = np.random.default_rng(0)
-            p_lo, p_hi = prompts_only(arrays, rng)
-            s_lo, s_hi = seeds_only(arrays, rng)
+            prompts = hierarchical_bootstrap(arrays, N_RESAMPLES, resample="prompts")
+            seeds = hierarchical_bootstrap(arrays, N_RESAMPLES, resample="seeds")
+            (p_lo, p_hi), (s_lo, s_hi) = (prompts["lo"], prompts["hi"]), (seeds["lo"], seeds["hi"])
             print(f"{name:<16}{k:>6}  {len(arrays):>5}  {full['mean']:+.4f}  [{full['lo']:+.4f}, {full['hi']:+.4f}]  "
                   f"[{p_lo:+.4f}, {p_hi:+.4f}]  [{s_lo:+.4f}, {s_hi:+.4f}]  {(full['hi'] - full['lo']) / 2:.4f} / "
                   f"{(p_hi - p_lo) / 2:.4f} / {(s_hi - s_lo) / 2:.4f}" + ("" if same else "  DIFFERS FROM STORED"))

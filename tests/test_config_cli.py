@@ -90,3 +90,23 @@ def test_help_and_plots_only_never_import_torch(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "[]"
     assert "results.json" in p.stderr  # --plots-only did run, and said what it lacked
+
+
+def test_a_corrupt_results_json_is_one_line_exit_2_for_plots_only_and_the_scripts(tmp_path):
+    """A results.json cut short (a full disk, an editor) is answered in one line naming the file, exit 2,
+    by --plots-only and by both study scripts, and left as it was."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    bad = tmp_path / "results.json"
+    bad.write_text('{"runs": [')
+    for argv in ([str(ROOT / "main.py"), "--preset", "smoke", "--plots-only", "--plots_dir", str(tmp_path)],
+                 [str(ROOT / "scripts" / "interval_levels.py"), str(bad)],
+                 [str(ROOT / "scripts" / "flattened.py"), str(bad)]):
+        p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        said = (p.stdout + p.stderr).strip()
+        assert p.returncode == 2 and "Traceback" not in said, said
+        assert str(bad) in said and "not a results.json" in said and len(said.splitlines()) == 1, said
+    assert bad.read_text() == '{"runs": ['

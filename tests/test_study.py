@@ -87,6 +87,27 @@ def test_hierarchical_bootstrap_mean_interval_and_its_two_levels():
     assert hierarchical_bootstrap([])["n_seeds"] == 0
 
 
+def test_hierarchical_bootstrap_one_level_at_a_time():
+    """resample="prompts" holds the seeds fixed and resamples prompts; "seeds" holds each seed's mean fixed and
+    resamples seeds: each is zero-width exactly when its level has no variation, and the full interval is wider
+    than either."""
+    rng = np.random.default_rng(1)
+    per_seed = [rng.normal(0.1, 0.3, 200) + shift for shift in (-0.2, -0.1, 0, 0.1, 0.2)]
+    full, prompts, seeds = (hierarchical_bootstrap(per_seed, resample=r) for r in ("both", "prompts", "seeds"))
+    for b in (prompts, seeds):
+        assert b["mean"] == full["mean"] and b["lo"] < b["mean"] < b["hi"]
+        assert b["hi"] - b["lo"] < full["hi"] - full["lo"]
+    # constant prompts within each seed: prompt resampling alone gives a zero-width interval at the mean
+    flat_prompts = hierarchical_bootstrap([np.full(50, a.mean()) for a in per_seed], resample="prompts")
+    assert flat_prompts["lo"] == pytest.approx(flat_prompts["hi"]) == pytest.approx(full["mean"])
+    # seeds with equal means: seed resampling alone gives a zero-width interval
+    centred = [a - a.mean() + 0.1 for a in per_seed]
+    flat_seeds = hierarchical_bootstrap(centred, resample="seeds")
+    assert flat_seeds["lo"] == pytest.approx(flat_seeds["hi"]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="resample must be"):
+        hierarchical_bootstrap(per_seed, resample="seed")
+
+
 def test_kl_flattened_over_the_last_fifth():
     rows = [{"step": s, "eval/kl_to_ref": kl} for s, kl in ((0, 0.0), (40, 2.0), (80, 3.0), (120, 3.6), (160, 3.8))]
     assert kl_flattened(rows) is True  # 3.6 -> 3.8 from step 120 (<= 0.8 * 160): 5%
