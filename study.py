@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from config import ConfigError, settings_diff
+from run_log import read_results
 
 METHODS = ("dpo", "ppo", "ppo_gt")
 METHOD_LABELS = {"dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
@@ -116,9 +117,10 @@ def carried_over(cfg, setup: dict) -> list[dict]:
         return []
     fix = f"pass another --plots_dir, or move {path} away to start afresh"
     try:
-        prev = json.loads(path.read_text())
-    except ValueError:
-        raise ConfigError(f"{path} is not valid JSON, so this run's results cannot be added to it; {fix}") from None
+        prev = read_results(path)
+    except ValueError:  # not JSON, or JSON but not an object
+        raise ConfigError(f"{path} is not a results.json main.py wrote, so this run's results cannot be added to "
+                          f"it; {fix}") from None
     old = prev.get("setup")
     if old is None:
         raise ConfigError(f"{path} was written by an older version (no setup recorded), so this run's results "

@@ -221,3 +221,19 @@ def test_the_protocol_refuses_checkpoints_whose_weights_were_not_kept(tmp_path):
     with pytest.raises(StopTraining, match="kept no weights of its evaluated step 10") as e:
         study_protocol(cfg, runs, heldout={})  # refused before any evaluation
     assert e.value.code == 2
+
+
+def test_a_corrupt_results_json_is_refused_not_merged_by_dpo_only(tmp_path):
+    """--dpo-only adds its runs to the results.json already in --plots_dir: one that is not JSON, or JSON but not
+    the object main.py writes, is refused with a ConfigError (one line in main.py) and left as it was."""
+    from types import SimpleNamespace
+
+    from config import ConfigError
+    from study import carried_over
+
+    cfg = SimpleNamespace(run=SimpleNamespace(plots_dir=str(tmp_path), dpo_only=True, ppo_only=False))
+    for text in ('{"runs": [', "[1, 2]"):
+        (tmp_path / "results.json").write_text(text)
+        with pytest.raises(ConfigError, match="is not a results.json main.py wrote.*--plots_dir"):
+            carried_over(cfg, {"preset": "smoke"})
+        assert (tmp_path / "results.json").read_text() == text
