@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -206,6 +207,8 @@ class PPOConfig:
                        "accuracy stops rising, and keeps its best checkpoint).")
     rm_batch_size: int = _f(16, "Preference pairs per reward-model step.")
     rm_lr: float = _f(1e-4, "Learning rate of the reward model.")
+    rm_weight_decay: float = _f(0.0, "AdamW weight decay of the reward model (0: nothing but the pairs moves it; part "
+                                "of its cache key).")
     rm_eval_every: int = _f(50, "Score the reward model on the validation pairs every this many steps.")
     rm_patience: int = _f(4, "Stop the reward model after this many validation scores without a new best.")
     ppo_steps: int = _f(32, "PPO iterations (one rollout batch + its updates each).")
@@ -213,6 +216,11 @@ class PPOConfig:
     ppo_mini_batch_size: int = _f(16, "Rollouts per PPO minibatch.")
     ppo_epochs: int = _f(4, "Passes over each rollout batch.")
     ppo_lr: float = _f(5e-5, "Learning rate of PPO.")
+    ppo_weight_decay: float = _f(0.0, "AdamW weight decay of PPO. 0, as in TRL: decay pulls the weights toward zero, "
+                                 "away from the reference, even when every gradient is 0.")
+    ppo_epoch_stop_kl: float | None = _f(None, "Skip an iteration's remaining epochs once the mean approximate KL "
+                                         "(per token, between the policy and the rollout's) of an epoch's minibatches, "
+                                         "averaged over processes, passes this (cleanrl's --target-kl); none = never.")
     clip_coef: float = _f(0.2, "Policy-ratio clip range epsilon.")
     vf_clip_coef: float = _f(0.2, "Value clip range.")
     vf_coef: float = _f(0.1, "Weight of the value loss.")
@@ -220,7 +228,7 @@ class PPOConfig:
     gae_lambda: float = _f(0.95, "GAE lambda.")
     init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the per-token KL penalty.")
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
-                                    "al. 2019); None keeps init_kl_coef fixed.")
+                                    "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
     ppo_eval_every: int = _f(8, "Evaluate on the held-out prompts every this many iterations (and at end).")
 
@@ -237,7 +245,11 @@ class PPOConfig:
                "--vf_clip_coef > 0")
         _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "--gamma and --gae_lambda must be in [0, 1]")
         _check(self.init_kl_coef >= 0, "--init_kl_coef must be >= 0")
-        _check(self.target_kl is None or self.target_kl > 0, "--target_kl must be > 0 (or None)")
+        _check(self.target_kl is None or self.target_kl > 0, "--target_kl must be > 0 (or none: a fixed coefficient)")
+        _check(self.ppo_weight_decay >= 0 and self.rm_weight_decay >= 0,
+               "--ppo_weight_decay and --rm_weight_decay must be >= 0")
+        _check(self.ppo_epoch_stop_kl is None or self.ppo_epoch_stop_kl > 0,
+               "--ppo_epoch_stop_kl must be > 0 (or none: never stop an iteration's epochs early)")
 
 
 @dataclass
@@ -479,6 +491,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     # The paths resolve from the flags actually given (RunConfig.__post_init__), not from the preset's own.
     defaults.update(output_dir="", plots_dir="", cache_dir="")
     parser.set_defaults(**defaults)
+    argv, nones = _take_nones(argv)
     try:
         *parts, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -487,7 +500,37 @@ def parse_config(argv: list[str] | None = None) -> Config:
         raise ConfigError(str(e)) from None
     if rest:
         raise ConfigError(f"unrecognized argument(s): {' '.join(rest)} (see --help)")
-    return Config(**dict(zip(SECTIONS, parts)))
+    sections = {name: asdict(part) for name, part in zip(SECTIONS, parts)}
+    for name in nones:  # re-validated with the None in place
+        sections[next(sec for sec, cls in SECTIONS.items() if name in _optional_fields(cls))][name] = None
+    return Config.from_dict(sections)
+
+
+def _optional_fields(cls) -> set[str]:
+    """The fields of ``cls`` that may be None (``float | None``): ``--FIELD none`` sets them to None."""
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in fields(cls) if type(None) in typing.get_args(hints[f.name])}
+
+
+def _take_nones(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without the ``--FIELD none`` (any case; or ``--FIELD=none``) of fields that may be None, and those
+    fields' names. argparse would read ``none`` as a number and refuse it."""
+    optional = set().union(*(_optional_fields(cls) for cls in SECTIONS.values()))
+    out, nones, i = [], [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None  # --target-kl is an alias
+        if name in optional and not eq and i + 1 < len(argv) and argv[i + 1].lower() == "none":
+            nones.append(name)
+            i += 2
+            continue
+        if name in optional and eq and value.lower() == "none":
+            nones.append(name)
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out, nones
 
 
 # Settings that only say how results are read out or which runs a sweep has (each run's own beta or KL coefficient

@@ -31,6 +31,7 @@ def train_reward_model(cfg, data, ctx):
     none), its original times in ``cached_train_s``/``cached_test_s``."""
     pc, device, pad, acc = cfg.ppo, ctx.device, ctx.tokenizer.pad_token_id, ctx.acc
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
+                "weight_decay": pc.rm_weight_decay,
                 "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
                 "precision": dtype_name(ctx.dtype),
                 "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
@@ -50,7 +51,7 @@ def train_reward_model(cfg, data, ctx):
     rm = AutoModelForSequenceClassification.from_pretrained(cfg.model.policy_model, num_labels=1).to(device)
     rm.config.pad_token_id = pad
     rm.eval()  # dropout off; gradients still flow
-    opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr)
+    opt = torch.optim.AdamW(rm.parameters(), lr=pc.rm_lr, weight_decay=pc.rm_weight_decay)
     rm, opt = acc.prepare(rm, opt)
 
     def scores(pairs):

@@ -5,6 +5,7 @@ this part stays free of torch, so ``--help`` and ``--plots-only`` import it with
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -17,12 +18,29 @@ class StopTraining(Exception):
         self.code = code
 
 
+_CUT_NOTED: set[str] = set()
+
+
 def read_metrics(path) -> list[dict]:
-    """The rows of a metrics.jsonl file (an empty list if it does not exist)."""
+    """The rows of a metrics.jsonl file (an empty list if it does not exist). A last line cut mid-write (the run
+    was killed while appending it) is skipped, and said once per file; a bad line elsewhere is a ``ValueError``."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; the file was not written by a training "
+                                 f"run, or was edited") from None
+            if str(path) not in _CUT_NOTED:
+                _CUT_NOTED.add(str(path))
+                print(f"note: {path}: its last line was cut mid-write (the run was killed); skipped",
+                      file=sys.stderr)
+    return rows
 
 
 def read_results(path) -> dict:

@@ -60,7 +60,9 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
     score_fn, rm_report = reward_function(cfg, data, ctx)
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)
     policy.eval()  # dropout off throughout: PPO's ratios assume the sampling and training log-probs agree
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.ppo_lr, eps=1e-5)
+    # No weight decay by default: decay moves the weights off the reference even when every gradient is zero,
+    # and with whitened advantages any such drift is then amplified into full-size updates.
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.ppo_lr, eps=1e-5, weight_decay=pc.ppo_weight_decay)
     policy, optimizer = acc.prepare(policy, optimizer)
     ref = ResponseLogProbs(ctx.ref_model)
     kl_ctl = kl_controller(pc.init_kl_coef, pc.target_kl, pc.kl_horizon)
@@ -100,9 +102,17 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
 
         # --- update ---
         stats = {"losses/policy_loss": [], "losses/value_loss": [], "losses/approx_kl": [], "losses/clipfrac": []}
-        bad = False
+        bad, epochs_run = False, 0
         rng = np.random.default_rng([rc.seed, 11, step])
         for _epoch in range(pc.ppo_epochs):
+            if pc.ppo_epoch_stop_kl is not None and epochs_run:
+                # cleanrl's --target-kl: this iteration has moved the policy far enough. The mean over processes,
+                # so that every process stops at the same epoch.
+                epoch_kl = mean_over_processes(float(np.mean(stats["losses/approx_kl"][-(B // mb_size):] or [0.0])),
+                                               acc)
+                if epoch_kl > pc.ppo_epoch_stop_kl:
+                    break
+            epochs_run += 1
             for mb_idx in np.split(rng.permutation(B), B // mb_size):
                 mb_idx = torch.as_tensor(mb_idx, device=device)
                 mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -134,8 +144,9 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                                    "objective/score": scores.mean().item(),
                                    "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(),
                                    "objective/response_len": mask.sum(1).mean().item()}, acc)
-        n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + pc.ppo_epochs)
+        n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + epochs_run)
         row.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "objective/sampling_logp_gap": logp_gap,
+                    "losses/epochs_run": epochs_run,
                     # every process must use the same coefficient and whitening statistics: their spread, measured
                     **spread_over_processes(torch.cat([white_stats.float(), torch.tensor([kl_coef, kl_ctl.value])]),
                                             acc),

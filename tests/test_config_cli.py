@@ -110,3 +110,31 @@ def test_a_corrupt_results_json_is_one_line_exit_2_for_plots_only_and_the_script
         assert p.returncode == 2 and "Traceback" not in said, said
         assert str(bad) in said and "not a results.json" in said and len(said.splitlines()) == 1, said
     assert bad.read_text() == '{"runs": ['
+
+
+@pytest.mark.parametrize("argv", [["--target_kl", "none"], ["--target_kl", "None"], ["--target-kl", "NONE"],
+                                  ["--target_kl=none"]])
+def test_target_kl_none_keeps_the_coefficient_fixed(argv):
+    cfg = parse_config(["--preset", "smoke", *argv, "--init_kl_coef", "0.7"])
+    assert cfg.ppo.target_kl is None and cfg.ppo.init_kl_coef == 0.7
+    assert parse_config(["--preset", "smoke", "--target_kl", "3"]).ppo.target_kl == 3.0
+    assert parse_config(["--preset", "smoke", "--n_pairs", "none"]).data.n_pairs is None  # any optional field
+
+
+@pytest.mark.parametrize("bad", ["banana", "-1", "0"])
+def test_a_bad_target_kl_is_one_line_and_exit_2(bad):
+    proc = run_cli("--preset", "smoke", "--ppo-only", "--target_kl", bad)
+    assert proc.returncode == 2 and "target_kl" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_fixed_coefficient_from_the_command_line_runs_ppo(tmp_path):
+    from conftest import SMOKE, run_main
+    from run_log import read_metrics
+
+    proc = run_main(*SMOKE, "--ppo-only", "--target_kl", "none", "--init_kl_coef", "0.3", "--ppo_steps", "2",
+                    "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in read_metrics(tmp_path / "models" / "ppo_toxic_reduced_model" / "metrics.jsonl")
+            if "objective/kl_coef" in r]
+    assert [r["objective/kl_coef"] for r in rows] == [0.3, 0.3]

@@ -222,3 +222,14 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path, smoke
 
     same = run_main(*args, "--resume", "--log_every", "2")  # run-control flags are not settings: still finished
     assert same.returncode == 0 and "finished earlier with the same settings: skipped" in same.stdout
+
+
+def test_a_metrics_file_whose_last_line_was_cut_is_read_without_it(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert capsys.readouterr().err.count("cut mid-write") == 1  # said once
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # not a cut: a damaged file is an error
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(path)

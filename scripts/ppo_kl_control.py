@@ -1,0 +1,142 @@
+"""Does PPO's KL coefficient set its KL? Trains PPO (offline preset, fp32 by default) at fixed KL coefficients and
+at adaptive KL targets for several seeds, evaluates every run on the validation prompts as it trains, and prints
+per seed the validation KL each setting ends at, whether the fixed coefficients order it, how close the adaptive
+runs end to their targets, and the best validation safety in KL bands, beside the same bands of the PPO runs
+recorded in a committed study (the settings before the PPO fixes).
+
+    uv run scripts/ppo_kl_control.py --seeds 0 1 2 --coefs 0.05 0.2 1 5 --targets 2 6 --jobs 2 \\
+        --out docs/ppo_kl_control.json [any main.py flag, e.g. --ppo_lr 5e-5 --ppo_steps 60]
+
+Runs are kept under ``--output_dir`` (default models/kl_control); a run already finished with the same
+settings is read, not trained again, so an interrupted measurement continues where it stopped. ``--jobs N``
+trains N runs at once, each process on one CPU thread (fp32 numbers depend on the thread count, so every run is
+pinned to one whatever the machine; the reward models are trained first, one seed at a time). ``--report``
+prints the table of the runs already finished, without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from run_log import read_results  # noqa: E402
+from scripts import grid  # noqa: E402
+from scripts.grid import band_best, run_grid, validation_points  # noqa: E402
+
+BANDS = (2.0, 4.0, 8.0)  # the issue's safety comparison: best validation safety with validation KL within ±20%
+BASELINE = ROOT / "docs" / "study_review_pairs" / "results.json"  # PPO before the fixes (AdamW decay 0.01)
+
+
+def settings(coefs: list[float], targets: list[float]) -> list[tuple[str, float]]:
+    return [("kl_coef", c) for c in coefs] + [("target_kl", t) for t in targets]
+
+
+def run_name(seed: int, kind: str, value: float) -> str:
+    return f"seed{seed}/{'klcoef' if kind == 'kl_coef' else 'target'}{value:g}"
+
+
+def overrides(kind: str, value: float) -> dict:
+    return {"ppo": {"target_kl": None, "init_kl_coef": value} if kind == "kl_coef" else {"target_kl": value}}
+
+
+def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[float]) -> dict:
+    runs = {}
+    for seed in seeds:
+        for kind, value in settings(coefs, targets):
+            pts = validation_points(out_dir, run_name(seed, kind, value))
+            if pts:
+                runs[run_name(seed, kind, value)] = {"seed": seed, "kind": kind, "value": value, "points": pts,
+                                                     "final_kl": pts[-1]["kl"], "max_kl": max(p["kl"] for p in pts),
+                                                     "last_step": pts[-1]["step"]}
+    print("\nvalidation KL at the last evaluation of each run (its largest over the run in brackets), nats")
+    print("| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for kind, value in settings(coefs, targets):
+        cells = []
+        for seed in seeds:
+            r = runs.get(run_name(seed, kind, value))
+            cells.append(f"{r['final_kl']:.2f} ({r['max_kl']:.2f})" if r else "-")
+        label = f"coefficient {value:g}" if kind == "kl_coef" else f"adaptive, target {value:g}"
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    checks = {}
+    ordered = []
+    for seed in seeds:
+        finals = [runs.get(run_name(seed, "kl_coef", c), {}).get("final_kl") for c in sorted(coefs)]
+        if None not in finals:
+            ordered.append(all(a > b for a, b in zip(finals, finals[1:])))
+    checks["coefficients_order_the_kl_on_every_seed"] = len(ordered) == len(seeds) and all(ordered)
+    if coefs:
+        big = [runs[n]["max_kl"] for s in seeds if (n := run_name(s, "kl_coef", max(coefs))) in runs]
+        small = [runs[n]["max_kl"] for s in seeds if (n := run_name(s, "kl_coef", min(coefs))) in runs]
+        checks[f"coefficient_{max(coefs):g}_largest_kl_over_seeds"] = max(big) if big else None
+        checks[f"coefficient_{min(coefs):g}_smallest_over_seeds_of_its_largest_kl"] = min(small) if small else None
+    for t in targets:
+        errs = [runs[n]["final_kl"] / t - 1 for s in seeds if (n := run_name(s, "target_kl", t)) in runs]
+        checks[f"target_{t:g}_relative_error_at_the_end"] = [round(e, 3) for e in errs]
+    print("\nchecks: " + json.dumps(checks))
+
+    # Best validation safety per band: these runs against the PPO runs of the committed study (before the fixes).
+    base = {}
+    if BASELINE.exists():
+        vp = read_results(BASELINE)["protocol"]["validation_points"]
+        base = {seed: [p for p in vp if p["method"] == "ppo" and p["seed"] == seed] for seed in seeds}
+    bands = {}
+    print("\nbest validation safety with validation KL in k ± 20% (mean over the seeds whose runs reach the band)")
+    print(f"| band | these settings | per seed | before the fixes ({BASELINE.parent.name}) | per seed |")
+    print("|---|---|---|---|---|")
+    for k in BANDS:
+        new = {s: band_best([p for r in runs.values() if r["seed"] == s for p in r["points"]], k) for s in seeds}
+        old = {s: band_best(base.get(s, []), k) for s in seeds}
+
+        def fmt(d):
+            vals = [d[s]["safety"] for s in seeds if d[s]]
+            mean = sum(vals) / len(vals) if vals else None
+            return mean, (f"{mean:.3f} ({len(vals)} seeds)" if vals else "not reached"), \
+                " ".join(f"{d[s]['safety']:.3f}" if d[s] else "-" for s in seeds)
+        (nm, ns, nps), (om, os_, ops) = fmt(new), fmt(old)
+        bands[f"{k:g}"] = {"new": new, "before": old, "new_mean": nm, "before_mean": om}
+        print(f"| {k:g} | {ns} | {nps} | {os_} | {ops} |")
+    return {"runs": runs, "checks": checks, "bands": bands}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--coefs", type=float, nargs="*", default=[0.05, 0.2, 1.0, 5.0])
+    ap.add_argument("--targets", type=float, nargs="*", default=[2.0, 6.0])
+    grid.add_arguments(ap)
+    a, rest = ap.parse_known_args()
+    cfg = grid.command_config(rest, a.jobs, "models/kl_control")
+    if cfg is None:
+        return 2
+    if any(c <= 0 for c in a.coefs) or any(t <= 0 for t in a.targets):
+        print("error: every --coefs / --targets value must be > 0", file=sys.stderr)
+        return 2
+    os.chdir(ROOT)
+    if a.worker:
+        grid.worker(cfg, json.loads(a.worker), a.prepare_only)
+        return 0
+    tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v)}
+             for s in a.seeds for k, v in settings(a.coefs, a.targets)]
+    t0 = time.time()
+    if not a.report:
+        run_grid(__file__, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
+    out = report(Path(cfg.run.output_dir), a.seeds, a.coefs, a.targets)
+    out.update(command="uv run scripts/ppo_kl_control.py " + " ".join(sys.argv[1:]),
+               config=cfg.to_dict()["ppo"], wall_s=time.time() - t0)
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

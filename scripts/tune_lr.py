@@ -1,0 +1,127 @@
+"""The learning rates of DPO, PPO and PPO-GT, chosen by one rule (docs/tuning.md), written before the runs:
+
+* the same number of candidate rates for every method (``--dpo_lrs``, ``--ppo_lrs``, ``--ppo_gt_lrs``);
+* one seed outside the study's (``--seed``, default 100); validation prompts only (every evaluation during
+  training is on them; the held-out prompts are never read);
+* the study's own run lengths and grid: at each candidate rate, DPO over its betas and PPO / PPO-GT over their
+  fixed KL coefficients (``--betas``, ``--coefs``), each run evaluated at the preset's cadence;
+* one criterion: the mean, over the KL bands 1, 2, 4, 8 and 12 nats (± 20%), of the best validation safety among
+  the method's checkpoints (every run of its grid at that rate) whose validation KL is in the band; a band no
+  checkpoint reaches scores the reference's validation safety. Highest wins; a tie goes to the smaller rate.
+
+    uv run scripts/tune_lr.py --jobs 2 --out docs/tuning.json [any main.py flag]
+
+Runs are kept under ``--output_dir`` (default models/tuning) and reused when finished with the same settings.
+``--report`` prints the table of the runs already finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts import grid  # noqa: E402
+from scripts.grid import band_best, reference_safety, run_grid, validation_points  # noqa: E402
+
+BANDS = (1.0, 2.0, 4.0, 8.0, 12.0)
+
+
+def tasks_for(seed: int, lrs: dict, betas: list[float], coefs: list[float]) -> list[dict]:
+    tasks = []
+    for method, rates in lrs.items():
+        for lr in rates:
+            if method == "dpo":
+                tasks += [{"seed": seed, "method": "dpo", "name": f"dpo/lr{lr:g}/beta{b:g}",
+                           "overrides": {"dpo": {"dpo_lr": lr, "beta": b}}} for b in betas]
+            else:
+                reward = "learned" if method == "ppo" else "judge"
+                tasks += [{"seed": seed, "method": "ppo", "name": f"{method}/lr{lr:g}/klcoef{c:g}",
+                           "overrides": {"ppo": {"ppo_lr": lr, "ppo_reward": reward, "target_kl": None,
+                                                 "init_kl_coef": c}}} for c in coefs]
+    return tasks
+
+
+def criterion(points: list[dict], ref_safety: float) -> tuple[float, dict]:
+    """Mean over :data:`BANDS` of the band's best validation safety (the reference's where none reaches it)."""
+    per_band = {}
+    for k in BANDS:
+        best = band_best(points, k)
+        per_band[f"{k:g}"] = {"safety": best["safety"] if best else ref_safety, "reached": best is not None,
+                              "kl": best["kl"] if best else None, "n_candidates": sum(
+                                  0.8 * k <= p["kl"] <= 1.2 * k for p in points)}
+    return sum(b["safety"] for b in per_band.values()) / len(BANDS), per_band
+
+
+def report(out_dir: Path, tasks: list[dict], lrs: dict) -> dict:
+    ref = next((s for t in tasks if (s := reference_safety(out_dir, t["name"])) is not None), None)
+    print(f"\nreference validation safety {ref:.4f}" if ref is not None else "\nno run finished yet")
+    if ref is None:
+        return {}
+    table, chosen = {}, {}
+    print("| method | lr | " + " | ".join(f"band {k:g}" for k in BANDS) + " | criterion | runs done |")
+    print("|---|---|" + "---|" * len(BANDS) + "---|---|")
+    for method, rates in lrs.items():
+        for lr in rates:
+            mine = [t for t in tasks if t["name"].startswith(f"{method}/lr{lr:g}/")]
+            runs = {t["name"]: validation_points(out_dir, t["name"]) for t in mine}
+            points = [p for pts in runs.values() for p in pts]
+            score, per_band = criterion(points, ref)
+            done = sum(bool(p) for p in runs.values())
+            table[f"{method}/lr{lr:g}"] = {"method": method, "lr": lr, "criterion": score, "bands": per_band,
+                                          "runs": runs, "runs_done": done, "runs_planned": len(mine)}
+            cells = [f"{b['safety']:.3f}" + ("" if b["reached"] else " (ref)") for b in per_band.values()]
+            print(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {score:.4f} | {done}/{len(mine)} |")
+        rows = [r for r in table.values() if r["method"] == method and r["runs_done"] == r["runs_planned"]]
+        if len(rows) == len(rates):  # every candidate complete: the rule picks (ties to the smaller rate)
+            best = max(rows, key=lambda r: (round(r["criterion"], 10), -r["lr"]))
+            chosen[method] = best["lr"]
+    print("\nchosen: " + (json.dumps(chosen) if chosen else "none yet (a method's candidates are not all done)"))
+    return {"reference_safety": ref, "bands": list(BANDS), "candidates": table, "chosen": chosen}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--dpo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
+    ap.add_argument("--ppo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
+    ap.add_argument("--ppo_gt_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 1.0])
+    ap.add_argument("--coefs", type=float, nargs="+", default=[0.05, 0.2, 1.0, 5.0])
+    grid.add_arguments(ap)
+    a, rest = ap.parse_known_args()
+    lrs = {m: v for m, v in (("dpo", a.dpo_lrs), ("ppo", a.ppo_lrs), ("ppo_gt", a.ppo_gt_lrs)) if v}
+    cfg = grid.command_config(rest, a.jobs, "models/tuning")
+    if cfg is None:
+        return 2
+    if len({len(v) for v in lrs.values()}) > 1 or any(x <= 0 for v in lrs.values() for x in v):
+        print("error: every method needs the same number of candidate rates, all > 0 (the rule: no method gets "
+              "more tries than another)", file=sys.stderr)
+        return 2
+    os.chdir(ROOT)
+    if a.worker:
+        grid.worker(cfg, json.loads(a.worker), a.prepare_only)
+        return 0
+    tasks = tasks_for(a.seed, lrs, a.betas, a.coefs)
+    t0 = time.time()
+    if not a.report:
+        run_grid(__file__, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
+    out = report(Path(cfg.run.output_dir), tasks, lrs)
+    out.update(command="uv run scripts/tune_lr.py " + " ".join(sys.argv[1:]), seed=a.seed, betas=a.betas,
+               coefs=a.coefs, wall_s=time.time() - t0,
+               run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
+                            "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every})
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
