@@ -40,6 +40,71 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# Every numeric field's allowed range, checked in one place (:func:`_check_ranges`, first in each section's
+# ``__post_init__``) before the checks that relate fields: (low, high, low excluded, high excluded). Every value
+# must also be finite; a list field's every element must lie in its range; None passes where a field allows it.
+INF = float("inf")
+_POS, _NONNEG, _COUNT = (0, INF, True, False), (0, INF, False, False), (1, INF, False, False)
+_UNIT, _RATE, _SEED = (0, 1, False, False), (0, 1, True, False), (0, 2**32 - 1, False, False)
+RANGES = {
+    # model
+    "threads": _NONNEG,
+    # offline builders
+    **dict.fromkeys(("vocab_size", "lm_n_layer", "lm_n_embd", "lm_n_head", "lm_seq_len", "lm_steps", "lm_batch_size",
+                     "judge_vocab_size", "judge_n_layers", "judge_dim", "judge_max_length", "judge_steps",
+                     "judge_batch_size", "judge_eval_size"), _COUNT),
+    "lm_max_reviews": (100, INF, False, False),
+    **dict.fromkeys(("lm_lr", "judge_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr"), _RATE),
+    **dict.fromkeys(("judge_full_fraction", "judge_window_fraction", "judge_distill_weight"), _UNIT),
+    # data
+    "max_reviews": (20, INF, False, False), "eval_fraction": (0, 1, True, True), "split_seed": _SEED,
+    **dict.fromkeys(("prompt_min_tokens", "prompt_max_tokens", "response_tokens", "max_length", "n_pairs",
+                     "n_val_pairs"), _COUNT),
+    # SFT, DPO
+    "sft_steps": _NONNEG, "sft_batch_size": _COUNT, "beta": _POS, "label_smoothing": (0, 0.5, False, True),
+    "n_generated_samples": (2, INF, False, False), "dpo_warmup_steps": _NONNEG,
+    **dict.fromkeys(("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every"), _COUNT),
+    # reward model, PPO
+    **dict.fromkeys(("rm_steps", "rm_batch_size", "rm_eval_every", "rm_patience", "ppo_steps", "ppo_batch_size",
+                     "ppo_mini_batch_size", "ppo_epochs", "kl_horizon", "ppo_eval_every"), _COUNT),
+    **dict.fromkeys(("rm_weight_decay", "ppo_weight_decay"), (0, 1, False, True)),
+    "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
+    "init_kl_coef": _NONNEG, "target_kl": _POS,
+    # evaluation
+    "n_eval_prompts": _COUNT, "eval_batch_size": _COUNT, "eval_temperature": _POS, "temperatures": _POS,
+    "n_examples": _NONNEG, "sweep_betas": _POS, "sweep_kl_coefs": _POS, "matched_kls": _POS,
+    "min_budget_use": (0, 1, False, True),
+    # run
+    "seed": _SEED, "seeds": _SEED, "log_every": _COUNT, "save_every": _COUNT, "keep_checkpoints": _COUNT,
+    "max_nonfinite_skips": _COUNT, "debug_nan_steps": _COUNT,
+}
+
+
+def _range_text(r) -> str:
+    lo, hi, lo_open, hi_open = r
+    if hi == INF:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi if isinstance(hi, int) else f'{hi:g}'}{')' if hi_open else ']'}"
+
+
+def _check_ranges(section) -> None:
+    """Refuse (ConfigError naming the flag) a numeric field of ``section`` outside its :data:`RANGES` entry."""
+    import math
+
+    for f in fields(section):
+        if f.name not in RANGES:
+            continue
+        value = getattr(section, f.name)
+        lo, hi, lo_open, hi_open = RANGES[f.name]
+        for v in (value if isinstance(value, list) else [value]):
+            if v is None or isinstance(v, bool):
+                continue
+            if not math.isfinite(v):
+                raise ConfigError(f"--{f.name} must be a finite number {_range_text(RANGES[f.name])} (got {v})")
+            if not ((v > lo if lo_open else v >= lo) and (hi == INF or (v < hi if hi_open else v <= hi))):
+                raise ConfigError(f"--{f.name} must be {_range_text(RANGES[f.name])} (got {v})")
+
+
 def _f(default, help: str, **kw):
     """A dataclass field whose help text is its docstring (shown by ``--help``)."""
     if isinstance(default, list):
@@ -67,7 +132,7 @@ class ModelConfig:
                          "number on a machine with another core count.")
 
     def __post_init__(self):
-        _check(self.threads >= 0, f"--threads must be >= 0 (0: one per core), got {self.threads}")
+        _check_ranges(self)
         _check(self.device in ("auto", "cuda", "mps", "cpu"),
                f"--device {self.device!r} is not one of auto, cuda, mps, cpu")
 
@@ -100,17 +165,9 @@ class OfflineConfig:
     judge_eval_size: int = _f(2000, "Held-out reviews used to report the judge's accuracy.")
 
     def __post_init__(self):
-        for name in ("vocab_size", "lm_n_layer", "lm_n_embd", "lm_n_head", "lm_seq_len", "lm_steps",
-                     "lm_batch_size", "judge_vocab_size", "judge_n_layers", "judge_dim", "judge_max_length",
-                     "judge_steps", "judge_batch_size", "judge_eval_size"):
-            _check(getattr(self, name) > 0, f"--{name} must be > 0 (got {getattr(self, name)})")
-        _check(self.lm_max_reviews is None or self.lm_max_reviews >= 100,
-               f"--lm_max_reviews must be at least 100 (got {self.lm_max_reviews})")
+        _check_ranges(self)
         _check(self.lm_n_embd % self.lm_n_head == 0,
                f"--lm_n_embd {self.lm_n_embd} must be divisible by --lm_n_head {self.lm_n_head}")
-        _check(self.lm_lr > 0 and self.judge_lr > 0, "--lm_lr and --judge_lr must be > 0")
-        for name in ("judge_full_fraction", "judge_window_fraction", "judge_distill_weight"):
-            _check(0 <= getattr(self, name) <= 1, f"--{name} must be in [0, 1] (got {getattr(self, name)})")
 
 
 @dataclass
@@ -134,18 +191,13 @@ class DataConfig:
                           "the held-out set. Their prompts are those of every evaluation during training.")
 
     def __post_init__(self):
-        _check(self.max_reviews is None or self.max_reviews >= 20,
-               f"--max_reviews must be at least 20 (got {self.max_reviews})")
-        _check(0 < self.eval_fraction < 1, f"--eval_fraction must be in (0, 1) (got {self.eval_fraction})")
-        _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens,
-               f"need 1 <= --prompt_min_tokens <= --prompt_max_tokens "
+        _check_ranges(self)
+        _check(self.prompt_min_tokens <= self.prompt_max_tokens,
+               f"need --prompt_min_tokens <= --prompt_max_tokens "
                f"(got {self.prompt_min_tokens}, {self.prompt_max_tokens})")
-        _check(self.response_tokens >= 1, f"--response_tokens must be >= 1 (got {self.response_tokens})")
         _check(self.max_length > self.prompt_max_tokens,
                f"--max_length {self.max_length} leaves no room for a completion after a "
                f"{self.prompt_max_tokens}-token prompt; raise it above --prompt_max_tokens")
-        _check(self.n_pairs is None or self.n_pairs >= 1, f"--n_pairs must be >= 1 (got {self.n_pairs})")
-        _check(self.n_val_pairs >= 1, f"--n_val_pairs must be >= 1 (got {self.n_val_pairs})")
 
 
 @dataclass
@@ -157,9 +209,7 @@ class SFTConfig:
     sft_lr: float = _f(5e-5, "Peak learning rate of SFT (warmup, then cosine decay).")
 
     def __post_init__(self):
-        _check(self.sft_steps >= 0, f"--sft_steps must be >= 0 (got {self.sft_steps})")
-        _check(self.sft_batch_size >= 1, f"--sft_batch_size must be >= 1 (got {self.sft_batch_size})")
-        _check(self.sft_lr > 0, f"--sft_lr must be > 0 (got {self.sft_lr})")
+        _check_ranges(self)
 
 
 @dataclass
@@ -185,17 +235,10 @@ class DPOConfig:
     dpo_eval_every: int = _f(50, "Evaluate on the held-out prompts every this many steps (and at the end).")
 
     def __post_init__(self):
-        _check(self.beta > 0, f"--beta must be > 0 (got {self.beta})")
-        _check(0 <= self.label_smoothing < 0.5,
-               f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        _check_ranges(self)
         _check(not (self.loss_type == "ipo" and self.label_smoothing > 0),
                f"--label_smoothing {self.label_smoothing} has no meaning for --loss_type ipo (it is conservative "
                f"DPO's label-flip rate); drop it or use --loss_type sigmoid")
-        _check(self.n_generated_samples >= 2, "--n_generated_samples must be >= 2")
-        for name in ("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
-        _check(self.dpo_lr > 0, f"--dpo_lr must be > 0 (got {self.dpo_lr})")
-        _check(self.dpo_warmup_steps >= 0, "--dpo_warmup_steps must be >= 0")
 
 
 @dataclass
@@ -218,38 +261,27 @@ class PPOConfig:
     ppo_lr: float = _f(5e-5, "Learning rate of PPO.")
     ppo_weight_decay: float = _f(0.0, "AdamW weight decay of PPO. 0, as in TRL: decay pulls the weights toward zero, "
                                  "away from the reference, even when every gradient is 0.")
-    ppo_epoch_stop_kl: float | None = _f(None, "Skip an iteration's remaining epochs once the mean approximate KL "
-                                         "(per token, between the policy and the rollout's) of an epoch's minibatches, "
-                                         "averaged over processes, passes this (cleanrl's --target-kl); none = never.")
     clip_coef: float = _f(0.2, "Policy-ratio clip range epsilon.")
     vf_clip_coef: float = _f(0.2, "Value clip range.")
     vf_coef: float = _f(0.1, "Weight of the value loss.")
     gamma: float = _f(1.0, "Discount factor.")
     gae_lambda: float = _f(0.95, "GAE lambda.")
-    init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the per-token KL penalty.")
+    kl_penalty: Literal["sampled", "exact"] = _f(
+        "sampled", "How the KL to the reference is penalised. sampled: -kl_coef x the sampled token's log-ratio in "
+                   "every token's reward (Ziegler et al. 2019, TRL). exact: the rewards are the score alone, and "
+                   "kl_coef x the exact KL over the vocabulary, summed over the response's tokens, is a term of "
+                   "the loss, so its pull toward the reference is neither sampled noise nor whitened away.")
+    init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the KL penalty.")
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
     ppo_eval_every: int = _f(8, "Evaluate on the held-out prompts every this many iterations (and at end).")
 
     def __post_init__(self):
-        for name in ("rm_steps", "rm_batch_size", "rm_eval_every", "rm_patience", "ppo_steps", "ppo_batch_size",
-                     "ppo_mini_batch_size",
-                     "ppo_epochs", "kl_horizon", "ppo_eval_every"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        _check_ranges(self)
         _check(self.ppo_batch_size % self.ppo_mini_batch_size == 0,
                f"--ppo_batch_size {self.ppo_batch_size} must be a multiple of --ppo_mini_batch_size "
                f"{self.ppo_mini_batch_size}")
-        _check(self.rm_lr > 0 and self.ppo_lr > 0, "--rm_lr and --ppo_lr must be > 0")
-        _check(0 < self.clip_coef < 1 and self.vf_clip_coef > 0, "--clip_coef must be in (0, 1), "
-               "--vf_clip_coef > 0")
-        _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "--gamma and --gae_lambda must be in [0, 1]")
-        _check(self.init_kl_coef >= 0, "--init_kl_coef must be >= 0")
-        _check(self.target_kl is None or self.target_kl > 0, "--target_kl must be > 0 (or none: a fixed coefficient)")
-        _check(self.ppo_weight_decay >= 0 and self.rm_weight_decay >= 0,
-               "--ppo_weight_decay and --rm_weight_decay must be >= 0")
-        _check(self.ppo_epoch_stop_kl is None or self.ppo_epoch_stop_kl > 0,
-               "--ppo_epoch_stop_kl must be > 0 (or none: never stop an iteration's epochs early)")
 
 
 @dataclass
@@ -274,16 +306,9 @@ class EvalConfig:
                                     "its budget is shown as - (the method never went near the budget).")
 
     def __post_init__(self):
-        _check(self.n_eval_prompts >= 1 and self.eval_batch_size >= 1,
-               "--n_eval_prompts and --eval_batch_size must be >= 1")
-        _check(self.eval_temperature > 0 and all(t > 0 for t in self.temperatures),
-               "temperatures must be > 0")
+        _check_ranges(self)
         _check(len(self.temperatures) >= 1, "--temperatures needs at least one value")
-        _check(all(b > 0 for b in self.sweep_betas), "--sweep_betas must all be > 0")
-        _check(all(k > 0 for k in self.sweep_kl_coefs), "--sweep_kl_coefs must all be > 0")
-        _check(len(self.matched_kls) >= 1 and all(k > 0 for k in self.matched_kls),
-               "--matched_kls needs at least one value, all > 0")
-        _check(0 <= self.min_budget_use < 1, f"--min_budget_use must be in [0, 1) (got {self.min_budget_use})")
+        _check(len(self.matched_kls) >= 1, "--matched_kls needs at least one value")
 
 
 @dataclass
@@ -319,10 +344,9 @@ class RunConfig:
                                     "non-finite guard.")
 
     def __post_init__(self):
+        _check_ranges(self)
         _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")
-        for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite_skips"):
-            _check(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
 
 
 SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "sft": SFTConfig,
@@ -403,21 +427,25 @@ def _preset(name: str) -> Config:
             # safety at 4-8 nats (README, "Tuning"). Steps and evaluation cadence fit the 3-seed study in an hour.
             dpo=DPOConfig(dpo_lr=1e-4, dpo_steps=160, dpo_eval_every=40),
             # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out).
-            # kl_horizon 256 rollouts lets the adaptive controller move its coefficient up to 5% per iteration
-            # (at 10,000 the target KLs 3-12 all ended at the same KL). 40 iterations, not 20: at 20, 7 of the 8
-            # PPO and PPO-GT runs of a seed-0 study were still moving their validation KL by more than 10% over
-            # their last fifth; at 40 the adaptive run holds 9-10 nats (README, "Key results").
+            # 40 iterations, not 20: at 20, 7 of the 8 PPO and PPO-GT runs of a seed-0 study were still moving their
+            # validation KL by more than 10% over their last fifth. The exact KL penalty: with the sampled one the
+            # coefficient could not hold the KL down (coefficient 5 drifted to 3.1 nats in 40 iterations, seed 0),
+            # with the exact one the coefficient sets it, 0.0003 to 0.1 spanning about 0.5 to 12 nats in 40
+            # iterations (docs/ppo_kl_control.md). The adaptive controller starts at the coefficient that lands
+            # nearest its default target of 6 nats and may move 10% an iteration (kl_horizon 128 rollouts).
             ppo=PPOConfig(rm_steps=400, rm_batch_size=32, rm_lr=3e-4, rm_eval_every=50, rm_patience=3,
-                          ppo_steps=40, ppo_lr=1e-4, kl_horizon=256, ppo_eval_every=10),
+                          ppo_steps=40, ppo_lr=1e-4, kl_penalty="exact", init_kl_coef=0.005, kl_horizon=128,
+                          ppo_eval_every=10),
             # Matched KLs inside the range both methods reach in this budget (DPO's smallest beta ~6-7 nats). The
             # study's grid gives every method 3 runs of 4 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at the
-            # adaptive target and the fixed coefficients 0.5 and 5 (5 for points below 1 nat). A 4-run grid (beta
+            # adaptive target and the fixed coefficients 0.01 and 0.03 (about 3 and 1.2 nats with the exact KL
+            # penalty; the studies in README ran 0.5 and 5 with the sampled one). A 4-run grid (beta
             # 5, coefficient 2) cost 27 min a seed, over the 2.5 h a 5-seed study may take with the generated
             # pairs; beta 5 and coefficient 2 each ran next to a kept setting (beta 1, coefficient 5) in a seed-0
             # study. 1,024 held-out prompts per seed for the reported numbers (the validation prompts, 512, are
             # the --n_val_pairs).
             eval=EvalConfig(n_eval_prompts=1024, eval_batch_size=256, matched_kls=[1.0, 2.0, 4.0, 6.0],
-                            sweep_betas=[0.05, 0.1, 1.0], sweep_kl_coefs=[0.5, 5.0]),
+                            sweep_betas=[0.05, 0.1, 1.0], sweep_kl_coefs=[0.01, 0.03]),
             run=RunConfig(preset="offline"))
     if name == "quick":
         # A first run worth looking at on a 2-core CPU in under 3 minutes, model builds included (README: 116 s):

@@ -75,4 +75,6 @@ def hub_preflight(needed: list[tuple[str, str, str]]) -> None:
                 raise ConfigError(f"no IMDb data: data/IMDB Dataset.csv is missing, {why} and the hub dataset {name} "
                                   f"is not in the local cache; put 'IMDB Dataset.csv' in data/ or pass --data PATH")
             raise ConfigError(f"cannot load {what} {name!r}: {why} and it is not in the local cache; use --preset "
-                              f"offline (models built from IMDb here) or pass a local directory ({flag} PATH)")
+                              f"quick (small models built from IMDb here, about 2 minutes on a CPU), --preset offline "
+                              f"(the full study's, built once in about 14 minutes) or a local directory "
+                              f"({flag} PATH)")

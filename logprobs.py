@@ -72,7 +72,8 @@ class ResponseLogProbs(torch.nn.Module):
             torch.nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, temperature: float = 1.0, fp32_head: bool = False):
+                position_ids: torch.Tensor | None = None, temperature: float = 1.0, fp32_head: bool = False,
+                vocab_logps: bool = False):
         """Log-probs of the tokens marked by ``response_mask`` given everything before them.
 
         Args:
@@ -82,10 +83,13 @@ class ResponseLogProbs(torch.nn.Module):
             temperature: the sampling temperature T: log-probs of ``softmax(logits / T)``, the distribution
                 that ``generate(temperature=T)`` samples from.
             fp32_head: apply the LM head in fp32 even under autocast (evaluation: exact KL).
+            vocab_logps: also return the log-probs of the whole vocabulary at every response token's state, (N, V)
+                fp32 for the N response tokens in row-major order (:meth:`scatter` lays a per-token (N,) result
+                out as (B, T)); PPO's exact KL penalty needs them.
         Returns:
             ``(token_logps, values)``: (B, T) fp32, ``token_logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``
             on response tokens and 0 elsewhere; ``values`` (B, T), the value of the state that emitted each
-            token (0 elsewhere), or None without a value head.
+            token (0 elsewhere), or None without a value head. With ``vocab_logps``, the (N, V) log-probs third.
         """
         lm = self.lm
         head = lm.get_output_embeddings()
@@ -103,11 +107,22 @@ class ResponseLogProbs(torch.nn.Module):
         logits = logits.float()
         if temperature != 1.0:  # training always scores at T = 1: skip a full pass over the logits there
             logits = logits / temperature
+        # The sampled tokens' log-probs the same way with or without the vocabulary's: PPO's ratios compare them.
         lp = selective_log_softmax(logits, input_ids[:, 1:][pred])
-        zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.float32, device=input_ids.device)
-        token_logps = torch.cat([zeros, torch.zeros_like(pred, dtype=torch.float32).masked_scatter(pred, lp)], 1)
+        full = torch.log_softmax(logits, dim=-1) if vocab_logps else None
+        token_logps = self.scatter(response_mask, lp)
         values = None
         if self.v_head is not None:
+            zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.float32, device=input_ids.device)
             v = self.v_head(hidden[:, :-1]).squeeze(-1).float() * pred
             values = torch.cat([zeros, v], dim=1)
-        return token_logps, values
+        return (token_logps, values, full) if vocab_logps else (token_logps, values)
+
+    @staticmethod
+    def scatter(response_mask: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+        """Lay out ``per_token`` (N,), one value per response token in row-major order, as (B, T) fp32 aligned with
+        ``response_mask`` (B, T), 0 elsewhere."""
+        pred = response_mask[:, 1:].bool()
+        zeros = torch.zeros(response_mask.shape[0], 1, dtype=torch.float32, device=response_mask.device)
+        return torch.cat([zeros, torch.zeros_like(pred, dtype=torch.float32).masked_scatter(pred, per_token.float())],
+                         1)

@@ -45,8 +45,8 @@ def _load(loader, name: str, what: str, **kw):
             raise ConfigError(f"{what} at {name} cannot be loaded ({str(e).splitlines()[0]}); point to a "
                               f"directory written by save_pretrained") from None
         raise ConfigError(f"cannot load {what} {name!r}: the model hub is unreachable and it is not in the "
-                          f"local cache; use --preset offline (models built from IMDb here) or pass a local "
-                          f"directory") from None
+                          f"local cache; use --preset quick (small models built from IMDb here, about 2 minutes on a "
+                          f"CPU), --preset offline (the full study's) or pass a local directory") from None
 
 
 def load_tokenizer(name: str):

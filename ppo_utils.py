@@ -62,6 +62,24 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards * m, kl
 
 
+def exact_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of the next-token distributions at each state, summed over the whole vocabulary:
+    sum_v pi(v) (log pi(v) - log pi_ref(v)). Its sum over a response's states is the sequence KL's chain-rule
+    decomposition, so its mean over sampled responses estimates the sequence KL without the sampling noise of the
+    log-ratio of the sampled token (k1; Schulman 2020, "Approximating KL divergence").
+
+    Args:
+        logps, ref_logps: (N, V) log-probs of the policy and the reference at the same N states.
+    Returns:
+        (N,) per-state KL, >= 0 up to rounding, differentiable in ``logps``.
+    """
+    # The log-ratio is detached: the gradient it would add, sum_v pi(v) grad log pi(v) = grad sum_v pi(v), is 0 in
+    # exact arithmetic but not in floating point, where it would nudge a policy that equals the reference. What
+    # remains is the KL's whole gradient, pi * (log-ratio - KL) in the logits: exactly 0 at the reference. The
+    # value is the same.
+    return (logps.exp() * (logps - ref_logps).detach()).sum(-1)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):
     """Generalised advantage estimation over the response tokens (Eq. 16, arXiv:1506.02438).
 

@@ -20,6 +20,7 @@ from lifecycle import RunContext, TrainingRun
 from logprobs import ResponseLogProbs, generation_ready
 from models import autocast, load_causal_lm
 from ppo_utils import (
+    exact_kl,
     gae,
     kl_controller,
     kl_penalized_rewards,
@@ -46,6 +47,19 @@ def response_logps_values(model: ResponseLogProbs, b) -> tuple[torch.Tensor, tor
     full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :P]), b["response_mask"]], 1)
     token_logps, values = model(b["input_ids"], b["attention_mask"], full_mask, b["position_ids"])
     return token_logps[:, P:], (values[:, P:] if values is not None else None)
+
+
+def response_logps_values_kl(policy: ResponseLogProbs, ref: ResponseLogProbs, b):
+    """:func:`response_logps_values` of ``policy`` plus (B, T) the exact per-token KL(policy || ref) over the
+    vocabulary at each response token's state (``ppo_utils.exact_kl``), differentiable in the policy."""
+    P = b["P"]
+    full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :P]), b["response_mask"]], 1)
+    args = (b["input_ids"], b["attention_mask"], full_mask, b["position_ids"])
+    token_logps, values, logps = policy(*args, vocab_logps=True)
+    with torch.no_grad():  # the reference is frozen: only the policy's side of the KL carries a gradient
+        _, _, ref_logps = ref(*args, vocab_logps=True)
+    kl = ResponseLogProbs.scatter(full_mask, exact_kl(logps, ref_logps))
+    return token_logps[:, P:], values[:, P:], kl[:, P:]
 
 
 def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", evaluate: bool = True) -> dict:
@@ -95,33 +109,36 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
         # --- score, then advantages (whitened over the global batch) ---
         scores = score_fn(prompts, responses).to(device)
         run.lap("score")
-        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
+        # sampled: the KL penalty is a per-token reward, -kl_coef * log-ratio of the sampled token (Ziegler et al.);
+        # exact: the rewards are the score alone and the penalty is a loss term below, the exact KL over the
+        # vocabulary with its own gradient, so its pull toward the reference is not whitened into noise.
+        penalty = kl_ctl.value if pc.kl_penalty == "sampled" else 0.0
+        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, penalty)
         advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.gae_lambda)
         advantages, white_stats = whiten(advantages, mask, sum_over_processes=process_sum(acc), return_stats=True)
         seq_kl = mean_over_processes(kl.sum(1).mean().item(), acc)
 
         # --- update ---
-        stats = {"losses/policy_loss": [], "losses/value_loss": [], "losses/approx_kl": [], "losses/clipfrac": []}
-        bad, epochs_run = False, 0
+        stats = {"losses/policy_loss": [], "losses/value_loss": [], "losses/approx_kl": [], "losses/clipfrac": [],
+                 "losses/kl_loss": []}
+        bad = False
         rng = np.random.default_rng([rc.seed, 11, step])
         for _epoch in range(pc.ppo_epochs):
-            if pc.ppo_epoch_stop_kl is not None and epochs_run:
-                # cleanrl's --target-kl: this iteration has moved the policy far enough. The mean over processes,
-                # so that every process stops at the same epoch.
-                epoch_kl = mean_over_processes(float(np.mean(stats["losses/approx_kl"][-(B // mb_size):] or [0.0])),
-                                               acc)
-                if epoch_kl > pc.ppo_epoch_stop_kl:
-                    break
-            epochs_run += 1
             for mb_idx in np.split(rng.permutation(B), B // mb_size):
                 mb_idx = torch.as_tensor(mb_idx, device=device)
                 mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
-                with autocast(device, ctx.dtype):
-                    new_logprobs, new_values = response_logps_values(policy, mb)
                 mb_mask = mask[mb_idx]
+                with autocast(device, ctx.dtype):
+                    if pc.kl_penalty == "exact":
+                        new_logprobs, new_values, token_kl = response_logps_values_kl(policy, ref, mb)
+                        # (B,) each response's KL, the sum over its tokens: the sequence KL, which the sampled
+                        # penalty also charges (there against raw scores, here against whitened advantages).
+                        kl_loss = (token_kl.float() * mb_mask).sum(1)
+                    else:
+                        (new_logprobs, new_values), kl_loss = response_logps_values(policy, mb), torch.zeros(1)
                 pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask, pc.clip_coef)
                 v_loss = value_loss(new_values.float(), old_values[mb_idx], returns[mb_idx], mb_mask, pc.vf_clip_coef)
-                loss = pg["pg_loss"].mean() + pc.vf_coef * v_loss.mean()
+                loss = pg["pg_loss"].mean() + pc.vf_coef * v_loss.mean() + kl_ctl.value * kl_loss.mean()
                 if step in rc.debug_nan_steps:  # test hook for the non-finite guard
                     loss = loss * float("nan")
                 optimizer.zero_grad(set_to_none=True)
@@ -132,7 +149,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                     bad = True  # skip this minibatch; never step on a non-finite gradient
                     continue
                 optimizer.step()
-                for k, v in zip(stats, (pg["pg_loss"], v_loss, pg["approx_kl"], pg["clipfrac"])):
+                for k, v in zip(stats, (pg["pg_loss"], v_loss, pg["approx_kl"], pg["clipfrac"], kl_loss.detach())):
                     stats[k].append(v.mean().item())
         optimizer.zero_grad(set_to_none=True)
         run.lap("update")
@@ -144,9 +161,8 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                                    "objective/score": scores.mean().item(),
                                    "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(),
                                    "objective/response_len": mask.sum(1).mean().item()}, acc)
-        n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + epochs_run)
+        n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + pc.ppo_epochs)
         row.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "objective/sampling_logp_gap": logp_gap,
-                    "losses/epochs_run": epochs_run,
                     # every process must use the same coefficient and whitening statistics: their spread, measured
                     **spread_over_processes(torch.cat([white_stats.float(), torch.tensor([kl_coef, kl_ctl.value])]),
                                             acc),

@@ -10,7 +10,8 @@ micro-batches of 16 (ours steps the optimiser after each; TRL 1.12, whose rollou
 times its gradient accumulation, once per epoch: the same model work, fewer optimiser steps), the same
 learning rate, clip ranges, gamma and lambda, fp32 on the CPU, and the same number of iterations. TRL
 adds a separate value model (its design; ours is a value head on the policy) and a fixed KL coefficient (ours
-adapts; the cost is the same).
+adapts; the cost is the same). Ours charges the KL as TRL does, per sampled token in the rewards
+(``--kl_penalty sampled``), unless ``--kl_penalty exact`` (the offline preset's) is given.
 
 Timed: ours from the first iteration to the last (the reward model, trained once or reused from the offline
 preset's cache ``models/reward_models/``, is not timed); TRL's
@@ -118,6 +119,9 @@ def run_trl(cfg, data, tok, policy_dir: str, rm_dir: str, iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--kl_penalty", choices=("sampled", "exact"), default="sampled",
+                    help="ours: sampled (default) charges the KL as TRL does, in the rewards: the same work; exact "
+                         "(the offline preset's) adds a reference pass and the vocabulary's log-probs per minibatch")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
     ap.add_argument("--model_dir", help="an existing policy model directory (default: the offline preset's fp32 "
                                         "base GPT-2, built first if missing: about 14 min)")
@@ -153,7 +157,7 @@ def main() -> int:
     shared_rms.mkdir(parents=True, exist_ok=True)
     (Path(rm_root) / "reward_models").symlink_to(shared_rms.resolve(), target_is_directory=True)
     cfg = base.replace(model={**paths, "build_offline_models": False, "dtype": "fp32"},
-                       ppo={"ppo_steps": a.iters, "target_kl": None},
+                       ppo={"ppo_steps": a.iters, "target_kl": None, "kl_penalty": a.kl_penalty},
                        run={"output_dir": rm_root, "cache_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
     print("training the reward model once (not timed)", file=sys.stderr)
     _, rm_report = train_reward_model(cfg, data, ctx)

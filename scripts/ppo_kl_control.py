@@ -42,8 +42,12 @@ def run_name(seed: int, kind: str, value: float) -> str:
     return f"seed{seed}/{'klcoef' if kind == 'kl_coef' else 'target'}{value:g}"
 
 
-def overrides(kind: str, value: float) -> dict:
-    return {"ppo": {"target_kl": None, "init_kl_coef": value} if kind == "kl_coef" else {"target_kl": value}}
+def overrides(kind: str, value: float, init: float | None = None) -> dict:
+    """A fixed coefficient ``value``, or the adaptive controller at target ``value`` starting from ``init`` (None:
+    the config's ``--init_kl_coef``)."""
+    if kind == "kl_coef":
+        return {"ppo": {"target_kl": None, "init_kl_coef": value}}
+    return {"ppo": {"target_kl": value, **({} if init is None else {"init_kl_coef": init})}}
 
 
 def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[float]) -> dict:
@@ -104,7 +108,35 @@ def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[fl
         (nm, ns, nps), (om, os_, ops) = fmt(new), fmt(old)
         bands[f"{k:g}"] = {"new": new, "before": old, "new_mean": nm, "before_mean": om}
         print(f"| {k:g} | {ns} | {nps} | {os_} | {ops} |")
-    return {"runs": runs, "checks": checks, "bands": bands}
+
+    # The reward models (trained without weight decay now) against the study's (AdamW's default decay 0.01).
+    rms = {}
+    for seed in seeds:
+        summary = next((out_dir / n / "train_summary.json" for n in runs if runs[n]["seed"] == seed
+                        and (out_dir / n / "train_summary.json").exists()), None)
+        now = json.loads(summary.read_text()).get("reward_model") if summary else None
+        then = next((r.get("reward_model") for r in (read_results(BASELINE)["runs"] if BASELINE.exists() else [])
+                     if r["method"] == "ppo" and r["main"] and r["seed"] == seed), None)
+        rms[seed] = {"now": now and {k: now[k] for k in ("val_pair_accuracy", "heldout_pair_accuracy", "best_step")},
+                     "before": then and {k: then[k] for k in ("val_pair_accuracy", "heldout_pair_accuracy",
+                                                             "best_step")}}
+    # Seconds per iteration (training only: no evaluation, no reward model), as these processes ran.
+    per_iter = []
+    for n in runs:
+        path = out_dir / n / "train_summary.json"
+        if path.exists():
+            t = json.loads(path.read_text())
+            per_iter.append((t["train_time_s"] - t.get("rm_train_s", 0.0)) / t["iterations"])
+    if per_iter:
+        per_iter.sort()
+        print(f"\nseconds per PPO iteration (training only), median over {len(per_iter)} runs: "
+              f"{per_iter[len(per_iter) // 2]:.2f} (range {per_iter[0]:.2f}-{per_iter[-1]:.2f})")
+    if any(r["now"] for r in rms.values()):
+        print("\nreward model, validation / held-out pair accuracy: " + "; ".join(
+            f"seed {s}: " + " vs ".join(f"{r[k]['val_pair_accuracy']:.3f} / {r[k]['heldout_pair_accuracy']:.3f}"
+                                        if r[k] else "-" for k in ("now", "before")) + " before"
+            for s, r in rms.items()))
+    return {"runs": runs, "checks": checks, "bands": bands, "reward_models": rms, "seconds_per_iteration": per_iter}
 
 
 def main() -> int:
@@ -112,25 +144,30 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--coefs", type=float, nargs="*", default=[0.05, 0.2, 1.0, 5.0])
     ap.add_argument("--targets", type=float, nargs="*", default=[2.0, 6.0])
+    ap.add_argument("--target_inits", type=float, nargs="*", default=[],
+                    help="the adaptive runs' starting coefficients, one per target (default: --init_kl_coef)")
     grid.add_arguments(ap)
     a, rest = ap.parse_known_args()
     cfg = grid.command_config(rest, a.jobs, "models/kl_control")
     if cfg is None:
         return 2
-    if any(c <= 0 for c in a.coefs) or any(t <= 0 for t in a.targets):
-        print("error: every --coefs / --targets value must be > 0", file=sys.stderr)
+    if any(c <= 0 for c in a.coefs + a.targets + a.target_inits) or \
+            (a.target_inits and len(a.target_inits) != len(a.targets)):
+        print("error: every --coefs / --targets / --target_inits value must be > 0, and --target_inits needs one "
+              "value per target", file=sys.stderr)
         return 2
     os.chdir(ROOT)
     if a.worker:
         grid.worker(cfg, json.loads(a.worker), a.prepare_only)
         return 0
-    tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v)}
+    inits = dict(zip(a.targets, a.target_inits or [None] * len(a.targets)))
+    tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v, inits.get(v))}
              for s in a.seeds for k, v in settings(a.coefs, a.targets)]
     t0 = time.time()
     if not a.report:
         run_grid(__file__, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
     out = report(Path(cfg.run.output_dir), a.seeds, a.coefs, a.targets)
-    out.update(command="uv run scripts/ppo_kl_control.py " + " ".join(sys.argv[1:]),
+    out.update(command="uv run scripts/ppo_kl_control.py " + " ".join(sys.argv[1:]), target_inits=a.target_inits,
                config=cfg.to_dict()["ppo"], wall_s=time.time() - t0)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

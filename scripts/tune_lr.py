@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--ppo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--ppo_gt_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 1.0])
-    ap.add_argument("--coefs", type=float, nargs="+", default=[0.05, 0.2, 1.0, 5.0])
+    ap.add_argument("--coefs", type=float, nargs="+", default=[0.0003, 0.003, 0.01, 0.1])
     grid.add_arguments(ap)
     a, rest = ap.parse_known_args()
     lrs = {m: v for m, v in (("dpo", a.dpo_lrs), ("ppo", a.ppo_lrs), ("ppo_gt", a.ppo_gt_lrs)) if v}

@@ -130,6 +130,7 @@ def test_a_bad_target_kl_is_one_line_and_exit_2(bad):
 
 def test_a_fixed_coefficient_from_the_command_line_runs_ppo(tmp_path):
     from conftest import SMOKE, run_main
+
     from run_log import read_metrics
 
     proc = run_main(*SMOKE, "--ppo-only", "--target_kl", "none", "--init_kl_coef", "0.3", "--ppo_steps", "2",
@@ -138,3 +139,44 @@ def test_a_fixed_coefficient_from_the_command_line_runs_ppo(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "models" / "ppo_toxic_reduced_model" / "metrics.jsonl")
             if "objective/kl_coef" in r]
     assert [r["objective/kl_coef"] for r in rows] == [0.3, 0.3]
+
+
+def _outside(field: str) -> list[str]:
+    """Values just outside ``field``'s RANGES entry, and the non-finite ones, as the command line spells them."""
+    from config import INF, RANGES
+
+    lo, hi, lo_open, hi_open = RANGES[field]
+    vals = [lo if lo_open else lo - 1] + ([hi if hi_open else hi + 1] if hi != INF else [])
+    return [str(v) for v in vals] + ["inf", "nan", "-inf"]
+
+
+def test_every_numeric_field_has_a_range_and_every_value_outside_it_is_one_line_naming_the_flag():
+    import typing
+    from dataclasses import fields
+
+    from config import RANGES, SECTIONS
+
+    numeric = set()
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            types = set(typing.get_args(hints[f.name]) or [hints[f.name]])
+            types |= {a for t in types for a in typing.get_args(t)}  # list[int] -> int
+            if types & {int, float} and bool not in types:
+                numeric.add(f.name)
+    assert numeric == set(RANGES), f"fields without a range: {numeric - set(RANGES)}"
+    for name in sorted(RANGES):
+        for bad in _outside(name):
+            with pytest.raises(ConfigError) as e:
+                parse_config(["--preset", "smoke", f"--{name}", bad])
+            assert f"--{name}" in str(e.value) and "\n" not in str(e.value), (name, bad, str(e.value))
+    for preset in PRESETS.values():  # and every preset lies inside the table
+        Config.from_dict(preset.to_dict())
+
+
+@pytest.mark.parametrize("argv", [["--vf_coef", "-3"], ["--beta", "inf"], ["--dpo_lr", "inf"], ["--seed", "-1"],
+                                  ["--seeds", "0", "-2"]])
+def test_values_once_accepted_are_refused_from_the_real_cli(argv):
+    proc = run_cli("--preset", "smoke", *argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert argv[0] in proc.stderr

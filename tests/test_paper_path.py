@@ -82,5 +82,6 @@ def test_without_the_hub_the_default_command_fails_fast_in_one_line(tmp_path):
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
     assert "'distilgpt2'" in lines[0] and "--preset offline" in lines[0] and "--policy_model PATH" in lines[0]
+    assert lines[0].index("--preset quick") < lines[0].index("--preset offline")  # the 2-minute way out first
     assert "Retrying" not in proc.stderr and not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
     print(f"failed in {elapsed:.1f}s")  # seconds (the 10 s bound is checked by hand, not asserted: timing)

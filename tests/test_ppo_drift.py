@@ -14,11 +14,12 @@ from models import load_causal_lm
 from run_utils import make_accelerator
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("kl_penalty, weight_decay", [("sampled", 0.0), ("exact", 0.0), ("sampled", 0.01)])
 def test_with_a_zero_reward_ppo_stays_bit_identical_to_the_reference(tiny_lm, tiny_tokenizer, tmp_path,
-                                                                      monkeypatch, weight_decay):
+                                                                      monkeypatch, kl_penalty, weight_decay):
     """With a zero reward the reference is the optimum and PPO's KL penalty is exactly 0 there: the value head
-    starts at 0, so every advantage, return and gradient is 0. Nothing may move the weights; AdamW's weight decay
+    starts at 0, so every advantage, return and gradient is 0 (the exact KL's gradient too, exactly, not up to
+    rounding: ``ppo_utils.exact_kl``). Nothing may move the weights; AdamW's weight decay
     (its default 0.01, PPO's optimiser before) does, and whitening then blows that drift up into full steps."""
     base = tmp_path / "base"
     tiny_lm.save_pretrained(base)
@@ -32,7 +33,7 @@ def test_with_a_zero_reward_ppo_stays_bit_identical_to_the_reference(tiny_lm, ti
         model={"policy_model": str(base), "build_offline_models": False, "dtype": "fp32"},
         data={"response_tokens": 6, "max_length": 16},
         ppo={"ppo_steps": 2, "ppo_batch_size": 16, "ppo_mini_batch_size": 8, "ppo_epochs": 2, "ppo_lr": 1e-2,
-             "target_kl": None, "init_kl_coef": 5.0, "ppo_weight_decay": weight_decay},
+             "target_kl": None, "init_kl_coef": 5.0, "ppo_weight_decay": weight_decay, "kl_penalty": kl_penalty},
         run={"output_dir": str(tmp_path / "out"), "save_every": 100})
     ref = load_causal_lm(str(base))
     ctx = RunContext(tokenizer=tiny_tokenizer, ref_model=ref, device=torch.device("cpu"),

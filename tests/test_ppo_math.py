@@ -131,3 +131,35 @@ def test_whiten_of_nearly_constant_advantages_is_finite():
     assert (x * x).sum() / m.sum() - mean ** 2 < -1e-8  # the rounding this test is about
     out = whiten(x, m)
     assert torch.isfinite(out).all()
+
+
+def test_exact_kl_is_the_kl_of_the_two_distributions_and_zero_at_the_reference():
+    from ppo_utils import exact_kl
+
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    expected = torch.nn.functional.kl_div(ref_logp, logp, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(exact_kl(logp, ref_logp), expected, atol=1e-6)
+    assert (exact_kl(logp, ref_logp) > 0).all() and exact_kl(logp, logp).abs().max() == 0
+    # the sampled log-ratio (k1) is an unbiased estimate of it: its mean over many draws agrees
+    torch.manual_seed(0)
+    draws = torch.distributions.Categorical(logits=logp[0]).sample((200_000,))
+    k1 = (logp[0, draws] - ref_logp[0, draws]).mean()
+    assert k1.item() == pytest.approx(exact_kl(logp, ref_logp)[0].item(), abs=0.02)
+
+
+def test_exact_kl_has_the_gradient_of_the_kl_and_none_at_the_reference():
+    from ppo_utils import exact_kl
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, generator=g, requires_grad=True)
+    ref_logp = torch.randn(3, 7, generator=g).log_softmax(-1)
+    exact_kl(logits.log_softmax(-1), ref_logp).sum().backward()
+    p = logits.detach().softmax(-1)
+    d = p.log() - ref_logp
+    expected = p * (d - (p * d).sum(-1, keepdim=True))  # d KL / d logits
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+    at_ref = ref_logp.clone().requires_grad_(True)
+    exact_kl(at_ref.log_softmax(-1), at_ref.detach().log_softmax(-1)).sum().backward()
+    assert (at_ref.grad == 0).all()  # exactly: nothing moves a policy that equals the reference

@@ -440,3 +440,39 @@ def test_study_scripts_recompute_the_intervals_and_the_flattened_table(smoke_stu
     assert f"{n_flat} of {len(res['runs'])} runs flat" in proc.stdout
     table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("| "))
     assert table.count(" flat (") + table.count(" moving (") == len(res["runs"])  # one entry per run
+
+
+def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs(smoke_run, tmp_path):
+    """scripts/ppo_kl_control.py and scripts/tune_lr.py on the smoke preset: two worker processes train the grid,
+    the tables come out with a row per setting, the JSON holds every run's validation points, and a second call
+    trains nothing (every run is finished with the same settings)."""
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "cache")
+    common = ["--preset", "smoke", "--cache_dir", str(tmp_path / "cache"), "--jobs", "2"]
+
+    def script(name, *args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *common, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "kl.json"
+    proc = script("ppo_kl_control.py", "--seeds", "0", "--coefs", "0.1", "1", "--targets", "1", "--output_dir",
+                  str(tmp_path / "kl"), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for row in ("| coefficient 0.1 |", "| coefficient 1 |", "| adaptive, target 1 |"):
+        assert row in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"seed0/klcoef0.1", "seed0/klcoef1", "seed0/target1"}
+    assert all(len(r["points"]) == 4 for r in res["runs"].values())  # the smoke preset evaluates every iteration
+    assert "coefficients_order_the_kl_on_every_seed" in res["checks"]
+    again = script("ppo_kl_control.py", "--seeds", "0", "--coefs", "0.1", "1", "--targets", "1", "--output_dir",
+                   str(tmp_path / "kl"))
+    logs = "".join(p.read_text() for p in (tmp_path / "kl" / "logs").glob("train_worker*.log"))
+    assert again.returncode == 0 and logs.count("finished earlier with the same settings: kept") == 3
+
+    proc = script("tune_lr.py", "--dpo_lrs", "1e-3", "--ppo_lrs", "1e-3", "--ppo_gt_lrs", "1e-3", "--betas", "0.1",
+                  "--coefs", "0.1", "--output_dir", str(tmp_path / "tune"), "--out", str(tmp_path / "tune.json"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "tune.json").read_text())
+    assert set(res["chosen"]) == {"dpo", "ppo", "ppo_gt"} and set(res["candidates"]) == {
+        "dpo/lr0.001", "ppo/lr0.001", "ppo_gt/lr0.001"}
+    bad = script("tune_lr.py", "--dpo_lrs", "1e-3", "2e-3", "--ppo_lrs", "1e-3", "--report")
+    assert bad.returncode == 2 and "same number of candidate rates" in bad.stderr

@@ -160,3 +160,22 @@ def test_reference_cache_is_kept_apart_per_precision(tiny_lm, tmp_path):
     assert not cached and len(list(tmp_path.glob("ref_logps-*.pt"))) == 2
     assert c16.dtype == torch.float32 and not torch.equal(c16, c32)  # bf16 forward, fp32 sums
     assert torch.allclose(c16, c32, atol=0.5)
+
+
+def test_exact_kl_head_agrees_with_the_plain_head_and_is_zero_against_itself(tiny_lm):
+    import copy
+
+    from train_ppo import response_logps_values_kl
+
+    policy = ResponseLogProbs(tiny_lm, value_head=True)
+    b = rollout_batch([[5, 6], [7, 8, 9]], [[10, 11, 12], [13]], pad_id=0)
+    lp, v = response_logps_values(policy, b)
+    lp2, v2, kl = response_logps_values_kl(policy, ResponseLogProbs(copy.deepcopy(tiny_lm)), b)
+    assert torch.equal(lp, lp2) and torch.equal(v, v2)  # the sampled tokens' log-probs exactly as without it
+    assert kl.shape == lp.shape and (kl == 0).all()
+    other = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        other.transformer.wte.weight.add_(0.5 * torch.randn_like(other.transformer.wte.weight))
+    _, _, kl = response_logps_values_kl(policy, ResponseLogProbs(other), b)
+    mask = b["response_mask"].bool()
+    assert (kl[mask] > 0).all() and (kl[~mask] == 0).all()
