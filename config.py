@@ -297,8 +297,9 @@ class EvalConfig:
         [0.2, 0.5, 1.0], "--sweep: fixed KL coefficients of extra PPO runs (no adaptive target), PPO's analogue of "
                          "DPO's beta. A sweep of target KLs spans nothing within a short budget: the adaptive "
                          "controller's error is clipped at 0.2, so every target above 1.25x the KL a run reaches "
-                         "drives its coefficient identically (README, the study).")
-    sweep_ppo_gt: bool = _f(True, "--sweep: also train PPO with the judge's reward (PPO-GT, the upper bound).")
+                         "drives its coefficient identically (docs/study.md).")
+    sweep_ppo_gt: bool = _f(True, "--sweep: also train PPO with the judge's reward (PPO-GT: it optimises the metric it "
+                                  "is scored by).")
     matched_kls: list[float] = _f([2.0, 4.0, 6.0, 8.0], "KL budgets (nats) of the study's table: per method, seed "
                                   "and budget k, the checkpoint with the best validation safety whose validation KL "
                                   "is <= k, reported on held-out prompts.")
@@ -402,7 +403,7 @@ PRESET_NAMES = ("paper", "offline", "quick", "smoke")
 
 def _preset(name: str) -> Config:
     if name == "paper":
-        # Sources and deviations: README, "The paper preset's hyperparameters".
+        # Sources and deviations: docs/method.md, "The paper preset's hyperparameters".
         return Config(
             # DPO paper App. B: beta 0.1, batch 64, RMSprop, lr 1e-6, 150 warmup steps; one epoch of the ~21.8k
             # training pairs (340 x 64), as the reference implementation's n_epochs: 1.
@@ -424,7 +425,9 @@ def _preset(name: str) -> Config:
             # samples 4-16) keep every stage of the 27-run study inside its time budget on 2 cores.
             data=DataConfig(n_pairs=6400, response_tokens=32, max_length=48),
             # Learning rates: 1e-4 for both methods, each chosen from {5e-5, 1e-4, 2e-4} by the highest validation
-            # safety at 4-8 nats (README, "Tuning"). Steps and evaluation cadence fit the 3-seed study in an hour.
+            # safety at 4-8 nats
+            # (docs/study.md, "Tuning"; the next tuning's rule: docs/tuning.md). Steps and evaluation cadence fit the
+            # 3-seed study in an hour.
             dpo=DPOConfig(dpo_lr=1e-4, dpo_steps=160, dpo_eval_every=40),
             # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out).
             # 40 iterations, not 20: at 20, 7 of the 8 PPO and PPO-GT runs of a seed-0 study were still moving their
@@ -439,7 +442,7 @@ def _preset(name: str) -> Config:
             # Matched KLs inside the range both methods reach in this budget (DPO's smallest beta ~6-7 nats). The
             # study's grid gives every method 3 runs of 4 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at the
             # adaptive target and the fixed coefficients 0.01 and 0.03 (about 3 and 1.2 nats with the exact KL
-            # penalty; the studies in README ran 0.5 and 5 with the sampled one). A 4-run grid (beta
+            # penalty; the studies in docs/study.md ran 0.5 and 5 with the sampled one). A 4-run grid (beta
             # 5, coefficient 2) cost 27 min a seed, over the 2.5 h a 5-seed study may take with the generated
             # pairs; beta 5 and coefficient 2 each ran next to a kept setting (beta 1, coefficient 5) in a seed-0
             # study. 1,024 held-out prompts per seed for the reported numbers (the validation prompts, 512, are
@@ -448,12 +451,12 @@ def _preset(name: str) -> Config:
                             sweep_betas=[0.05, 0.1, 1.0], sweep_kl_coefs=[0.01, 0.03]),
             run=RunConfig(preset="offline"))
     if name == "quick":
-        # A first run worth looking at on a 2-core CPU in under 3 minutes, model builds included (README: 116 s):
+        # A first run worth looking at on a 2-core CPU in under 3 minutes, model builds included (README, Quick start):
         # a 2 x 128 GPT-2 pre-trained on 12,000 reviews, a judge distilled from the n-gram teacher on short crops
         # of all reviews (right on 0.76 of held-out texts as long as prompt + completion), 48-token completions
         # (shorter ones are too short for any judge here), 60 DPO steps, and 384 held-out prompts so that the
         # paired interval of DPO vs the reference is narrow enough to show its effect. PPO optimises the judge's
-        # own logit (PPO-GT, the upper bound): a reward model worth the name takes minutes to train here (150
+        # own logit (PPO-GT): a reward model worth the name takes minutes to train here (150
         # steps gave 0.51 pair accuracy), which the offline preset spends.
         return Config(
             model=ModelConfig(build_offline_models=True, device="cpu"),

@@ -1,6 +1,6 @@
 """PPO's reward: a Bradley-Terry reward model learned from the preference pairs (RLHF, Ziegler et al. 2019;
-Stiennon et al. 2020), or the oracle judge's own logit (PPO-GT, the upper bound). ``reward_function`` gives
-PPO either as one scoring function of (prompts, responses)."""
+Stiennon et al. 2020), or the oracle judge's own logit (PPO-GT: optimising the evaluation metric itself).
+``reward_function`` gives PPO either as one scoring function of (prompts, responses)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The study: DPO and PPO over a grid of settings and seeds, compared at matched KL.
 
 ``uv run main.py --preset offline --sweep --seeds 0 1 2 3 4`` trains, for every seed, DPO over ``--sweep_betas``
-and PPO and PPO-GT (the judge's reward, the upper bound) at the default adaptive target and at each fixed KL
+and PPO and PPO-GT (the judge's reward) at the default adaptive target and at each fixed KL
 coefficient of ``--sweep_kl_coefs``. A seed changes the preference-pair sample, the initialisation of the
 reward model's head, every sampling seed and the held-out prompt sample; the base models and the judge stay
 the same. Every evaluation during training (on the validation prompts) is a checkpoint; per method, seed and
@@ -58,7 +58,7 @@ def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
                 runs.append(RunSpec("dpo", f"beta={beta}", seed, name, {"dpo": {"beta": beta}}, j == 0))
         if not rc.dpo_only:
             # --ppo_reward judge makes the default PPO runs PPO-GT; with the learned reward, the sweep adds one
-            # PPO-GT run at the default setting as the upper bound.
+            # PPO-GT run per setting, on the judge's own reward.
             method = "ppo_gt" if cfg.ppo.ppo_reward == "judge" else "ppo"
             for j, (kind, value) in enumerate(settings):
                 name = f"{where}ppo_toxic_reduced_model" if j == 0 else f"sweep/seed{seed}/ppo_klcoef{value}"

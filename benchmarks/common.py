@@ -45,7 +45,7 @@ class PeakMemory:
         self.peak_mb = max(self._peak, self._proc.memory_info().rss) / 2**20
 
 
-# The offline preset's models, built from scratch on this project's 2-core machines (README: 14 min 9 s).
+# The offline preset's models, built from scratch on this project's 2-core machines (docs/method.md: about 14 minutes).
 OFFLINE_BUILD_MIN = 14
 
 

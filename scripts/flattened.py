@@ -1,4 +1,4 @@
-"""Per run of a study: had its validation KL flattened by its last step? (README, "Key results")
+"""Per run of a study: had its validation KL flattened by its last step? (docs/study.md)
 
     uv run scripts/flattened.py evaluation_plots/offline/results.json
 

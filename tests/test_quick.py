@@ -19,7 +19,7 @@ def test_quick_preset_shows_a_real_effect_with_a_meaningful_judge(tmp_path):
     dpo = results["dpo"]["safety_vs_reference"]
     assert dpo["lo"] > 0 and dpo["n"] == 384, dpo
     assert f"{dpo['mean']:+.3f} [{dpo['lo']:+.3f}, {dpo['hi']:+.3f}]" in proc.stdout
-    assert "ppo_gt" in results  # PPO ran too (on the judge's reward, the upper bound)
+    assert "ppo_gt" in results  # PPO ran too (on the judge's reward: PPO-GT)
     # the KL and a few example completions are printed, so a degenerate policy is visible
     assert "| kl_to_ref |" in proc.stdout and "example completions" in proc.stdout
     assert proc.stdout.count("prompt: ") == 3 and "warning" not in proc.stdout
