@@ -232,7 +232,8 @@ class DPOConfig:
     dpo_optimizer: Literal["adamw", "rmsprop"] = _f("adamw", "Optimiser (the reference implementation uses "
                                                      "RMSprop).")
     dpo_warmup_steps: int = _f(10, "Linear learning-rate warmup steps (then constant).")
-    dpo_eval_every: int = _f(50, "Evaluate on the held-out prompts every this many steps (and at the end).")
+    dpo_eval_every: int = _f(50, "Evaluate on the validation prompts every this many steps (and at the "
+                             "end): the study's checkpoints.")
 
     def __post_init__(self):
         _check_ranges(self)
@@ -275,7 +276,8 @@ class PPOConfig:
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
-    ppo_eval_every: int = _f(8, "Evaluate on the held-out prompts every this many iterations (and at end).")
+    ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
+                             "the end): the study's checkpoints.")
 
     def __post_init__(self):
         _check_ranges(self)
@@ -501,10 +503,53 @@ class _Parser(HfArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+# --help by stage. The groups only arrange the help: every field stays in its configuration section (the saved
+# training_config.json and --resume compare sections).
+HELP_GROUPS = {
+    "run": ("preset", "dpo_only", "ppo_only", "plots_only", "resume", "seed", "output_dir", "plots_dir", "cache_dir",
+            "device", "dtype", "threads", "report_to", "log_every", "save_every", "keep_checkpoints",
+            "max_nonfinite_skips", "debug_nan_steps"),
+    "data": tuple(f.name for f in fields(DataConfig)),
+    "models (hub, self-built, optional SFT)": ("policy_model", "judge_model", "build_offline_models",
+                                               *(f.name for f in fields(OfflineConfig)),
+                                               *(f.name for f in fields(SFTConfig))),
+    "DPO": tuple(f.name for f in fields(DPOConfig)),
+    "PPO and its reward model": tuple(f.name for f in fields(PPOConfig)),
+    "evaluation": ("n_eval_prompts", "eval_batch_size", "eval_temperature", "temperatures", "n_examples"),
+    "study (--sweep)": ("sweep", "seeds", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls",
+                        "min_budget_use"),
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults are the preset's: say so."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        return text.replace("(default: %(default)s)", "(preset: %(default)s)")
+
+
 def make_parser() -> _Parser:
     # allow_abbrev=False: an abbreviated flag (--dpo-step for --dpo-steps) is an error, never a silent guess.
-    return _Parser(list(SECTIONS.values()), description="DPO vs PPO on IMDb: train, evaluate, plot.",
-                   allow_abbrev=False)
+    parser = _Parser(list(SECTIONS.values()), allow_abbrev=False, formatter_class=_HelpFormatter,
+                     usage="uv run main.py [--preset paper|offline|quick|smoke] [--dpo-only | --ppo-only] "
+                           "[--sweep --seeds S ...] [--FLAG VALUE ...]",
+                     description="DPO vs PPO on IMDb: train, evaluate, plot. Every default shown is the preset's "
+                                 "(--preset offline --help shows the offline preset's). A field that may be empty "
+                                 "takes none (--target_kl none: a fixed KL coefficient).")
+    for action in parser._actions:  # the parser gives a boolean's --no_ flag the same text as the flag itself
+        if isinstance(action, argparse._StoreFalseAction):
+            action.help = f"Turn --{action.dest} off (the preset's --{action.dest}: %(default)s)."
+    where = {name: group for group, names in HELP_GROUPS.items() for name in names}
+    groups = {g: parser.add_argument_group(g) for g in HELP_GROUPS}
+    for container in list(parser._action_groups):
+        if container in groups.values():
+            continue
+        for action in list(container._group_actions):
+            if action.dest in where:  # --no_sweep_ppo_gt (dest sweep_ppo_gt) goes with --sweep_ppo_gt
+                container._group_actions.remove(action)
+                groups[where[action.dest]]._group_actions.append(action)
+    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> Config:

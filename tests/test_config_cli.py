@@ -180,3 +180,19 @@ def test_values_once_accepted_are_refused_from_the_real_cli(argv):
     proc = run_cli("--preset", "smoke", *argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert argv[0] in proc.stderr
+
+
+def test_help_is_grouped_by_stage_with_a_short_usage_and_the_presets_defaults():
+    proc = run_cli("--preset", "offline", "--help")
+    assert proc.returncode == 0
+    out = proc.stdout
+    usage = out.split("\n\n")[0]
+    assert usage.startswith("usage: uv run main.py") and len(usage.splitlines()) <= 2
+    heads = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert heads == ["options:", "run:", "data:", "models (hub, self-built, optional SFT):", "DPO:",
+                     "PPO and its reward model:", "evaluation:", "study (--sweep):"]
+    ppo = out[out.index("PPO and its reward model:"):out.index("evaluation:")]
+    import re
+
+    assert re.search(r"--ppo_steps PPO_STEPS.*?\(preset: (\d+)\)", ppo, re.S).group(1) == "40"  # offline's 40
+    assert "held-out prompts every" not in out and "upper bound" not in out
