@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from batching import pad_sequences, response_batch
+from batching import pad_sequences
 from logprobs import as_scorer, generation_ready
 from models import autocast, dtype_name, machine_info
 from run_log import read_metrics
@@ -123,24 +123,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
             out.append(list(row))
             out_logps.append(lp[: len(row)])
     return (out, out_logps) if return_logps else out
-
-
-@torch.no_grad()
-def response_logps(model, prompts, responses, pad_id: int, batch_size: int, device,
-                   temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N,) summed log-probs of each response given its prompt under ``softmax(logits / temperature)``, in
-    fp32 on the CPU. The transformer runs at ``dtype``; the LM head and the log-softmax in fp32, so that KL
-    estimates carry no bf16 rounding of the logits. ``model`` is a causal LM or a (prepared) ResponseLogProbs."""
-    scorer = as_scorer(model)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
-                                                        pad_id).items()}
-        with autocast(device, dtype):
-            token_logps, _ = scorer(b["input_ids"], b["attention_mask"], b["response_mask"], temperature=temperature,
-                                    fp32_head=True)
-        out.append(token_logps.sum(-1).cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()

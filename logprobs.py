@@ -1,10 +1,11 @@
 """The one response log-prob head shared by DPO, PPO and evaluation.
 
-DPO needs log pi(y|x) summed over the completion, PPO the same per token (plus a value per token), and
-evaluation the per-sequence log-probs of sampled completions under the sampling temperature. All three
-go through :class:`ResponseLogProbs`, which runs the transformer once and applies the LM head and the
-log-softmax only where a response token is predicted: the full (B, T, V) logits and log-probs are never
-materialised.
+DPO needs log pi(y|x) summed over the completion, PPO the same per token (plus a value per token, and with the
+exact KL penalty the vocabulary's log-probs at the response tokens). Both go through :class:`ResponseLogProbs`,
+which runs the transformer once and applies the LM head and the log-softmax only where a response token is
+predicted: the full (B, T, V) logits and log-probs are never materialised. (Evaluation scores completions
+while sampling them, and the reference on the same tokens with ``eval_utils.generate(forced=...)``, the
+sampling loop itself.)
 """
 
 from __future__ import annotations
@@ -72,17 +73,13 @@ class ResponseLogProbs(torch.nn.Module):
             torch.nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, temperature: float = 1.0, fp32_head: bool = False,
-                vocab_logps: bool = False):
+                position_ids: torch.Tensor | None = None, vocab_logps: bool = False):
         """Log-probs of the tokens marked by ``response_mask`` given everything before them.
 
         Args:
             input_ids, attention_mask, response_mask: (B, T); ``response_mask`` is 1 on the tokens whose
                 log-prob is wanted (never on column 0, which has no context).
             position_ids: (B, T) or None (the model's default: 0..T-1, right for right-padded rows).
-            temperature: the sampling temperature T: log-probs of ``softmax(logits / T)``, the distribution
-                that ``generate(temperature=T)`` samples from.
-            fp32_head: apply the LM head in fp32 even under autocast (evaluation: exact KL).
             vocab_logps: also return the log-probs of the whole vocabulary at every response token's state, (N, V)
                 fp32 for the N response tokens in row-major order (:meth:`scatter` lays a per-token (N,) result
                 out as (B, T)); PPO's exact KL penalty needs them.
@@ -99,14 +96,7 @@ class ResponseLogProbs(torch.nn.Module):
         # states whose next token is a response token (the prompt's and the padding's logits are never made).
         pred = response_mask[:, 1:].bool()
         h = hidden[:, :-1][pred]  # (N, D)
-        if fp32_head:
-            with torch.autocast(h.device.type, enabled=False):
-                logits = head(h.float())
-        else:
-            logits = head(h)
-        logits = logits.float()
-        if temperature != 1.0:  # training always scores at T = 1: skip a full pass over the logits there
-            logits = logits / temperature
+        logits = head(h).float()
         # The sampled tokens' log-probs the same way with or without the vocabulary's: PPO's ratios compare them.
         lp = selective_log_softmax(logits, input_ids[:, 1:][pred])
         full = torch.log_softmax(logits, dim=-1) if vocab_logps else None

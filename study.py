@@ -320,8 +320,9 @@ def hierarchical_bootstrap(per_seed: list, n_resamples: int = 2000, level: float
 
 
 def kl_over_last_fifth(rows: list[dict]) -> tuple[float, float] | None:
-    """A run's validation KL at the start of its last fifth (the last evaluation at or before 80% of the steps)
-    and at its final evaluation, ``(start, end)``; None when no evaluation lies in the first four fifths."""
+    """A run's validation KL at the last evaluation at or before 80% of its steps and at its final evaluation,
+    ``(start, end)``; None when no evaluation lies in the first four fifths. With evaluations every tenth of a
+    run that is its last fifth; with four (steps 10-40) it is its last quarter (30 to 40)."""
     evals = [r for r in rows if "eval/kl_to_ref" in r]
     if not evals:
         return None

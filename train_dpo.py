@@ -1,4 +1,4 @@
-"""DPO training (arXiv:2305.18290): ``train(cfg, data, kit)`` reads top to bottom.
+"""DPO training (arXiv:2305.18290): ``train(cfg, data, ctx)`` reads top to bottom.
 
 The reference model is never run during training: its log-probs of every training pair are computed once,
 before the first step, while the policy still *is* the reference, and cached on disk.
@@ -56,8 +56,8 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
 
 
 def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", evaluate: bool = True) -> dict:
-    """Train DPO on ``data.train_pairs``; ``evaluate=False`` skips the held-out
-    evaluations (benchmarks time the training alone). Data-parallel over ``ctx.acc``'s processes: each takes
+    """Train DPO on ``data.train_pairs``; ``evaluate=False`` skips the evaluations on the
+    validation prompts (benchmarks time the training alone). Data-parallel over ``ctx.acc``'s processes: each takes
     its share of every batch, so the batch size is global and the result the same at any process count."""
     dc, rc, acc, device, tok = cfg.dpo, cfg.run, ctx.acc, ctx.device, ctx.tokenizer
     # Seeds everything; the reference pass counts as DPO's training time.

@@ -63,7 +63,7 @@ def response_logps_values_kl(policy: ResponseLogProbs, ref: ResponseLogProbs, b)
 
 
 def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", evaluate: bool = True) -> dict:
-    """Train the reward model (unless ``ppo_reward="judge"``), then PPO; ``evaluate=False`` skips the held-out
+    """Train the reward model (unless ``ppo_reward="judge"``), then PPO; ``evaluate=False`` skips the validation
     evaluations. Data-parallel over ``ctx.acc``'s processes: each samples and scores its share of every rollout
     batch; advantages are whitened and the KL controller fed over the global batch."""
     pc, rc, acc, device, tok = cfg.ppo, cfg.run, ctx.acc, ctx.device, ctx.tokenizer

@@ -60,6 +60,29 @@ def tiny_lm(tiny_tokenizer):
     return GPT2LMHeadModel(cfg).eval()
 
 
+@torch.no_grad()
+def summed_response_logps(lm, prompts, responses, pad_id: int, batch_size: int, device="cpu",
+                          temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Test oracle: (N,) summed log-probs of each response given its prompt under ``softmax(logits / T)``, from
+    the causal LM's whole (B, T, V) log-softmax (the code under test never builds it). The transformer runs at
+    ``dtype``, the LM head in fp32."""
+    from batching import response_batch
+    from models import autocast
+
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        b = {k: v.to(device) for k, v in response_batch(prompts[s:s + batch_size], responses[s:s + batch_size],
+                                                        pad_id).items()}
+        with autocast(device, dtype):
+            hidden = lm.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden.float())
+        # the state at t predicts token t + 1
+        logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+        token = logp.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+        out.append((token * b["response_mask"][:, 1:]).sum(-1).cpu())
+    return torch.cat(out)
+
+
 def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run ``main.py`` in a subprocess exactly as a user would (minus uv), from the repository root (or ``cwd``,
     where its default relative paths then land)."""

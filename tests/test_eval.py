@@ -76,7 +76,9 @@ def test_kl_to_the_reference_at_temperature_t_matches_brute_force(temperature):
     """Per-sequence log-probs under softmax(logits / T) equal a brute-force enumeration, they sum to 1 over
     every completion generate() can return, and the Monte Carlo KL of evaluate_policy's recipe (sample at T,
     score both models at T) lands on the exact KL(pi_T || pi_ref,T)."""
-    from eval_utils import generate, response_logps
+    from conftest import summed_response_logps as response_logps
+
+    from eval_utils import generate
 
     policy, ref = _peaky_lm(0), _peaky_lm(1)
     ys = _all_completions()
@@ -142,7 +144,9 @@ def test_kl_under_bf16_is_that_of_the_distribution_sampled():
     distribution sampled from: enumerate every completion's probability along the sampling path (generate
     with ``forced``) for the policy and the reference, and the Monte Carlo KL of evaluate_policy's recipe lands
     on the exact sum. Scoring the samples with an fp32 head instead (the former recipe) misses it."""
-    from eval_utils import generate, response_logps
+    from conftest import summed_response_logps as response_logps
+
+    from eval_utils import generate
 
     bf16 = torch.bfloat16
     policy, ref = _loud_lm(0), _loud_lm(1)

@@ -1,10 +1,11 @@
 """Checks with a tiny randomly initialised GPT-2 (seconds, no data files)."""
 
 import torch
+from conftest import summed_response_logps as response_logps
 
 from batching import concatenated_batch, rollout_batch
 from dpo_utils import concatenated_forward, dpo_loss
-from eval_utils import generate, response_logps
+from eval_utils import generate
 from logprobs import ResponseLogProbs
 from models import weights_fingerprint
 from ppo_utils import gae, kl_penalized_rewards, policy_loss, value_loss, whiten
