@@ -135,7 +135,8 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                         # penalty also charges (there against raw scores, here against whitened advantages).
                         kl_loss = (token_kl.float() * mb_mask).sum(1)
                     else:
-                        (new_logprobs, new_values), kl_loss = response_logps_values(policy, mb), torch.zeros(1)
+                        new_logprobs, new_values = response_logps_values(policy, mb)
+                        kl_loss = torch.zeros(1, device=device)  # the penalty is in the rewards
                 pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask, pc.clip_coef)
                 v_loss = value_loss(new_values.float(), old_values[mb_idx], returns[mb_idx], mb_mask, pc.vf_clip_coef)
                 loss = pg["pg_loss"].mean() + pc.vf_coef * v_loss.mean() + kl_ctl.value * kl_loss.mean()
