@@ -40,25 +40,28 @@ from run_utils import (
 )
 
 
+def _model_args(b) -> tuple:
+    """A :func:`rollout_batch`'s forward arguments, its response mask widened over the prompt columns [0, P)."""
+    full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :b["P"]]), b["response_mask"]], 1)
+    return b["input_ids"], b["attention_mask"], full_mask, b["position_ids"]
+
+
 def response_logps_values(model: ResponseLogProbs, b) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the response tokens and (B, T) values of the states that emitted them (None for a
     model without a value head), from a :func:`rollout_batch` whose responses start at column P."""
     P = b["P"]
-    full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :P]), b["response_mask"]], 1)
-    token_logps, values = model(b["input_ids"], b["attention_mask"], full_mask, b["position_ids"])
+    token_logps, values = model(*_model_args(b))
     return token_logps[:, P:], (values[:, P:] if values is not None else None)
 
 
 def response_logps_values_kl(policy: ResponseLogProbs, ref: ResponseLogProbs, b):
     """:func:`response_logps_values` of ``policy`` plus (B, T) the exact per-token KL(policy || ref) over the
     vocabulary at each response token's state (``ppo_utils.exact_kl``), differentiable in the policy."""
-    P = b["P"]
-    full_mask = torch.cat([torch.zeros_like(b["input_ids"][:, :P]), b["response_mask"]], 1)
-    args = (b["input_ids"], b["attention_mask"], full_mask, b["position_ids"])
+    P, args = b["P"], _model_args(b)
     token_logps, values, logps = policy(*args, vocab_logps=True)
     with torch.no_grad():  # the reference is frozen: only the policy's side of the KL carries a gradient
         _, _, ref_logps = ref(*args, vocab_logps=True)
-    kl = ResponseLogProbs.scatter(full_mask, exact_kl(logps, ref_logps))
+    kl = ResponseLogProbs.scatter(args[2], exact_kl(logps, ref_logps))
     return token_logps[:, P:], values[:, P:], kl[:, P:]
 
 

@@ -140,6 +140,21 @@ def run_grid(script: str, argv: list[str], tasks: list[dict], jobs: int, logs: P
     _launch(script, argv, [tasks[i::jobs] for i in range(jobs) if tasks[i::jobs]], jobs, False, logs, "train")
 
 
+def run_and_report(script: str, a, rest: list[str], cfg, tasks: list[dict], report, **record) -> int:
+    """The end of a grid script's main: train ``tasks`` (unless ``--report``), print the tables (``report()``,
+    which returns the JSON record), add the command, ``record`` and the wall time, and write it to ``--out``."""
+    t0 = time.time()
+    if not a.report:
+        run_grid(script, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
+    out = report()
+    out.update(command=f"uv run scripts/{Path(script).name} " + " ".join(sys.argv[1:]), **record,
+               wall_s=time.time() - t0)
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(f"\nwrote {a.out}")
+    return 0
+
+
 def validation_points(out_dir: Path, name: str) -> list[dict]:
     """A finished (or interrupted) run's evaluations: ``{"step", "kl", "safety"}`` on the validation prompts."""
     for path in (out_dir / name / "metrics.jsonl", out_dir / "runs" / name / "metrics.jsonl"):

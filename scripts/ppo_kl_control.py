@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from run_log import read_results  # noqa: E402
 from scripts import grid  # noqa: E402
-from scripts.grid import band_best, run_grid, validation_points  # noqa: E402
+from scripts.grid import band_best, validation_points  # noqa: E402
 
 BANDS = (2.0, 4.0, 8.0)  # the safety comparison: best validation safety with validation KL within ±20%
 BASELINE = ROOT / "docs" / "study_review_pairs" / "results.json"  # PPO before the fixes (AdamW decay 0.01)
@@ -163,16 +162,9 @@ def main() -> int:
     inits = dict(zip(a.targets, a.target_inits or [None] * len(a.targets)))
     tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v, inits.get(v))}
              for s in a.seeds for k, v in settings(a.coefs, a.targets)]
-    t0 = time.time()
-    if not a.report:
-        run_grid(__file__, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
-    out = report(Path(cfg.run.output_dir), a.seeds, a.coefs, a.targets)
-    out.update(command="uv run scripts/ppo_kl_control.py " + " ".join(sys.argv[1:]), target_inits=a.target_inits,
-               config=cfg.to_dict()["ppo"], wall_s=time.time() - t0)
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
-        print(f"\nwrote {a.out}")
-    return 0
+    return grid.run_and_report(__file__, a, rest, cfg, tasks,
+                               lambda: report(Path(cfg.run.output_dir), a.seeds, a.coefs, a.targets),
+                               target_inits=a.target_inits, config=cfg.to_dict()["ppo"])
 
 
 if __name__ == "__main__":

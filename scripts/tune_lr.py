@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts import grid  # noqa: E402
-from scripts.grid import band_best, reference_safety, run_grid, validation_points  # noqa: E402
+from scripts.grid import band_best, reference_safety, validation_points  # noqa: E402
 
 BANDS = (1.0, 2.0, 4.0, 8.0, 12.0)
 
@@ -109,18 +108,10 @@ def main() -> int:
         grid.worker(cfg, json.loads(a.worker), a.prepare_only)
         return 0
     tasks = tasks_for(a.seed, lrs, a.betas, a.coefs)
-    t0 = time.time()
-    if not a.report:
-        run_grid(__file__, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
-    out = report(Path(cfg.run.output_dir), tasks, lrs)
-    out.update(command="uv run scripts/tune_lr.py " + " ".join(sys.argv[1:]), seed=a.seed, betas=a.betas,
-               coefs=a.coefs, wall_s=time.time() - t0,
-               run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
-                            "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every})
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
-        print(f"\nwrote {a.out}")
-    return 0
+    return grid.run_and_report(__file__, a, rest, cfg, tasks, lambda: report(Path(cfg.run.output_dir), tasks, lrs),
+                               seed=a.seed, betas=a.betas, coefs=a.coefs,
+                               run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
+                                            "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every})
 
 
 if __name__ == "__main__":
