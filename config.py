@@ -276,6 +276,10 @@ class PPOConfig:
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
+    kl_hold: bool = _f(False, "Hold the adaptive coefficient at init_kl_coef until the KL first reaches "
+                       "target_kl (anti-windup: PPO's KL rises over tens of iterations, and the controller "
+                       "would otherwise lower the coefficient all the while, so the KL overshoots). Start "
+                       "init_kl_coef at or below the coefficient that holds the target.")
     ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
                              "the end): the study's checkpoints.")
 
@@ -436,11 +440,13 @@ def _preset(name: str) -> Config:
             # validation KL by more than 10% over their last fifth. The exact KL penalty: with the sampled one the
             # coefficient could not hold the KL down (coefficient 5 drifted to 3.1 nats in 40 iterations, seed 0),
             # with the exact one the coefficient sets it, 0.0003 to 0.1 spanning about 0.5 to 12 nats in 40
-            # iterations (docs/ppo_kl_control.md). The adaptive controller starts at the coefficient that lands
-            # nearest its default target of 6 nats and may move 10% an iteration (kl_horizon 128 rollouts).
+            # iterations (docs/ppo_kl_control.md). The adaptive controller holds its start until the KL first
+            # reaches the target (Ziegler et al.'s update lowered the coefficient through the slow rise, and the
+            # KL overshot 6 nats to 10-11), starting at 0.003, which reaches 6 nats in 22-30 iterations, and
+            # may then move 10% an iteration (kl_horizon 128 rollouts).
             ppo=PPOConfig(rm_steps=400, rm_batch_size=32, rm_lr=3e-4, rm_eval_every=50, rm_patience=3,
-                          ppo_steps=40, ppo_lr=1e-4, kl_penalty="exact", init_kl_coef=0.005, kl_horizon=128,
-                          ppo_eval_every=10),
+                          ppo_steps=40, ppo_lr=1e-4, kl_penalty="exact", init_kl_coef=0.003, kl_horizon=128,
+                          kl_hold=True, ppo_eval_every=10),
             # Matched KLs inside the range both methods reach in this budget (DPO's smallest beta ~6-7 nats). The
             # study's grid gives every method 3 runs of 4 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at the
             # adaptive target and the fixed coefficients 0.01 and 0.03 (about 3 and 1.2 nats with the exact KL
@@ -616,18 +622,29 @@ READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl
                           "min_budget_use"), "model": ("threads",)}
 
 
-def run_settings(config: dict) -> dict:
+ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL controller, which a fixed coefficient ignores
+
+
+def run_settings(config: dict, method: str | None = None) -> dict:
     """What a training run's results depend on, from a ``Config.to_dict()`` (also an older one): every setting
-    but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones."""
+    but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones. Given the run's
+    ``method`` ("dpo", "ppo" or "ppo_gt"), also not the other method's section, nor, for PPO at a fixed
+    coefficient, the adaptive controller's settings: a run does not depend on settings it never reads."""
     out = {sec: {k: v for k, v in values.items() if k not in READ_OUT_ONLY.get(sec, ())}
            for sec, values in config.items() if sec != "run"}
     out["run"] = {"seed": config["run"]["seed"]}
+    if method == "dpo":
+        out.pop("ppo", None)
+    elif method in ("ppo", "ppo_gt"):
+        out.pop("dpo", None)
+        if out.get("ppo", {}).get("target_kl") is None:
+            out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k not in ADAPTIVE_ONLY}
     return out
 
 
-def settings_diff(saved: dict, now: dict) -> list[str]:
+def settings_diff(saved: dict, now: dict, method: str | None = None) -> list[str]:
     """``section.field: saved -> now`` for each run setting (:func:`run_settings`) that differs."""
-    a, b = run_settings(saved), run_settings(now)
+    a, b = run_settings(saved, method), run_settings(now, method)
     return [f"{sec}.{k}: {a.get(sec, {}).get(k)!r} -> {b.get(sec, {}).get(k)!r}"
             for sec in sorted(set(a) | set(b)) for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {})))
             if a.get(sec, {}).get(k) != b.get(sec, {}).get(k)]

@@ -131,7 +131,7 @@ class TrainingRun:
             return
         saved = next((p for p in (ckpt / "training_config.json", self.run_dir / "training_config.json") if p.exists()),
                      None)
-        diff = settings_diff(json.loads(saved.read_text()), self.cfg.to_dict()) if saved else []
+        diff = settings_diff(json.loads(saved.read_text()), self.cfg.to_dict(), self.method) if saved else []
         if diff:
             more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
             raise StopTraining(f"{self.name}: the checkpoint {ckpt} was written with other settings ({diff[0]}{more}); "

@@ -135,20 +135,30 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 class AdaptiveKLController:
     """Adaptive KL coefficient (Sec. 2.2, Ziegler et al. 2019): kl_coef <- kl_coef * (1 + K * e), where
-    e = clip(KL / target - 1, -0.2, 0.2) and K = n_steps / horizon."""
+    e = clip(KL / target - 1, -0.2, 0.2) and K = n_steps / horizon.
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+    ``hold=True`` keeps the coefficient at its start until the KL first reaches the target (conditional
+    integration, the usual anti-windup). PPO's KL takes tens of iterations to rise; integrating the error of that
+    rise winds the coefficient far below the one that holds the target, and the KL then overshoots it
+    (docs/ppo_kl_control.md: target 6 overshot to 10-11 nats). With the hold, start at or below the coefficient
+    that holds the target, so that the KL gets there."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, hold: bool = False):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
+        self.reached = not hold  # whether the update runs (always without the hold)
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        self.reached = self.reached or current_kl >= self.target
+        if not self.reached:
+            return
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
 
     def state_dict(self) -> dict:
-        return {"value": self.value}
+        return {"value": self.value, "reached": self.reached}
 
     def load_state_dict(self, d: dict) -> None:
-        self.value = d["value"]
+        self.value, self.reached = d["value"], d.get("reached", self.reached)
 
 
 class FixedKLController:
@@ -167,9 +177,10 @@ class FixedKLController:
         self.value = d["value"]
 
 
-def kl_controller(init_kl_coef: float, target: float | None, horizon: int):
-    """The fixed controller when ``target`` is None, else the adaptive one."""
-    return FixedKLController(init_kl_coef) if target is None else AdaptiveKLController(init_kl_coef, target, horizon)
+def kl_controller(init_kl_coef: float, target: float | None, horizon: int, hold: bool = False):
+    """The fixed controller when ``target`` is None, else the adaptive one (``hold``: see its docstring)."""
+    return (FixedKLController(init_kl_coef) if target is None
+            else AdaptiveKLController(init_kl_coef, target, horizon, hold))
 
 
 def sampling_logp_gap(sampled_logps: list[list[float]], logprobs: torch.Tensor) -> float:

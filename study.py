@@ -141,7 +141,8 @@ def carried_over(cfg, setup: dict) -> list[dict]:
 def finished(run_cfg, spec: RunSpec) -> dict | None:
     """The saved summary of a run that completed with this very configuration (its final model directory is
     only ever written whole), or None. A run whose saved config differs in a setting it depends on
-    (``config.run_settings``: not the run-control flags, nor the read-out-only settings) is not finished: it is
+    (``config.run_settings``: not the run-control flags, nor the read-out-only settings, nor those the method
+    never reads) is not finished: it is
     trained again; so is one whose evaluations were not on the validation prompts, or a study run that did not
     keep its evaluated weights."""
     final = Path(run_cfg.run.output_dir) / spec.name
@@ -153,7 +154,7 @@ def finished(run_cfg, spec: RunSpec) -> dict | None:
     # weights kept, cannot serve the study's choices: trained again.
     if summary.get("evaluated_on") != "validation" or (run_cfg.run.sweep and not summary.get("kept_evaluated")):
         return None
-    return None if settings_diff(saved, now) else summary
+    return None if settings_diff(saved, now, spec.method) else summary
 
 
 # ----------------------------------------------------------------------------------------- frontiers

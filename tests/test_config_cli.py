@@ -28,6 +28,27 @@ def test_config_round_trips_through_a_dict():
     assert cfg.replace(dpo={"beta": 0.3}).dpo.beta == 0.3
 
 
+def test_a_run_depends_on_its_own_method_settings_only():
+    """Reuse and --resume compare the settings a run reads: a DPO run not PPO's, a PPO run not DPO's, and PPO at
+    a fixed coefficient not the adaptive controller's (so adding or changing one of those keeps such runs)."""
+    from config import settings_diff
+
+    base = PRESETS["offline"]
+    fixed = base.replace(ppo={"target_kl": None, "init_kl_coef": 0.01})
+    saved = fixed.to_dict()
+    saved["ppo"].pop("kl_hold")  # a run saved before the setting existed
+    assert settings_diff(saved, fixed.replace(ppo={"kl_horizon": 64}).to_dict(), "ppo") == []
+    assert settings_diff(saved, fixed.replace(dpo={"beta": 0.5}).to_dict(), "ppo_gt") == []
+    assert settings_diff(saved, fixed.replace(ppo={"init_kl_coef": 0.02}).to_dict(), "ppo") == [
+        "ppo.init_kl_coef: 0.01 -> 0.02"]
+    adaptive = base.to_dict()
+    assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "ppo") == [
+        "ppo.kl_horizon: 128 -> 64"]
+    assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "dpo") == []
+    assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == ["dpo.beta: 0.1 -> 0.5"]
+    assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict()) != []  # no method: all of them
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--beta", "0"], "beta"),
     (["--beta", "-1"], "beta"),

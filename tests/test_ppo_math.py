@@ -110,6 +110,23 @@ def test_adaptive_kl_controller_moves_towards_target():
     assert fixed.value == 0.3
 
 
+def test_held_kl_controller_waits_for_the_target_then_adapts_both_ways_and_resumes_its_state():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100, hold=True)
+    for kl in (0.5, 2.0, 5.9):  # the rise: a KL below the target does not lower the coefficient yet
+        ctl.update(kl, n_steps=10)
+    assert ctl.value == 0.1 and not ctl.reached
+    ctl.update(7.2, n_steps=10)  # reached: from here the usual update, up ...
+    assert ctl.reached and ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    ctl.update(3.0, n_steps=10)  # ... and down, even after the KL falls below the target again
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1) * (1 - 0.2 * 0.1))
+    resumed = AdaptiveKLController(0.5, target=6.0, horizon=100, hold=True)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.reached and resumed.value == ctl.value
+    unheld = AdaptiveKLController(0.1, target=6.0, horizon=100)  # Ziegler et al.: lowers it from the start
+    unheld.update(0.5, n_steps=10)
+    assert unheld.value < 0.1
+
+
 def test_whiten_over_process_shares_equals_whitening_the_global_batch():
     """Each process whitens its share with the global batch's mean and variance (sums over processes)."""
     g = torch.Generator().manual_seed(0)
