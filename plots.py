@@ -10,7 +10,7 @@ import numpy as np
 
 from config import ConfigError
 from run_log import read_metrics, read_results
-from study import METHOD_LABELS, METHODS
+from study import METHOD_LABELS, METHODS, upper_envelope
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", **METHOD_LABELS}
@@ -147,29 +147,47 @@ def protocol_markdown(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- plotting
 def plot_learning_curve(ax, results: dict) -> None:
-    """Safety of each default run over its training seconds (the same unit for every method; PPO's clock
-    starts with its reward model's training), one line per seed."""
+    """Validation safety of each default run over its training progress (the fraction of its steps: DPO's steps
+    and PPO's iterations are different units, and seconds would show the machine's load), one line per seed; each
+    run's length and training seconds are in the legend."""
     shown, ref = [], None
     for r in results["runs"]:
         if not r["main"]:
             continue
         rows = [row for row in read_metrics(r["metrics"]) if "eval/safety_score" in row]
+        if not rows:
+            continue
         ref = next((row["eval/safety_score"] for row in rows if row["step"] == 0), ref)
         first = r["seed"] == results["seed"]
-        ax.plot([row.get("time_s", 0.0) for row in rows], [row["eval/safety_score"] for row in rows],
+        last = max(row["step"] for row in rows) or 1
+        unit = "iterations" if r["method"] != "dpo" else "steps"
+        ax.plot([row["step"] / last for row in rows], [row["eval/safety_score"] for row in rows],
                 "o-" if first else ".-", color=COLORS[r["method"]], alpha=1.0 if first else 0.45,
-                lw=1.6 if first else 1, label=_label(r["method"], r["label"]) if first else None)
+                lw=1.6 if first else 1,
+                label=f"{_label(r['method'], r['label'])} ({last} {unit}, {r['train_time_s']:.0f} s)" if first
+                else None)
         shown += [row["eval/safety_score"] for row in rows]
-    ref = results["reference"]["safety_score"] if ref is None else ref  # a resumed run may lack its step 0
-    ax.axhline(ref, ls="--", color=COLORS["reference"], label="reference")
+    held_out = ref is None  # a resumed run may lack its step 0: then the held-out reference, said so
+    ref = results["reference"]["safety_score"] if held_out else ref
+    ax.axhline(ref, ls="--", color=COLORS["reference"], label="reference (held-out)" if held_out else "reference")
     n = len(results.get("seeds", [results["seed"]]))
-    ax.set_xlabel("training seconds (evaluation excluded; PPO's include its reward model)")
+    ax.set_xlabel("training progress (fraction of the run's steps)")
+    ax.set_xlim(-0.03, 1.03)
     ax.set_ylabel("safety score (judge P(positive))")
     _safety_axis(ax, shown + [ref])
     ax.set_title("Learning curves on validation prompts" + (f" ({n} seeds; faint: other seeds)" if n > 1 else "")
                  + _noise_note(results, shown + [ref]))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
+
+
+FEW_POINTS = 4  # a frontier of fewer points (median over seeds) is drawn as points: a line through 2-3 suggests a curve
+
+
+def _validation_reference(results: dict) -> float | None:
+    """The reference's validation safety: the step-0 evaluation of the first seed's default runs."""
+    return next((row["eval/safety_score"] for r in results.get("runs", []) if r["main"] and r["seed"] ==
+                 results["seed"] for row in read_metrics(r["metrics"])[:1] if row["step"] == 0), None)
 
 
 def plot_pareto(ax, results: dict) -> None:
@@ -183,14 +201,24 @@ def plot_pareto(ax, results: dict) -> None:
             continue
         ax.scatter([p["kl"] for p in mine], [p["safety"] for p in mine], s=10, alpha=0.35, color=COLORS[method])
         c = curves.get(method)
-        if c:
+        seeds = sorted({p["seed"] for p in mine})
+        envelopes = {sd: upper_envelope([(p["kl"], p["safety"]) for p in mine if p["seed"] == sd]) for sd in seeds}
+        runs = len({p["label"] for p in mine})
+        settings = f"{runs} setting{'s' if runs > 1 else ''}"
+        if np.median([len(e) for e in envelopes.values()]) < FEW_POINTS:
+            # a frontier of a few points: those points, each seed's, never a line through them
+            for i, env in enumerate(envelopes.values()):
+                ax.plot([k for k, _ in env], [v for _, v in env], "o", ls="none", ms=7, mfc="none", mew=1.6,
+                        color=COLORS[method], label=None if i else
+                        f"{LABELS[method]}: validation frontier points{' of each seed' if len(seeds) > 1 else ''}"
+                        f" ({settings})")
+        elif c:
             kl, mean, std, n = (np.array(c[k], dtype=float) for k in ("kl", "mean", "std", "n"))
             every = n >= n_seeds  # where every seed's frontier reaches: a mean over the same seeds throughout
-            runs = len({p["label"] for p in mine})
             what = (f"validation frontier, mean of {n_seeds} seeds up to the KL all reach" if n_seeds > 1
                     else "validation frontier (best safety within each KL)")
             ax.plot(kl[every], mean[every], "-", lw=2, color=COLORS[method],
-                    label=f"{LABELS[method]}: {what} ({runs} setting{'s' if runs > 1 else ''})")
+                    label=f"{LABELS[method]}: {what} ({settings})")
             if n_seeds > 1:
                 ax.fill_between(kl[every], (mean - std)[every], (mean + std)[every], color=COLORS[method], alpha=0.15)
     chosen = []  # the study's checkpoints chosen on validation, at their held-out KL and safety, with 95% CIs
@@ -204,11 +232,18 @@ def plot_pareto(ax, results: dict) -> None:
         ax.errorbar([c["kl"]], [s["mean"]], yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]], fmt="D", ms=6,
                     color=COLORS[method], mec="black", capsize=3, zorder=6,
                     label=f"{_short(method)}: chosen on validation, held-out mean and 95% CI" if first else None)
-    ax.scatter([0], [results["reference"]["safety_score"]], marker="*", s=120, color=COLORS["reference"],
-               label="reference (held-out)", zorder=5)
+    # The reference's validation safety is the KL-0 end of the validation frontiers; its held-out safety (a
+    # different prompt sample, so a different number) only beside the held-out checkpoints.
+    val_ref = _validation_reference(results)
+    if val_ref is not None:
+        ax.scatter([0], [val_ref], marker="*", s=120, color=COLORS["reference"], label="reference (validation)",
+                   zorder=5)
+    if chosen or val_ref is None:
+        ax.scatter([0], [results["reference"]["safety_score"]], marker="*", s=120, facecolor="white",
+                   edgecolor=COLORS["reference"], label="reference (held-out)", zorder=5)
     ax.set_xlabel(f"KL(π_T ‖ π_ref,T) per sequence, nats (T = {results['eval_temperature']})")
     ax.set_ylabel("safety score (judge P(positive))")
-    safeties = ([p["safety"] for p in pts] + [results["reference"]["safety_score"]]
+    safeties = ([p["safety"] for p in pts] + [results["reference"]["safety_score"]] + [v for v in [val_ref] if v]
                 + [c["safety"][k] for _, c in chosen for k in ("lo", "hi")])
     _safety_axis(ax, safeties)
     kls = [p["kl"] for p in pts] + [c["kl"] for _, c in chosen]
@@ -244,38 +279,41 @@ def plot_temperature(ax, results: dict) -> None:
 
 
 def plot_final(ax, results: dict) -> None:
-    """The default runs' final safety, their KL to the reference written under each bar: one seed, on its
-    held-out prompts with the paired 95% interval against the reference; several seeds, on the validation
-    prompts (the last evaluation of each seed's run), mean ± std over the seeds."""
+    """The default runs' final safety, each run's KL to the reference on its bar (the runs end at different KLs:
+    the panel says so, and the safety-vs-KL panel compares them): one seed, on its held-out prompts with the
+    paired 95% interval against the reference; several seeds, on the validation prompts (the last evaluation of
+    each seed's run), mean ± std over the seeds. The reference has no interval: it is what the others are
+    measured against."""
     runs = results.get("study", {}).get("default_runs", {})
     n = len(results.get("seeds", [results["seed"]]))
     names = ["reference", *[m for m in METHODS if (m in runs if n > 1 else m in results)]]
     x = np.arange(len(names))
-    means, lo_err, hi_err, ticks = [], [], [], []
+    means, lo_err, hi_err, ticks, kls = [], [], [], [], []
     for name in names:
         if name == "reference":  # several seeds: its validation safety (the step-0 evaluation of the first run)
-            ref = next((row["eval/safety_score"] for r in results.get("runs", []) if r["main"] and n > 1
-                        for row in read_metrics(r["metrics"])[:1] if row["step"] == 0), None)
-            mean, low, high, tick = (results["reference"]["safety_score"] if ref is None else ref), 0.0, 0.0, \
-                "reference\nKL 0"
+            ref = _validation_reference(results) if n > 1 else None
+            mean, low, high, kl = (results["reference"]["safety_score"] if ref is None else ref), 0.0, 0.0, "KL 0"
         elif n > 1:  # spread over seeds
             mean, std = runs[name]["safety"]
             std = 0.0 if math.isnan(std) else std
             low = high = std
-            kl, kl_std = runs[name]["kl"]
-            tick = f"{_short(name)}\nKL {_pm(kl, kl_std, '{:.2f}')} nats"
+            kl = "KL\n" + _pm(*runs[name]["kl"], "{:.2f}")
         else:  # one seed: held-out, with the paired interval of its difference to the reference
             mean = results[name]["safety_score"]
             diff = results[name].get("safety_vs_reference")
             low, high = ((diff["mean"] - diff["lo"]), (diff["hi"] - diff["mean"])) if diff else (0.0, 0.0)
-            tick = f"{_short(name)}\nKL {results[name]['kl_to_ref']:.2f} nats"
+            kl = f"KL\n{results[name]['kl_to_ref']:.2f}"
         means.append(mean)
         lo_err.append(min(low, mean))  # never below 0
         hi_err.append(min(high, 1.0 - mean))
-        ticks.append(tick)
-    bars = ax.bar(x, means, 0.6, yerr=[lo_err, hi_err], capsize=4, color=[COLORS[m] for m in names])
-    for b, v, up in zip(bars, means, hi_err):  # above the error bar, never on it
+        ticks.append(LABELS[name].replace(" (", "\n("))
+        kls.append(kl)
+    bars = ax.bar(x, means, 0.6, color=[COLORS[m] for m in names])
+    ax.errorbar(x[1:], means[1:], yerr=[lo_err[1:], hi_err[1:]], fmt="none", ecolor="black", capsize=4)
+    for b, v, up, kl in zip(bars, means, hi_err, kls):  # the value above the error bar, the KL inside the bar
         ax.text(b.get_x() + b.get_width() / 2, v + up + 0.015, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.text(b.get_x() + b.get_width() / 2, 0.04, kl + (" nats" if kl != "KL 0" else ""), ha="center",
+                va="bottom", fontsize=9, color="white", fontweight="bold")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("safety score (judge P(positive))")
     ax.set_xticks(x, ticks, fontsize=8)
@@ -283,12 +321,25 @@ def plot_final(ax, results: dict) -> None:
                  else "held-out; bars: 95% paired CI vs reference")
     quiet = n == 1 and all(not (d["lo"] > 0 or d["hi"] < 0) for d in
                            (results.get(m, {}).get("safety_vs_reference") for m in names[1:]) if d)
-    ax.set_title(f"Default runs: final safety ({bars_mean})"
+    ax.set_title(f"Default runs: final safety ({bars_mean})\n"
+                 f"each at its own KL: not comparable here, see safety vs KL"
                  + ("\n(no method differs from the reference beyond evaluation noise)" if quiet and names[1:] else ""))
 
 
 PANELS = {"learning_curve": plot_learning_curve, "pareto_frontier": plot_pareto,
           "temperature_robustness": plot_temperature, "final_metrics": plot_final}
+
+
+def dashboard_title(results: dict) -> str:
+    """``DPO vs PPO-GT on IMDb (quick preset: ...)``: the methods named by their reward, as in the panels."""
+    seeds = results.get("seeds", [results["seed"]])
+    policy = Path(results["policy_model"]).name
+    policy = "self-built GPT-2" if policy.startswith(("base_lm-", "sft-")) or "/sft/" in results["policy_model"] \
+        else policy
+    methods = " vs ".join(_short(m) for m in METHODS if m in results or any(r["method"] == m for r in results["runs"]))
+    return (f"{methods or 'The reference'} on IMDb ({results['preset']} preset: policy {policy}, "
+            f"{results['n_eval_prompts']} held-out prompts, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))})")
 
 
 def draw_dashboard(plots_dir) -> Path:
@@ -312,13 +363,7 @@ def draw_dashboard(plots_dir) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     for ax, draw in zip(axes.flat, PANELS.values()):
         draw(ax, results)
-    seeds = results.get("seeds", [results["seed"]])
-    policy = Path(results["policy_model"]).name
-    policy = "self-built GPT-2" if policy.startswith(("base_lm-", "sft-")) or "/sft/" in results["policy_model"] \
-        else policy
-    fig.suptitle(f"DPO vs PPO on IMDb ({results['preset']} preset: policy {policy}, "
-                 f"{results['n_eval_prompts']} held-out prompts, seed{'s' if len(seeds) > 1 else ''} "
-                 f"{', '.join(map(str, seeds))})")
+    fig.suptitle(dashboard_title(results))
     fig.tight_layout()
     out = plots_dir / "dpo_results_dashboard.png"
     fig.savefig(out, dpi=110)

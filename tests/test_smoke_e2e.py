@@ -100,6 +100,49 @@ def test_plots_only_redraws_from_files(smoke_run):
     assert proc.returncode == 2 and "results.json" in proc.stderr
 
 
+def test_the_dashboard_invites_no_wrong_comparison(smoke_run, smoke_study):
+    """Bars at different KLs say so and carry their KL; the reference has no interval against itself; learning
+    curves run over training progress, not seconds; a frontier of a few points is points; the reference is drawn
+    at its validation safety beside validation points, and labelled held-out where it is; titles name PPO-GT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import plots
+    from study import upper_envelope
+
+    for res in (smoke_run["results"], smoke_study["results"]):
+        fig, axes = plt.subplots(1, 3)
+        plots.plot_final(axes[0], res)
+        plots.plot_learning_curve(axes[1], res)
+        plots.plot_pareto(axes[2], res)
+        final, curve, pareto = axes
+        bars = [t.get_text() for t in final.texts if t.get_text().startswith("KL")]
+        assert len(bars) == len(final.patches) >= 3 and "not comparable" in final.get_title()
+        error_xs = {round(x, 6) for coll in final.collections for seg in coll.get_segments() for x, _ in seg}
+        assert error_xs and 0.0 not in error_xs  # whiskers on the methods' bars only, none on the reference's
+        assert "progress" in curve.get_xlabel() and "seconds" not in curve.get_xlabel()
+        assert all(0 <= x <= 1 for line in curve.lines[:-1] for x in line.get_xdata())
+        labels = pareto.get_legend_handles_labels()[1]
+        assert "reference (validation)" in labels
+        assert ("reference (held-out)" in labels) == bool(res.get("protocol", {}).get("cells"))
+        for method in ("dpo", "ppo"):
+            mine = [p for p in res["frontier"]["points"] if p["method"] == method]
+            sizes = [len(upper_envelope([(p["kl"], p["safety"]) for p in mine if p["seed"] == sd]))
+                     for sd in {p["seed"] for p in mine}]
+            drawn = [ln for ln in pareto.lines if ln.get_label().startswith(plots.LABELS[method] + ": validation")]
+            assert drawn, method
+            few = float(np.median(sizes)) < plots.FEW_POINTS
+            assert (drawn[0].get_linestyle() == "None") == few, (method, sizes)
+        plt.close(fig)
+    gt = {**smoke_run["results"], "ppo_gt": smoke_run["results"]["ppo"]}
+    gt.pop("ppo")
+    gt["runs"] = [{**r, "method": "ppo_gt" if r["method"] == "ppo" else r["method"]} for r in gt["runs"]]
+    assert plots.dashboard_title(gt).startswith("DPO vs PPO-GT on IMDb")
+    assert plots.dashboard_title(smoke_run["results"]).startswith("DPO vs PPO on IMDb")
+
+
 def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
     require_imdb()
     for flag, present, absent in (("--dpo-only", "dpo", "ppo"), ("--ppo-only", "ppo", "dpo")):
