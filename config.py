@@ -87,11 +87,20 @@ def _range_text(r) -> str:
     return f"in {'(' if lo_open else '['}{lo:g}, {hi if isinstance(hi, int) else f'{hi:g}'}{')' if hi_open else ']'}"
 
 
+# Paths and ids that an empty string would silently turn into the working directory: what to give instead.
+NONEMPTY = {"data": "give the IMDb CSV's path, or leave --data out (data/IMDB Dataset.csv, else the hub)",
+            "policy_model": "give a hub id or a local model directory (the paper preset: distilgpt2)",
+            "judge_model": "give a hub id or a local model directory (the paper preset: "
+                           "distilbert-base-uncased-finetuned-sst-2-english)"}
+
+
 def _check_ranges(section) -> None:
     """Refuse (ConfigError naming the flag) a numeric field of ``section`` outside its :data:`RANGES` entry."""
     import math
 
     for f in fields(section):
+        if f.name in NONEMPTY and isinstance(getattr(section, f.name), str) and not getattr(section, f.name).strip():
+            raise ConfigError(f"--{f.name} is empty: {NONEMPTY[f.name]}")
         if f.name not in RANGES:
             continue
         value = getattr(section, f.name)

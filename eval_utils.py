@@ -16,7 +16,6 @@ Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from batching import pad_sequences
 from logprobs import as_scorer, generation_ready
 from models import autocast, dtype_name, machine_info
-from run_log import read_metrics
+from run_log import read_metrics, strict_json
 from run_utils import chunk_share, fsdp_world, gather_indexed
 
 
@@ -332,7 +331,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
         out = Path(cfg.run.plots_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
+        tmp.write_text(strict_json(results, indent=2))
         tmp.replace(out / "results.json")
     return results
 

@@ -32,7 +32,7 @@ from artifacts import atomic_write_dir, replace_dir
 from config import ConfigError, settings_diff
 from eval_utils import eval_metrics, evaluate_policy
 from models import dtype_name
-from run_log import MetricsLog, StopTraining
+from run_log import MetricsLog, StopTraining, strict_json
 from run_utils import any_process, seed_everything
 
 
@@ -242,7 +242,7 @@ def save_policy(acc, policy, tok, cfg, run_dir: Path, final_dir: Path, summary: 
         tok.save_pretrained(tmp)
         cfg.save(tmp / "training_config.json")
         (tmp / "metrics.jsonl").write_text((Path(run_dir) / "metrics.jsonl").read_text())
-        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "train_summary.json").write_text(strict_json(summary, indent=2))
 
     save_lm(acc, policy, final_dir, also)
     acc.free_memory()  # forget this run's prepared model and optimiser: the next run's save_state is its own

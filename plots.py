@@ -47,10 +47,15 @@ def _noise_note(results: dict, values) -> str:
     return f"\n(all within evaluation noise: ±{1.96 * noise:.2g} per safety score, 95%)"
 
 
-def _pm(mean: float, std: float, fmt: str) -> str:
-    if math.isnan(mean):
+def _missing(v) -> bool:
+    """No number: results.json writes an empty cell (NaN in memory) as null."""
+    return v is None or math.isnan(v)
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if _missing(mean):
         return "not reached"
-    return fmt.format(mean) + ("" if math.isnan(std) else " ± " + fmt.format(std))
+    return fmt.format(mean) + ("" if _missing(std) else " ± " + fmt.format(std))
 
 
 def summary_table(results: dict) -> str:
@@ -295,7 +300,7 @@ def plot_final(ax, results: dict) -> None:
             mean, low, high, kl = (results["reference"]["safety_score"] if ref is None else ref), 0.0, 0.0, "KL 0"
         elif n > 1:  # spread over seeds
             mean, std = runs[name]["safety"]
-            std = 0.0 if math.isnan(std) else std
+            std = 0.0 if _missing(std) else std
             low = high = std
             kl = "KL\n" + _pm(*runs[name]["kl"], "{:.2f}")
         else:  # one seed: held-out, with the paired interval of its difference to the reference

@@ -20,6 +20,7 @@ from batching import response_batch
 from config import ConfigError
 from eval_utils import judge_logits
 from models import autocast, dtype_name
+from run_log import strict_json
 from run_utils import gather_share, local_share, padded_share, step_indices
 
 
@@ -107,7 +108,7 @@ def train_reward_model(cfg, data, ctx):
         def write(tmp: Path):
             acc.unwrap_model(rm).save_pretrained(tmp, state_dict=state)
             (tmp / "rm_settings.json").write_text(json.dumps(settings, indent=2))
-            (tmp / "rm_report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "rm_report.json").write_text(strict_json(report, indent=2))
 
         art.write(write)
     acc.wait_for_everyone()

@@ -5,6 +5,7 @@ this part stays free of torch, so ``--help`` and ``--plots-only`` import it with
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +20,22 @@ class StopTraining(Exception):
 
 
 _CUT_NOTED: set[str] = set()
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, indent: int | None = None) -> str:
+    """``json.dumps`` that every JSON parser reads: a NaN or infinite number (an empty cell, a std of one seed)
+    is written ``null``, never Python's ``NaN``."""
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
 
 
 def read_metrics(path) -> list[dict]:
@@ -57,6 +74,25 @@ def read_results(path) -> dict:
     if not isinstance(results, dict):
         raise ValueError(f"{path} holds a JSON {type(results).__name__}, not the object main.py writes")
     return results
+
+
+def check_output_dirs(dirs: dict[str, str]) -> None:
+    """Create (or find) each output directory and write to it once, before any work: a file in its place, a
+    parent that is a file, or a directory that refuses writes is a ``ValueError`` naming the flag, for main.py
+    to print in one line. ``dirs`` maps a flag (``--plots_dir``) to its path."""
+    import tempfile
+
+    for flag, path in dirs.items():
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a directory: give {flag} a directory")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=p, prefix=".write_check_"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}): give {flag} a directory you "
+                             f"can write") from None
 
 
 class MetricsLog:
@@ -98,7 +134,7 @@ class MetricsLog:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if self.main:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(strict_json(row) + "\n")
 
     def close(self) -> None:
         """End this run's tracker runs (the next training run opens its own)."""

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from run_log import read_metrics  # noqa: E402
+from run_log import read_metrics, strict_json  # noqa: E402
 
 
 def add_arguments(ap) -> None:
@@ -58,12 +58,11 @@ def worker(cfg, tasks: list[dict], prepare_only: bool) -> None:
     import transformers
 
     import dataset
+    import experiment
     import train_dpo
     import train_ppo
-    from lifecycle import RunContext
     from logprobs import ResponseLogProbs
-    from models import load_causal_lm, load_judge, load_tokenizer, resolve_dtype, weights_fingerprint
-    from offline_models import ensure_offline_models
+    from models import weights_fingerprint
     from reward_model import train_reward_model
     from run_utils import make_accelerator
     from study import RunSpec, finished
@@ -72,28 +71,16 @@ def worker(cfg, tasks: list[dict], prepare_only: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    device = torch.device("cpu")
-    acc = make_accelerator(device)
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
-    if cfg.model.build_offline_models:
-        cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
-    dtype = resolve_dtype(cfg.model.dtype, device, 0)
-    tok = load_tokenizer(cfg.model.policy_model)
-    ref = load_causal_lm(cfg.model.policy_model, device)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    judge_tok, judge = load_judge(cfg.model.judge_model, device)
+    stack = experiment.load_stack(cfg, make_accelerator(torch.device("cpu")), train_df, eval_df)
+    cfg, tok, ref, device, dtype = stack.cfg, stack.tokenizer, stack.ref_model, stack.device, stack.dtype
     prepared = {}
     for task in tasks:
         seed = task["seed"]
         rcfg = cfg.replace(run={"seed": seed}).replace(**task["overrides"])
         if seed not in prepared:
-            data = dataset.prepare(rcfg, tok, train_df, eval_df)
-            ctx = RunContext(tokenizer=tok, ref_model=ref, device=device, acc=acc, dtype=dtype,
-                             batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge,
-                             prompts=data.val_prompts, max_new_tokens=cfg.data.response_tokens, seed=seed)
-            prepared[seed] = (data, ctx)
+            prepared[seed] = experiment.seed_context(stack, rcfg)
         data, ctx = prepared[seed]
         if prepare_only:
             if task["method"] == "ppo" and rcfg.ppo.ppo_reward == "learned":
@@ -150,7 +137,7 @@ def run_and_report(script: str, a, rest: list[str], cfg, tasks: list[dict], repo
     out.update(command=f"uv run scripts/{Path(script).name} " + " ".join(sys.argv[1:]), **record,
                wall_s=time.time() - t0)
     if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
+        Path(a.out).write_text(strict_json(out, indent=1))
         print(f"\nwrote {a.out}")
     return 0
 

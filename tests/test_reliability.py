@@ -233,3 +233,44 @@ def test_a_metrics_file_whose_last_line_was_cut_is_read_without_it(tmp_path, cap
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # not a cut: a damaged file is an error
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_metrics(path)
+
+
+def _unwritable_dir(tmp_path):
+    """A directory this process cannot create files in: permission bits for a user; root writes through
+    those, so for root sysfs, which refuses new files to everyone."""
+    import os
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        d = tmp_path / "read_only"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    return Path("/sys")
+
+
+@pytest.mark.parametrize("flag, where", [("--plots_dir", "read_only"), ("--plots_dir", "file"),
+                                         ("--output_dir", "file"), ("--output_dir", "under_file"),
+                                         ("--cache_dir", "read_only")])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2_before_any_work(tmp_path, flag, where):
+    """Checked at start-up, before the data is read (not after training, hours later); nothing is left behind
+    in the other output directories but what they held."""
+    (tmp_path / "a_file").write_text("kept\n")
+    path = {"read_only": _unwritable_dir(tmp_path), "file": tmp_path / "a_file",
+            "under_file": tmp_path / "a_file" / "models"}[where]
+    dirs = {"--output_dir": tmp_path / "models", "--plots_dir": tmp_path / "plots", "--cache_dir": tmp_path / "cache",
+            flag: path}
+    proc = run_cli("--preset", "smoke", "--dtype", "fp32", *[str(a) for kv in dirs.items() for a in kv])
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith(f"error: {flag} {path}") and flag in err[0]
+    assert "data:" not in proc.stdout and "offline:" not in proc.stdout  # before the data and the models
+    assert (tmp_path / "a_file").read_text() == "kept\n"
+
+
+def test_plots_only_checks_its_directory_too(tmp_path):
+    proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "f"))  # made, then found without results.json
+    assert proc.returncode == 2 and "results.json" in proc.stderr
+    (tmp_path / "g").write_text("")
+    proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "g"))
+    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr

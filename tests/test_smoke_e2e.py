@@ -100,6 +100,32 @@ def test_plots_only_redraws_from_files(smoke_run):
     assert proc.returncode == 2 and "results.json" in proc.stderr
 
 
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_results_and_summaries_are_strict_json_and_empty_cells_are_null(smoke_run, smoke_study):
+    """Every parser reads them (Python's json would write NaN); the study's empty cells, the std of a cell's
+    one seed, are null, and the tables and plots read null as a missing number."""
+    from run_log import strict_json
+
+    assert strict_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == \
+        '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
+    for run in (smoke_run, smoke_study):
+        _strict((run["dir"] / "plots" / "results.json").read_text())
+        for path in (run["dir"] / "models").rglob("train_summary.json"):
+            _strict(path.read_text())
+        for path in (run["dir"] / "models").rglob("metrics.jsonl"):
+            [_strict(line) for line in path.read_text().splitlines() if line.strip()]
+    text = (smoke_study["dir"] / "plots" / "results.json").read_text()
+    assert "null" in text  # the study has empty cells (a std over one seed, a budget no checkpoint meets)
+    import plots
+
+    plots.summary_table(json.loads(text))  # reads null where NaN was
+
+
 def test_the_dashboard_invites_no_wrong_comparison(smoke_run, smoke_study):
     """Bars at different KLs say so and carry their KL; the reference has no interval against itself; learning
     curves run over training progress, not seconds; a frontier of a few points is points; the reference is drawn

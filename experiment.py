@@ -1,0 +1,163 @@
+"""The study's runs, between main.py's checks and its report: the models every run shares (:func:`load_stack`),
+each seed's data and evaluation context (:func:`seed_context`), and the loop over seeds and runs
+(:func:`train_runs`). ``scripts/grid.py`` trains its grids on the same stack and contexts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import dataset
+import eval_utils
+import pair_generation
+import study
+import train_dpo
+import train_ppo
+import train_sft
+from config import ConfigError
+from lifecycle import RunContext
+from models import (
+    bf16_native,
+    dtype_name,
+    load_causal_lm,
+    load_config,
+    load_judge,
+    load_tokenizer,
+    max_positions,
+    model_width,
+    resolve_dtype,
+)
+from offline_models import ensure_offline_models
+
+
+@dataclass
+class Stack:
+    """What every run of a study shares: the config with the built models' paths filled in, the accelerator,
+    the precision, the tokenizer, the frozen reference and the judge, and the review split."""
+
+    cfg: object
+    acc: object
+    dtype: torch.dtype
+    tokenizer: object
+    ref_model: torch.nn.Module
+    judge_tok: object
+    judge: torch.nn.Module
+    judge_dtype: torch.dtype
+    train_df: object
+    eval_df: object
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+
+def load_stack(cfg, acc, train_df, eval_df, verbose: bool = True) -> Stack:
+    """Build or reuse the self-built models (offline presets) and the SFT model, then load the tokenizer, the
+    frozen reference and the judge. The main process builds first; the others then find and reuse its result."""
+    device = acc.device
+    with acc.main_process_first():
+        if cfg.model.build_offline_models:
+            cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
+    # --dtype auto: by the hardware and the policy's width (models.auto_dtype), read from its config alone.
+    dtype = resolve_dtype(cfg.model.dtype, device, model_width(load_config(cfg.model.policy_model)))
+    if verbose and dtype == torch.bfloat16 and not bf16_native(device):
+        print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
+              f"picks fp32 here")
+    with acc.main_process_first():
+        if cfg.sft.sft_steps > 0:  # the fine-tuned LM becomes the reference and the initial policy
+            cfg = cfg.replace(model={"policy_model": train_sft.ensure_sft_model(cfg, train_df, eval_df, device,
+                                                                                dtype)})
+    tokenizer = load_tokenizer(cfg.model.policy_model)
+    ref_model = load_causal_lm(cfg.model.policy_model, device)
+    for p in ref_model.parameters():  # the reference is frozen
+        p.requires_grad_(False)
+    if cfg.data.max_length > max_positions(ref_model):
+        raise ConfigError(f"--max_length {cfg.data.max_length} exceeds the model's {max_positions(ref_model)} "
+                          f"positions; lower it")
+    judge_tok, judge = load_judge(cfg.model.judge_model, device)
+    judge_dtype = resolve_dtype(cfg.model.dtype, device, model_width(judge))  # a narrow judge stays fp32 under auto
+    return Stack(cfg, acc, dtype, tokenizer, ref_model, judge_tok, judge, judge_dtype, train_df, eval_df)
+
+
+def judge_check(stack: Stack) -> dict:
+    """Is the judge worth reading? Its accuracy on held-out openings as long as prompt + completion, as it sees
+    them; printed, with a warning below 0.6."""
+    cfg = stack.cfg
+    judged = cfg.data.prompt_max_tokens + cfg.data.response_tokens
+    check = {"accuracy": eval_utils.judge_accuracy(stack.judge_tok, stack.judge, stack.tokenizer, stack.eval_df,
+                                                   judged, stack.device, stack.judge_dtype),
+             "tokens": judged, "n": min(1000, len(stack.eval_df))}
+    print(f"judge: held-out accuracy {check['accuracy']:.3f} on review openings of {judged} tokens "
+          f"(prompt + completion; {check['n']} reviews)")
+    if check["accuracy"] < 0.6:
+        print(f"warning: a judge right on only {check['accuracy']:.2f} of such texts gives safety scores that "
+              f"carry no signal" + (" (the smoke preset's models exist to test the code; uv run main.py --preset "
+                                    "quick is the short run worth looking at)" if cfg.run.preset == "smoke" else ""))
+    return check
+
+
+def seed_context(stack: Stack, scfg):
+    """One seed's data (its pair sample; with ``--pair_source generated`` the judge labels the reference's
+    samples) and the evaluation context of its validation prompts, on which its runs are evaluated as they
+    train: ``(data, ctx)``."""
+    data = dataset.prepare(scfg, stack.tokenizer, stack.train_df, stack.eval_df)
+    ctx = RunContext(tokenizer=stack.tokenizer, ref_model=stack.ref_model, device=stack.device, acc=stack.acc,
+                     dtype=stack.dtype, batch_size=scfg.eval.eval_batch_size, judge_tok=stack.judge_tok,
+                     judge=stack.judge, judge_dtype=stack.judge_dtype, prompts=data.val_prompts,
+                     max_new_tokens=scfg.data.response_tokens, seed=scfg.run.seed)
+    if scfg.dpo.pair_source == "generated":
+        data = pair_generation.generated_data(scfg, data, ctx)
+    return data, ctx
+
+
+@dataclass
+class StudyRuns:
+    """Every run's record (``{"spec", "summary"}``), the first seed's default policies (for the final
+    evaluation) and data, and each seed's held-out evaluation context."""
+
+    runs: list
+    first: dict
+    first_data: object
+    heldout: dict
+
+
+def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> StudyRuns:
+    """Train (or, with ``--resume``, reuse when finished with the same settings) every run of ``specs``, seed by
+    seed; with --dpo-only or --ppo-only, the other method's runs already in results.json are carried over."""
+    cfg, device = stack.cfg, stack.device
+    out = StudyRuns(runs=[], first={}, first_data=None, heldout={})
+    for r in study.carried_over(cfg, setup):
+        model_dir = str(Path(r["metrics"]).parent)
+        out.runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
+                         "summary": {"model_dir": model_dir, **eval_utils.run_record(r)}})
+        if r["main"] and r["seed"] == seeds[0]:
+            out.first[r["method"]] = {**out.runs[-1]["summary"], "policy": load_causal_lm(model_dir, device)}
+            print(f"results: keeping {r['method']} from {cfg.run.plots_dir}/results.json ({model_dir})")
+    for seed in seeds:
+        scfg = cfg.replace(run={"seed": seed})
+        data, ctx = seed_context(stack, scfg)
+        out.heldout[seed] = ctx.on(data.eval_prompts)  # evaluated on validation prompts while training, these after
+        acc = stack.acc
+        print(f"data: {len(data.train_pairs)} {cfg.dpo.pair_source} training pairs, {len(data.val_pairs)} validation "
+              f"pairs ({len(data.val_prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
+              f"{len(data.eval_prompts)} held-out prompts (seed {seed}); "
+              f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
+              f"precision {dtype_name(stack.dtype)} (judge {dtype_name(stack.judge_dtype)}; --dtype "
+              f"{cfg.model.dtype}), {torch.get_num_threads()} CPU threads")
+        for spec in (s for s in specs if s.seed == seed):
+            rcfg = scfg.replace(**spec.overrides)
+            done = study.finished(rcfg, spec) if cfg.run.resume else None
+            if done is not None:  # an interrupted study continues where it stopped
+                print(f"study: {spec.name} finished earlier with the same settings: skipped")
+                done = {**done, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
+            else:
+                done = (train_dpo if spec.method == "dpo" else train_ppo).train(rcfg, data, ctx, name=spec.name)
+            out.runs.append({"spec": spec, "summary": {k: v for k, v in done.items() if k != "policy"}})
+            if seed == seeds[0] and spec.main:
+                out.first[spec.method] = {**done, "policy": done.get("policy") or load_causal_lm(done["model_dir"],
+                                                                                                 device)}
+        if seed == seeds[0]:
+            out.first_data = data
+    return out
