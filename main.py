@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 # Encoding 45k reviews on every core halves its time (measured: 41 s -> 21 s on 2 cores). main.py forks no
 # workers (launchers start their processes before), so the tokenizers' fork warning cannot arise here.
@@ -122,22 +123,54 @@ def run(cfg: Config, argv: list[str]) -> int:
     return 0
 
 
+def error_log(cfg: Config | None, rank: int, text: str) -> Path | None:
+    """Write a failing process's traceback to ``<output_dir>/logs/rank<k>-error.log``; its path, or None when
+    the run's directory is not known (the config did not parse) or cannot be written."""
+    if cfg is None:
+        return None
+    path = Path(cfg.run.output_dir) / "logs" / f"rank{rank}-error.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        return None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Under a launcher every process meets the same error: the first one alone reports it.
-    report = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    rank, launched = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Bad input and the collective stops (interrupt, divergence) meet every process alike: the first one alone
+    # reports them. Any other error is one process's own: under a launcher each failing process says so in one
+    # line naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced).
+    report = print if rank == 0 else (lambda *a, **k: None)
+    cfg = None
     try:
         cfg = parse_config(argv)
         return run(cfg, argv)
     except ConfigError as e:
         report(f"error: {e}", file=sys.stderr)
+        if rank:  # kept all the same: were it this process's alone, rank 0 would fail on without it
+            error_log(cfg, rank, f"ConfigError: {e}\n")
         return 2
     except StopTraining as e:
         report(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
+        if rank and e.code != 130:
+            error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
         return e.code
     except KeyboardInterrupt:
         report("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not launched:
+            raise
+        import traceback
+
+        path = error_log(cfg, rank, traceback.format_exc())
+        where = f"traceback in {path}" if path else "traceback:\n" + traceback.format_exc()
+        first = next(iter(str(e).splitlines()), "")  # one line: a gloo error runs over several
+        print(f"error: rank {rank}: {type(e).__name__}: {first} ({where})", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 EVAL_SPLIT = ("--n_eval_prompts", "25", "--eval_batch_size", "4")
 
 
-def launch(out: Path, *args: str, **popen) -> subprocess.Popen:
+def launch(out: Path, *args: str, script: Path = ROOT / "main.py", **popen) -> subprocess.Popen:
     """``accelerate launch --multi_gpu --num_processes 2 main.py --preset smoke ...`` (on a CPU: two gloo processes)."""
     # configs/multi_gpu.yaml sets every launcher default, so accelerate prints no warnings about them
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "multi_gpu.yaml"), "--num_processes", "2",
-           str(ROOT / "main.py"), *SMOKE,
+           str(script), *SMOKE,
            "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -110,3 +110,17 @@ def test_ctrl_c_stops_both_processes_at_one_step_and_resume_works_under_the_laun
     assert f"resuming from {ckpt}" in out
     rows = [r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 401))  # nothing lost, nothing repeated
+
+
+def test_an_error_on_rank_1_alone_reaches_the_user_with_its_rank_and_traceback(tmp_path, smoke_run):
+    """Rank 1's output is silenced (stdout) and its reports of shared errors left to rank 0; its own error must
+    still reach the user: one line naming the rank and the error, the traceback in the run's logs."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = launch(tmp_path, "--dpo-only", script=ROOT / "tests" / "rank_fault.py")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    line = [x for x in err.splitlines() if x.startswith("error: rank 1: ")]
+    assert len(line) == 1 and "ValueError: a bad input that only rank 1 sees" in line[0], err[-3000:]
+    log = tmp_path / "models" / "logs" / "rank1-error.log"
+    assert str(log) in line[0] and "_bad_input" in log.read_text() and "Traceback" in log.read_text()

@@ -26,5 +26,7 @@ def test_readme_is_short_with_the_quick_start_and_the_headline_first():
     first = "\n".join(lines[:60])
     assert "uv sync" in first and "uv run main.py --preset quick" in first
     assert any(line.startswith("## Headline result") for line in lines[:150])
+    heads = [line for line in lines if line.startswith("## ")]
+    assert heads.index("## Headline result") < heads.index("## Quick start")  # the claim first, then how to run it
     for page in (ROOT / "docs").glob("*.md"):
         assert len(page.read_text().splitlines()) <= 600, page.name
