@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from artifacts import atomic_write_dir, replace_dir
 from config import ConfigError, settings_diff
 from eval_utils import eval_metrics, evaluate_policy
 from models import dtype_name
-from run_log import MetricsLog, StopTraining, strict_json
+from run_log import SIGNALS, MetricsLog, StopTraining, strict_json
 from run_utils import any_process, seed_everything
 
 
@@ -140,10 +138,10 @@ class TrainingRun:
 
     def steps(self):
         """The steps still to run (1-based), under a progress bar; SIGINT/SIGTERM meanwhile only set a flag that
-        :meth:`end_step` acts on after the step (a checkpoint, then exit 130)."""
+        :meth:`end_step` acts on after the step (a checkpoint, then exit 130 or 143: ``run_log.Signals``)."""
         self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.method, unit=self.unit,
                         initial=self.start, total=self.total)
-        with SignalFlag() as self.interrupted:
+        with SIGNALS.collecting() as self.interrupted:
             for step in self.bar:
                 self._t_step = self._t_lap = time.time()
                 self._laps = {}
@@ -191,8 +189,8 @@ class TrainingRun:
                                    f"loss or gradient (last at {self.unit} {step}); the last good weights are in "
                                    f"{ckpt}; lower --{self.method}_lr and add --resume", 1)
             if stop:
-                raise StopTraining(f"{self.method}: interrupted at {self.unit} {step}; checkpoint saved in {ckpt}. "
-                                   f"Resume with the same command plus --resume", 130)
+                raise StopTraining(f"{self.method}: interrupted ({SIGNALS.name}) at {self.unit} {step}; checkpoint "
+                                   f"saved in {ckpt}. Resume with the same command plus --resume", SIGNALS.exit_code)
 
     def finish(self, summary: dict, note: str = "") -> dict:
         """Save the policy atomically (a crash here never leaves a half-written model nor destroys the previous
@@ -255,23 +253,24 @@ def checkpoint(acc, run_dir: Path, step: int, timer: Timer, consecutive_bad: int
     timer, non-finite counter and the state dicts of ``extra``: scheduler, KL controller) and the run's config
     ``cfg`` (``training_config.json``). Every process calls it; the main one renames the finished directory
     into place and deletes all but the last ``keep``."""
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if acc.is_main_process:
-        meta = {"step": step, "elapsed": timer.elapsed, "eval_s": timer.eval_s, "consecutive_bad": consecutive_bad,
-                **{k: obj.state_dict() for k, obj in (extra or {}).items()}}
-        torch.save(meta, tmp / "meta.pt")
-        if cfg is not None:  # what the checkpoint was trained with: a resume checks it
-            cfg.save(tmp / "training_config.json")
-        replace_dir(tmp, final)
-        for old in sorted(root.glob("step-???????"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    with SIGNALS.critical():  # a forcing Ctrl-C waits for the checkpoint to be whole
+        root = Path(run_dir) / "checkpoints"
+        final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            meta = {"step": step, "elapsed": timer.elapsed, "eval_s": timer.eval_s, "consecutive_bad": consecutive_bad,
+                    **{k: obj.state_dict() for k, obj in (extra or {}).items()}}
+            torch.save(meta, tmp / "meta.pt")
+            if cfg is not None:  # what the checkpoint was trained with: a resume checks it
+                cfg.save(tmp / "training_config.json")
+            replace_dir(tmp, final)
+            for old in sorted(root.glob("step-???????"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
     return final
 
 
@@ -297,34 +296,6 @@ def resume_or_start(acc, run_dir: Path, resume: bool, setup_s: float = 0.0, name
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-???????"))
     return ckpts[-1] if ckpts else None
-
-
-class SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint can be written).
-
-    A second signal gives up on the clean exit, except under a launcher (``torchrun``/``accelerate launch``):
-    it passes the user's Ctrl-C on to every process, which then sees it twice, and it kills processes that
-    outstay its own shutdown timeout anyway."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and not self.launched:  # a second Ctrl-C: give up on the clean exit
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 class Timer:

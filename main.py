@@ -2,8 +2,9 @@
 
 Stages: load IMDb -> (offline presets) build or reuse the self-built models -> preference pairs -> DPO ->
 PPO -> final evaluation of reference, DPO and PPO on the same held-out prompts -> results.json and the
-dashboard in evaluation_plots/. Exit codes: 0 done, 1 training diverged, 2 bad input or config,
-130 interrupted (a checkpoint is saved; add --resume to continue).
+dashboard in evaluation_plots/. Exit codes: 0 done, 1 training diverged (or, under a launcher, one
+process failed), 2 bad input or config, 130 interrupted by SIGINT (Ctrl-C) and 143 by SIGTERM (inside a training
+loop after a checkpoint: add --resume to continue; run_log.Signals says how signals are handled).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 from config import DEFAULT_CSV, HUB_DATASET, Config, ConfigError, parse_config
-from run_log import StopTraining, check_output_dirs
+from run_log import SIGNALS, StopTraining, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     # line naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced).
     report = print if rank == 0 else (lambda *a, **k: None)
     cfg = None
+    SIGNALS.reset()
+    SIGNALS.install()  # SIGTERM as SIGINT; a signal forwarded twice counts once
     try:
         cfg = parse_config(argv)
         return run(cfg, argv)
@@ -158,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank and e.code != 130:
             error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
         return e.code
-    except KeyboardInterrupt:
-        report("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # outside a training step (loading, the reference pass, the final evaluation)
+        report(f"interrupted ({SIGNALS.name}) outside a training step, nothing half-written: a run cut before its "
+               f"first checkpoint starts over; finished runs are kept (rerun with --resume to skip them)",
+               file=sys.stderr)
+        return SIGNALS.exit_code
     except Exception as e:
         if not launched:
             raise

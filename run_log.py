@@ -4,9 +4,12 @@ this part stays free of torch, so ``--help`` and ``--plots-only`` import it with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -18,6 +21,88 @@ class StopTraining(Exception):
         super().__init__(message)
         self.code = code
 
+
+class Signals:
+    """SIGINT (Ctrl-C) and SIGTERM (what launchers and schedulers send), one process-wide policy; main.py installs
+    it first thing, a training loop turns it on (:meth:`collecting`).
+
+    * Inside a training loop the first signal only sets :attr:`signum`; the loop acts on it after the step: a
+      checkpoint, then exit 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+    * Elsewhere (loading, the reference pass, evaluation after training) the first signal raises
+      ``KeyboardInterrupt`` at once: nothing a checkpoint could keep has been trained, and every file is written
+      atomically, so nothing is left half-written.
+    * A second signal within :attr:`window_s` of the first is the same interrupt delivered twice (``uv run`` and
+      launchers forward the terminal's Ctrl-C to a process that got it already): ignored, wherever it lands.
+    * A later one forces the exit (``KeyboardInterrupt``), but never while a checkpoint is written
+      (:meth:`critical`): then it takes effect when the write is done."""
+
+    window_s = 2.0
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal received, or None
+        self._first_t: float | None = None
+        self._collecting = False
+        self._critical = 0
+        self._pending = False
+        self._installed = False
+
+    def install(self) -> None:
+        """Take over SIGINT and SIGTERM (once; only the main thread may)."""
+        if not self._installed:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+            self._installed = True
+
+    def reset(self) -> None:
+        self.signum, self._first_t, self._pending = None, None, False
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self._first_t is not None and now - self._first_t < self.window_s:
+            return  # the first signal again, forwarded
+        first = self._first_t is None
+        if first:
+            self.signum, self._first_t = signum, now
+            if self._collecting:
+                return  # the loop checkpoints and stops after this step
+        if self._critical:
+            self._pending = True  # after the checkpoint is written
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """A training loop: the first signal sets the flag instead of raising."""
+        self.install()
+        self._collecting = True
+        try:
+            yield self
+        finally:
+            self._collecting = False
+
+    @contextlib.contextmanager
+    def critical(self):
+        """A write that a forced exit must not cut (a checkpoint): a forcing signal waits for its end."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+            if not self._critical and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the first signal (130 for SIGINT, 143 for SIGTERM); 130 when none was received."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+
+SIGNALS = Signals()
 
 _CUT_NOTED: set[str] = set()
 

@@ -98,7 +98,7 @@ def test_ctrl_c_stops_both_processes_at_one_step_and_resume_works_under_the_laun
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and both processes
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert err.count("dpo: interrupted at step") == 1 and "--resume" in err  # one report, from rank 0
+    assert err.count("dpo: interrupted (SIGINT) at step") == 1 and "--resume" in err  # one report, from rank 0
     ckpt = latest_checkpoint(metrics.parent)
     assert ckpt is not None and all((ckpt / f"random_states_{i}.pkl").exists() for i in (0, 1))
     step = int(ckpt.name[5:])

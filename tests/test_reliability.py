@@ -274,3 +274,80 @@ def test_plots_only_checks_its_directory_too(tmp_path):
     (tmp_path / "g").write_text("")
     proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "g"))
     assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def signals():
+    """A fresh process-wide signal policy, the test process's own handlers restored afterwards."""
+    from run_log import Signals
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sig = Signals()
+    sig.window_s = 0.3
+    sig.install()
+    yield sig
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def _send(signum):
+    import os
+
+    os.kill(os.getpid(), signum)
+    time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
+
+
+def test_one_interrupt_is_one_interrupt_in_a_loop_and_a_later_one_forces_but_not_mid_checkpoint(signals):
+    with signals.collecting():
+        _send(signal.SIGTERM)  # the loop's flag, no exception
+        assert signals.signum == signal.SIGTERM and signals.exit_code == 143
+        _send(signal.SIGINT)  # within the window: the same interrupt forwarded, ignored
+        time.sleep(signals.window_s)
+        wrote = []
+        with pytest.raises(KeyboardInterrupt):
+            with signals.critical():  # a later signal forces the exit, after the checkpoint is written
+                _send(signal.SIGINT)
+                wrote.append("whole")
+        assert wrote == ["whole"]
+    assert signals.exit_code == 143  # the first signal names the exit
+
+
+def test_outside_a_loop_the_first_signal_stops_at_once_and_its_forwarded_copy_is_ignored(signals):
+    with pytest.raises(KeyboardInterrupt):
+        _send(signal.SIGTERM)
+    _send(signal.SIGTERM)  # the copy a launcher forwards, while the first is being handled: ignored
+    assert signals.exit_code == 143
+
+
+@pytest.mark.parametrize("signums, code", [((signal.SIGTERM,), 143), ((signal.SIGINT, signal.SIGINT), 130)])
+def test_sigterm_and_a_forwarded_double_sigint_during_ppo_leave_a_checkpoint_resume_accepts(tmp_path, smoke_run,
+                                                                                          signums, code):
+    require_imdb()
+    out = tmp_path / "sig"
+    copy_offline_models(smoke_run["dir"] / "models", out / "models")
+    run_dir = out / "models" / "runs" / "ppo_toxic_reduced_model"
+    args = _args(out, "--ppo-only", "--ppo_steps", "100000", "--save_every", "100000", "--ppo_eval_every", "100000")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir / "metrics.jsonl")) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    for s in signums:  # Ctrl-C twice in quick succession: the group's copy and the one uv run forwards
+        proc.send_signal(s)
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert err.count("ppo: interrupted") == 1 and "Traceback" not in err and "--resume" in err
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and (ckpt / "meta.pt").exists()
+    step = int(ckpt.name[5:])
+    resumed = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args, "--resume"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while max([r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] or [0]) < step + 2:
+        assert resumed.poll() is None and time.time() < deadline, resumed.communicate()[1][-2000:]
+        time.sleep(0.05)
+    resumed.send_signal(signal.SIGINT)
+    out_text, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130 and f"resuming from {ckpt}" in out_text, err[-2000:]
