@@ -3,15 +3,20 @@
 Four things are built once and reused whenever everything they depend on is the same: the self-built
 offline models, the SFT model, the reward model and the DPO reference log-probs. Each is an
 :class:`Artifact`: its path carries a hash of its settings, it counts as built only once its last file
-is in place, and it is written into a temporary path and renamed, so an interrupted build leaves nothing
-half written. Free of torch.
+is in place, and it is written into a temporary path of its own process and renamed, so an interrupted build
+leaves nothing half written and two builders never write into each other's files. A long build holds a lock
+(:meth:`Artifact.building`): another run that needs the same artifact meanwhile says so in one line and waits
+for it. Free of torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 
@@ -44,16 +49,69 @@ class Artifact:
         artifact has a suffix)."""
         if self.path.suffix:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            write(tmp)
-            tmp.rename(self.path)
+            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+            try:
+                write(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            tmp.replace(self.path)
         else:
             atomic_write_dir(self.path, write)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def builder(self) -> int | None:
+        """The process id in this artifact's lock when that process is alive (another run building it), else
+        None."""
+        try:
+            pid = int(self.lock_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and pid != os.getpid() and _alive(pid) else None
+
+    def wait_for_builder(self, what: str, poll_s: float = 2.0) -> None:
+        """If another live process is building this artifact, say so in one line and wait until it is done (or
+        gone); the caller then checks :meth:`exists` again."""
+        pid = self.builder()
+        if pid is None:
+            return
+        print(f"{what}: another run (process {pid}) is building {self.path}; waiting for it (lock "
+              f"{self.lock_path})", flush=True)
+        while self.builder() is not None:
+            time.sleep(poll_s)
+
+    @contextlib.contextmanager
+    def building(self):
+        """Hold this artifact's lock (a file with this process's id) while building it."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path.write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            if self.lock_path.exists() and self.lock_path.read_text().strip() == str(os.getpid()):
+                self.lock_path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, finished but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust the signal
+        return True
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into ``final`` so that at every moment one complete version exists on disk."""
-    old = final.with_name(final.name + ".old")
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -64,7 +122,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 def atomic_write_dir(final: Path, write) -> None:
     """Call ``write(tmp_dir)`` and move the result to ``final``; on any exception ``final`` is untouched."""
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")  # this process's own: never another builder's
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -11,7 +11,7 @@ From the IMDb *training* reviews we build, once, and cache under ``models/offlin
   saved in ``accuracy.json`` beside it.
 
 Both are written with ``save_pretrained``, so the rest of the code loads them exactly like hub models. A
-directory is built in ``<name>.tmp`` and renamed into place, so an interrupted build leaves nothing half
+directory is built in ``<name>.tmp-<pid>`` and renamed into place, so an interrupted build leaves nothing half
 written; a build with the same settings is reused.
 """
 
@@ -301,6 +301,7 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
     arts = offline_artifacts(cfg, train_df)
     for name, kind, _ in KINDS:
         art, settings = arts[name], arts[name].settings
+        art.wait_for_builder("offline")  # another run building the same model: wait, then reuse it
         if art.exists():
             print(f"offline: reusing {art.path}")
             continue
@@ -315,5 +316,6 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
             (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))
             return b(tmp, cfg, train_df, eval_df)
 
-        art.write(build)
+        with art.building():
+            art.write(build)
     return {name: str(art.path) for name, art in arts.items()}

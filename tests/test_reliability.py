@@ -351,3 +351,23 @@ def test_sigterm_and_a_forwarded_double_sigint_during_ppo_leave_a_checkpoint_res
     resumed.send_signal(signal.SIGINT)
     out_text, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 130 and f"resuming from {ckpt}" in out_text, err[-2000:]
+
+
+def test_a_run_needing_a_model_another_run_is_building_says_so_once_and_waits_for_it(tmp_path, capsys):
+    from artifacts import Artifact
+
+    art = Artifact(tmp_path / "offline", {"kind": "judge"}, prefix="judge-")
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    art.lock_path.parent.mkdir(parents=True)
+    art.lock_path.write_text(str(builder.pid))  # what Artifact.building() writes in the other run
+    art.wait_for_builder("offline", poll_s=0.1)
+    assert builder.poll() is not None  # returned once the builder was gone, not before
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and f"process {builder.pid}" in out[0] and str(art.path) in out[0] and ".tmp" not in out[0]
+    art.wait_for_builder("offline")  # a lock left by a dead process: no wait, nothing said
+    assert capsys.readouterr().out == ""
+    with art.building():  # this process's own lock is not another builder
+        assert art.lock_path.read_text() == str(__import__("os").getpid()) and art.builder() is None
+        art.write(lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert not art.lock_path.exists() and art.exists()
+    assert sorted(p.name for p in art.path.parent.iterdir()) == [art.path.name]  # no .tmp-<pid> nor .old left
