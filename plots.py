@@ -252,7 +252,8 @@ def plot_pareto(ax, results: dict) -> None:
                 + [c["safety"][k] for _, c in chosen for k in ("lo", "hi")])
     _safety_axis(ax, safeties)
     kls = [p["kl"] for p in pts] + [c["kl"] for _, c in chosen]
-    ax.set_xlim(min([0.0] + [1.1 * k for k in kls]), max([KL_MIN_SPAN] + [1.1 * k for k in kls]))
+    right = max([KL_MIN_SPAN] + [1.1 * k for k in kls])
+    ax.set_xlim(min([0.0] + [1.1 * k for k in kls]) - 0.03 * right, right)  # the reference's star in full at KL 0
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.set_title("Safety vs KL on validation prompts" + (f" (frontier ± 1 std, {n_seeds} seeds)" if n_seeds > 1
                                                          else "")
