@@ -1,5 +1,5 @@
-"""The lifecycle of a training run, written once for every trainer (:class:`TrainingRun`), and the context
-the runs of a study share (:class:`RunContext`).
+"""The lifecycle of a training run, written once for DPO and PPO (:class:`TrainingRun`; the reward model's and
+the offline builders' loops do not use it yet), and the context the runs of a study share (:class:`RunContext`).
 
 A trainer builds its model and optimiser, then hands the loop's harness to a ``TrainingRun``:
 
