@@ -25,7 +25,7 @@ from run_log import SIGNALS, StopTraining, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every output directory made (or found) and written to once, now, not after hours of training."""
+    """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``)."""
     dirs = {"--plots_dir": cfg.run.plots_dir}
     if not cfg.run.plots_only:
         dirs.update({"--output_dir": cfg.run.output_dir, "--cache_dir": cfg.run.cache_dir})

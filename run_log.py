@@ -162,22 +162,26 @@ def read_results(path) -> dict:
 
 
 def check_output_dirs(dirs: dict[str, str]) -> None:
-    """Create (or find) each output directory and write to it once, before any work: a file in its place, a
-    parent that is a file, or a directory that refuses writes is a ``ValueError`` naming the flag, for main.py
-    to print in one line. ``dirs`` maps a flag (``--plots_dir``) to its path."""
+    """Check, before any work, that each output directory can be written: it, or the nearest part of its path
+    that exists, must be a directory in which a file can be created (one is, then removed: nothing is left
+    behind, and a run refused later for bad input has made no directories). A file in its place, a parent that
+    is a file, or a directory that refuses writes is a ``ValueError`` naming the flag, for main.py to print in
+    one line. ``dirs`` maps a flag (``--plots_dir``) to its path."""
     import tempfile
 
     for flag, path in dirs.items():
-        p = Path(path)
+        p = Path(path).absolute()
         if p.exists() and not p.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory: give {flag} a directory")
+        found = next(q for q in (p, *p.parents) if q.exists())
+        if not found.is_dir():
+            raise ValueError(f"{flag} {path} lies under {found}, a file: give {flag} a directory")
         try:
-            p.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=p, prefix=".write_check_"):
+            with tempfile.NamedTemporaryFile(dir=found, prefix=".write_check_"):
                 pass
         except OSError as e:
-            raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}): give {flag} a directory you "
-                             f"can write") from None
+            raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e} in {found}): give {flag} a "
+                             f"directory you can write") from None
 
 
 class MetricsLog:

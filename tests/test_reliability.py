@@ -269,7 +269,7 @@ def test_an_output_that_cannot_be_written_is_one_line_and_exit_2_before_any_work
 
 
 def test_plots_only_checks_its_directory_too(tmp_path):
-    proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "f"))  # made, then found without results.json
+    proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "f"))  # writable, but no results.json in it
     assert proc.returncode == 2 and "results.json" in proc.stderr
     (tmp_path / "g").write_text("")
     proc = run_cli("--plots-only", "--plots_dir", str(tmp_path / "g"))
