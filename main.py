@@ -179,4 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if SIGNALS.signum is not None:  # interrupted: a forwarded copy must not kill the exit (run_log.Signals.ignore)
+        SIGNALS.ignore()
+    sys.exit(code)

@@ -92,6 +92,13 @@ class Signals:
                 self._pending = False
                 raise KeyboardInterrupt
 
+    def ignore(self) -> None:
+        """Ignore SIGINT and SIGTERM from now on: called as the process exits after an interrupt, because a
+        forwarded copy may still be on its way, and Python restores the default handlers (death by the signal)
+        while it shuts down, but leaves ignored signals ignored."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
     @property
     def exit_code(self) -> int:
         """128 + the first signal (130 for SIGINT, 143 for SIGTERM); 130 when none was received."""
