@@ -53,7 +53,7 @@ class Stack:
         return self.acc.device
 
 
-def load_stack(cfg, acc, train_df, eval_df, verbose: bool = True) -> Stack:
+def load_stack(cfg, acc, train_df, eval_df) -> Stack:
     """Build or reuse the self-built models (offline presets) and the SFT model, then load the tokenizer, the
     frozen reference and the judge. The main process builds first; the others then find and reuse its result."""
     device = acc.device
@@ -62,7 +62,7 @@ def load_stack(cfg, acc, train_df, eval_df, verbose: bool = True) -> Stack:
             cfg = cfg.replace(model=ensure_offline_models(cfg, train_df, eval_df))
     # --dtype auto: by the hardware and the policy's width (models.auto_dtype), read from its config alone.
     dtype = resolve_dtype(cfg.model.dtype, device, model_width(load_config(cfg.model.policy_model)))
-    if verbose and dtype == torch.bfloat16 and not bf16_native(device):
+    if dtype == torch.bfloat16 and not bf16_native(device):
         print(f"note: --dtype bf16 on a {device.type} without bf16 matrix units is emulated and slow; --dtype auto "
               f"picks fp32 here")
     with acc.main_process_first():
@@ -126,7 +126,7 @@ class StudyRuns:
 def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> StudyRuns:
     """Train (or, with ``--resume``, reuse when finished with the same settings) every run of ``specs``, seed by
     seed; with --dpo-only or --ppo-only, the other method's runs already in results.json are carried over."""
-    cfg, device = stack.cfg, stack.device
+    cfg, device, acc = stack.cfg, stack.device, stack.acc
     out = StudyRuns(runs=[], first={}, first_data=None, heldout={})
     for r in study.carried_over(cfg, setup):
         model_dir = str(Path(r["metrics"]).parent)
@@ -139,7 +139,6 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
         scfg = cfg.replace(run={"seed": seed})
         data, ctx = seed_context(stack, scfg)
         out.heldout[seed] = ctx.on(data.eval_prompts)  # evaluated on validation prompts while training, these after
-        acc = stack.acc
         print(f"data: {len(data.train_pairs)} {cfg.dpo.pair_source} training pairs, {len(data.val_pairs)} validation "
               f"pairs ({len(data.val_prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
               f"{len(data.eval_prompts)} held-out prompts (seed {seed}); "
