@@ -637,13 +637,17 @@ ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL control
 def run_settings(config: dict, method: str | None = None) -> dict:
     """What a training run's results depend on, from a ``Config.to_dict()`` (also an older one): every setting
     but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones. Given the run's
-    ``method`` ("dpo", "ppo" or "ppo_gt"), also not the other method's section, nor, for PPO at a fixed
-    coefficient, the adaptive controller's settings: a run does not depend on settings it never reads."""
+    ``method`` ("dpo", "ppo", "ppo_gt" or "rm", the reward model), also not the other method's section, nor, for
+    PPO at a fixed coefficient, the adaptive controller's settings, nor, for the reward model, PPO's own: a run
+    does not depend on settings it never reads."""
     out = {sec: {k: v for k, v in values.items() if k not in READ_OUT_ONLY.get(sec, ())}
            for sec, values in config.items() if sec != "run"}
     out["run"] = {"seed": config["run"]["seed"]}
     if method == "dpo":
         out.pop("ppo", None)
+    elif method == "rm":
+        out.pop("dpo", None)
+        out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k.startswith("rm_")}
     elif method in ("ppo", "ppo_gt"):
         out.pop("dpo", None)
         if out.get("ppo", {}).get("target_kl") is None:

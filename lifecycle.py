@@ -1,5 +1,7 @@
-"""The lifecycle of a training run, written once for DPO and PPO (:class:`TrainingRun`; the reward model's and
-the offline builders' loops do not use it yet), and the context the runs of a study share (:class:`RunContext`).
+"""The lifecycle of a training run, written once for DPO, PPO and PPO's reward model (:class:`TrainingRun`), and
+the context the runs of a study share (:class:`RunContext`). The offline builders' loops (the base LM's
+pre-training, the judge's training) are not runs of a study: they have the non-finite guard
+(``run_utils.NonFiniteGuard``) and a clean Ctrl-C, not resume.
 
 A trainer builds its model and optimiser, then hands the loop's harness to a ``TrainingRun``:
 
@@ -79,21 +81,26 @@ class TrainingRun:
         method: ``dpo`` or ``ppo``: the prefix of log lines and messages (and of the learning-rate flag named
             when a run diverges).
         steps, eval_every: the run's length and evaluation cadence (the last step is always evaluated).
-        evaluate: False skips every evaluation (benchmarks time the training alone).
+        evaluate: False skips every evaluation (benchmarks time the training alone); a function ``evaluate(step)
+            -> dict`` replaces the policy's evaluation (the reward model's validation pair accuracy): no step-0
+            evaluation of the reference then, and nothing kept for a study.
         unit: what one step is called in messages (``step``, ``iteration``).
+        desc: the progress bar's label (default ``method``).
+        final_dir: where the finished run is saved (default ``<output_dir>/<name>``).
         per_process: batch-size flags whose values must divide by the number of processes.
     """
 
     def __init__(self, cfg, ctx: RunContext, name: str, method: str, steps: int, eval_every: int,
-                 evaluate: bool = True, unit: str = "step", per_process: dict | None = None):
+                 evaluate=True, unit: str = "step", per_process: dict | None = None, desc: str | None = None,
+                 final_dir: Path | None = None):
         acc = ctx.acc
         for flag, value in (per_process or {}).items():
             if value % acc.num_processes:
                 raise ConfigError(f"{flag} {value} must be a multiple of the {acc.num_processes} processes")
         self.cfg, self.ctx, self.name, self.method, self.unit = cfg, ctx, name, method, unit
-        self.total, self.eval_every, self.evaluate = steps, eval_every, evaluate
+        self.total, self.eval_every, self.evaluate, self.desc = steps, eval_every, evaluate, desc or method
         out = Path(cfg.run.output_dir)
-        self.run_dir, self.final_dir = out / "runs" / name, out / name
+        self.run_dir, self.final_dir = out / "runs" / name, Path(final_dir) if final_dir else out / name
         if cfg.run.resume:  # before any of the run's work
             self.check_resumable()
         seed_everything(cfg.run.seed)
@@ -114,7 +121,7 @@ class TrainingRun:
                                   self.cfg.to_dict())
         if acc.is_main_process:
             self.cfg.save(self.run_dir / "training_config.json")
-        if self.start == 0 and self.evaluate:
+        if self.start == 0 and self.evaluate is True:
             with self.timer.evaluating():
                 result = self.ctx.reference_result(self.cfg.eval.eval_temperature)
                 self.metrics.log({"step": 0, "time_s": 0.0, **eval_metrics(result)})
@@ -139,7 +146,7 @@ class TrainingRun:
     def steps(self):
         """The steps still to run (1-based), under a progress bar; SIGINT/SIGTERM meanwhile only set a flag that
         :meth:`end_step` acts on after the step (a checkpoint, then exit 130 or 143: ``run_log.Signals``)."""
-        self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.method, unit=self.unit,
+        self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.desc, unit=self.unit,
                         initial=self.start, total=self.total)
         with SIGNALS.collecting() as self.interrupted:
             for step in self.bar:
@@ -167,14 +174,19 @@ class TrainingRun:
         row = {"step": step, **row, **self._laps, "nonfinite_skipped": int(nonfinite), "time_s": self.timer.elapsed}
         if self.evaluate and (step % self.eval_every == 0 or step == self.total):
             with self.timer.evaluating():
-                row.update(eval_metrics(evaluate_policy(self.policy, self.ctx, self.cfg.eval.eval_temperature)))
-                if self.cfg.run.sweep:  # the study chooses among the evaluated checkpoints: keep their weights
+                if callable(self.evaluate):
+                    row.update(self.evaluate(step))
+                else:
+                    row.update(eval_metrics(evaluate_policy(self.policy, self.ctx, self.cfg.eval.eval_temperature)))
+                # the study chooses among the evaluated checkpoints: keep their weights
+                if self.cfg.run.sweep and not callable(self.evaluate):
                     save_lm(acc, self.policy, evaluated_dir(self.run_dir, step))
         self.metrics.log(row)
         self.bar.set_postfix(postfix)
-        if step % rc.log_every == 0 or "eval/safety_score" in row:
+        if step % rc.log_every == 0 or any(k.startswith("eval/") for k in row):
             extra = (f" | safety {row['eval/safety_score']:.3f} kl {row['eval/kl_to_ref']:.2f}"
-                     if "eval/safety_score" in row else "")
+                     if "eval/safety_score" in row else
+                     "".join(f" | {k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("eval/")))
             tqdm.write(log_line + extra)
 
         # Skipped steps leave the weights untouched, so after too many of them the current weights are still
@@ -192,15 +204,19 @@ class TrainingRun:
                 raise StopTraining(f"{self.method}: interrupted ({SIGNALS.name}) at {self.unit} {step}; checkpoint "
                                    f"saved in {ckpt}. Resume with the same command plus --resume", SIGNALS.exit_code)
 
-    def finish(self, summary: dict, note: str = "") -> dict:
+    def finish(self, summary: dict, note: str = "", save=None) -> dict:
         """Save the policy atomically (a crash here never leaves a half-written model nor destroys the previous
         one) with its config, metrics and summary; returns the train() output: ``model_dir``, ``policy`` and the
-        summary."""
+        summary. ``save(summary)`` replaces the policy's save (the reward model writes its cached artifact)."""
+        self.bar.close()
         summary = {"method": self.method, "precision": dtype_name(self.ctx.dtype), "train_time_s": self.timer.elapsed,
                    "eval_time_s": self.timer.eval_s,
                    # what its metrics.jsonl evaluations were on, and whether their weights were kept (the study's)
                    "evaluated_on": "validation", "kept_evaluated": bool(self.cfg.run.sweep), **summary}
-        save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
+        if save is None:
+            save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
+        else:
+            save(summary)
         self.metrics.close()
         print(f"{self.method}: saved {self.final_dir} ({summary['train_time_s']:.0f}s of training{note}; "
               f"{summary['eval_time_s']:.0f}s of evaluation)")

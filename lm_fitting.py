@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from batching import pad_sequences
 from models import autocast
+from run_utils import NonFiniteGuard
 
 
 def warmup_cosine(opt, total: int, warmup_frac: float = 0.05):
@@ -63,21 +64,28 @@ def heldout_lm_loss(model, eval_ids, seq_len: int, pad_id: int, seed: int, dtype
 
 
 def fit_causal_lm(model, train_ids, *, steps: int, batch_size: int, seq_len: int, lr: float, pad_id: int, rng,
-                  dtype, device="cpu", desc: str, betas=(0.9, 0.95), weight_decay: float = 0.01) -> None:
+                  dtype, device="cpu", desc: str, betas=(0.9, 0.95), weight_decay: float = 0.01,
+                  lr_flag: str = "--lm_lr", nan_steps=()) -> None:
     """Next-token training on review openings and windows (:func:`lm_batch`): AdamW, warmup then cosine decay,
-    gradients clipped at 1. Shared by the offline GPT-2's pre-training and the optional SFT stage."""
+    gradients clipped at 1, a step with a non-finite loss or gradient skipped (``run_utils.NonFiniteGuard``;
+    ``nan_steps``: 1-based steps whose loss a test makes NaN). Shared by the offline GPT-2's pre-training and the
+    optional SFT stage."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     sched = warmup_cosine(opt, steps)
     model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for _ in bar:
+    guard = NonFiniteGuard(desc, lr_flag)
+    bar = tqdm(range(1, steps + 1), desc=desc, unit="step")
+    for step in bar:
         x, mask = lm_batch(train_ids, batch_size, seq_len, pad_id, rng)
         with autocast(device, dtype):
             loss = lm_loss(model, x.to(device), mask.to(device))
+        if step in nan_steps:
+            loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        if guard.finite(loss.item(), grad_norm, step):
+            opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.2f}")
     model.eval()

@@ -41,6 +41,7 @@ from batching import pad_sequences
 from dataset import data_fingerprint
 from lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids, warmup_cosine
 from models import autocast, dtype_name, machine_info, resolve_dtype
+from run_utils import NonFiniteGuard
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
@@ -218,8 +219,9 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=oc.judge_lr, weight_decay=0.01)
     sched = warmup_cosine(opt, oc.judge_steps, warmup_frac=0.1)
     model.train()
-    bar = tqdm(range(oc.judge_steps), desc="offline: train judge", unit="step")
-    for _ in bar:
+    guard = NonFiniteGuard("offline: train judge", "--judge_lr")
+    bar = tqdm(range(1, oc.judge_steps + 1), desc="offline: train judge", unit="step")
+    for step in bar:
         idx = rng.integers(0, len(train_ids), oc.judge_batch_size)
         lens = crop_lengths(len(idx))
         opt.zero_grad(set_to_none=True)
@@ -240,7 +242,10 @@ def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
             (loss / len(idx)).backward()
             total += loss.item() / len(idx)
-        opt.step()
+        # The gradient's norm, unclipped (max_norm inf scales by exactly 1): the guard's second check.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+        if guard.finite(total, grad_norm, step):
+            opt.step()
         sched.step()
         bar.set_postfix(loss=f"{total:.3f}")
     model.eval()

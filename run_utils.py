@@ -152,3 +152,23 @@ def spread_over_processes(values: torch.Tensor, acc) -> dict:
 def process_sum(acc):
     """A function summing a tensor over the processes (an all-reduce), or None on one process."""
     return (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None
+
+
+class NonFiniteGuard:
+    """The non-finite guard of a loop outside the lifecycle (the offline builders): :meth:`finite` says whether a
+    step's loss and gradient norm are finite (the caller then steps, or skips the step and leaves the weights and
+    optimiser moments untouched), and after ``limit`` consecutive non-finite steps stops the loop with a
+    one-line ``StopTraining`` naming the learning-rate flag (exit 1)."""
+
+    def __init__(self, what: str, lr_flag: str, limit: int = 5):
+        self.what, self.lr_flag, self.limit, self.bad = what, lr_flag, limit, 0
+
+    def finite(self, loss: float, grad_norm: float, step: int) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.bad = 0
+            return True
+        self.bad += 1
+        if self.bad >= self.limit:
+            raise StopTraining(f"{self.what}: {self.bad} consecutive steps had a non-finite loss or gradient (last "
+                               f"at step {step}); lower {self.lr_flag} and run again", 1)
+        return False

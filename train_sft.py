@@ -46,7 +46,7 @@ def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
     torch.manual_seed(cfg.run.seed)
     fit_causal_lm(base, train_ids, steps=sc.sft_steps, batch_size=sc.sft_batch_size, seq_len=seq_len, lr=sc.sft_lr,
                   pad_id=pad, rng=np.random.default_rng([cfg.data.split_seed, 5]), dtype=dtype, device=device,
-                  desc="sft", betas=(0.9, 0.999), weight_decay=0.0)
+                  desc="sft", betas=(0.9, 0.999), weight_decay=0.0, lr_flag="--sft_lr")
     after = heldout_lm_loss(base, eval_ids, seq_len, pad, cfg.data.split_seed + 7, dtype, device)
     report = {"heldout_loss_before": before, "heldout_loss_after": after, "steps": sc.sft_steps,
               "tokens_seen": sc.sft_steps * sc.sft_batch_size * seq_len, "train_s": time.time() - t0}

@@ -27,13 +27,14 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 EVAL_SPLIT = ("--n_eval_prompts", "25", "--eval_batch_size", "4")
 
 
-def launch(out: Path, *args: str, script: Path = ROOT / "main.py", **popen) -> subprocess.Popen:
+def launch(out: Path, *args: str, script: Path = ROOT / "main.py", env: dict | None = None,
+           **popen) -> subprocess.Popen:
     """``accelerate launch --multi_gpu --num_processes 2 main.py --preset smoke ...`` (on a CPU: two gloo processes)."""
     # configs/multi_gpu.yaml sets every launcher default, so accelerate prints no warnings about them
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "multi_gpu.yaml"), "--num_processes", "2",
            str(script), *SMOKE,
            "--output_dir", str(out / "models"), "--plots_dir", str(out / "plots"), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
 
@@ -124,3 +125,52 @@ def test_an_error_on_rank_1_alone_reaches_the_user_with_its_rank_and_traceback(t
     assert len(line) == 1 and "ValueError: a bad input that only rank 1 sees" in line[0], err[-3000:]
     log = tmp_path / "models" / "logs" / "rank1-error.log"
     assert str(log) in line[0] and "_bad_input" in log.read_text() and "Traceback" in log.read_text()
+
+
+def _sigterm_during(tmp_path, smoke_run, phase: str, *args: str):
+    """Launch the smoke DPO through tests/slow_phase.py, send SIGTERM to the process group (a scheduler
+    stopping the job: the launcher forwards its own copy) once both processes are inside ``phase``; returns
+    (returncode, stderr, the run's directory)."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    mark = tmp_path / "in_phase"
+    proc = launch(tmp_path, "--dpo-only", *args, script=ROOT / "tests" / "slow_phase.py", start_new_session=True,
+                  env={**os.environ, "HF_HUB_OFFLINE": "1", "SLOW_PHASE": phase, "SLOW_MARK": str(mark)})
+    deadline = time.time() + 300
+    while not all(Path(f"{mark}.rank{r}").exists() for r in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err, tmp_path / "models" / "runs" / "dpo_toxic_reduced_model"
+
+
+def test_sigterm_during_the_reference_pass_ends_both_processes_with_one_line_and_resume_starts_over(
+        tmp_path, smoke_run):
+    code, err, run_dir = _sigterm_during(tmp_path, smoke_run, "reference")
+    assert code != 0
+    ours = [x for x in err.splitlines() if "interrupted" in x and "SignalException" not in x]
+    assert len(ours) == 1 and "interrupted (SIGTERM) outside a training step" in ours[0], err[-3000:]
+    assert "error: rank" not in err, err[-3000:]
+    # nothing half-written: no checkpoint, no metrics, no model, no cached reference log-probs
+    assert latest_checkpoint(run_dir) is None and not (run_dir / "metrics.jsonl").exists()
+    assert not (tmp_path / "models" / "dpo_toxic_reduced_model").exists()
+    assert not list((tmp_path / "models" / "cache").glob("ref_logps-*"))
+    resumed = launch(tmp_path, "--dpo-only", "--dpo_steps", "2", "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"nothing to resume in {run_dir / 'checkpoints'}; starting from scratch" in out
+
+
+def test_sigterm_during_an_evaluation_ends_both_processes_after_it_with_a_checkpoint_and_one_message(
+        tmp_path, smoke_run):
+    code, err, run_dir = _sigterm_during(tmp_path, smoke_run, "evaluation", "--dpo_steps", "400",
+                                         "--dpo_eval_every", "5", "--save_every", "1000")
+    assert code != 0
+    assert err.count("dpo: interrupted (SIGTERM) at step 5;") == 1 and "--resume" in err, err[-3000:]
+    assert "error: rank" not in err, err[-3000:]
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == "step-0000005"
+    assert all((ckpt / f"random_states_{i}.pkl").exists() for i in (0, 1)) and (ckpt / "meta.pt").exists()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 5 and "eval/safety_score" in rows[-1]  # the evaluation finished, then the stop

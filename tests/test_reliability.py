@@ -75,6 +75,52 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, smoke_run, m
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_reward_model_resumes_after_sigkill_with_the_same_per_step_losses(tmp_path, smoke_run):
+    """The reward model's loop runs under the lifecycle: killed mid-training, ``--resume`` continues from its
+    checkpoint (early stopping's memory included) to the same per-step losses, evaluations and weights."""
+    require_imdb()
+    from safetensors.torch import load_file
+
+    args = ["--ppo-only", "--rm_steps", "240", "--rm_eval_every", "20", "--rm_patience", "100", "--save_every", "3"]
+    for d in ("full", "killed"):
+        copy_offline_models(smoke_run["dir"] / "models", tmp_path / d / "models")
+    full = run_cli(*_args(tmp_path / "full", *args))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    runs = out / "models" / "runs" / "reward_model"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_args(out, *args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+
+    def last_step():
+        ckpts = [latest_checkpoint(d) for d in runs.glob("*")] if runs.exists() else []
+        return max([int(c.name[5:]) for c in ckpts if c is not None] or [0])
+
+    while last_step() < 30:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((out / "models").glob("reward_models/*/rm_report.json")), "finished before the kill"
+    step = last_step()
+    assert step < 240
+
+    resumed = run_cli(*_args(out, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from " in resumed.stdout and f"(step {step})" in resumed.stdout
+    (a_dir,), (b_dir,) = (list((tmp_path / d / "models").glob("reward_models/*")) for d in ("full", "killed"))
+    a, b = _strip(read_metrics(a_dir / "metrics.jsonl")), _strip(read_metrics(b_dir / "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 241))
+    assert sum("eval/val_pair_accuracy" in r for r in b) == 12
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, abs=1e-6), ra["step"]
+    ra, rb = (json.loads((d / "rm_report.json").read_text()) for d in (a_dir, b_dir))
+    assert ra["curve"] == rb["curve"] and ra["best_step"] == rb["best_step"]
+    wa, wb = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, smoke_run):
     require_imdb()
     out = tmp_path / "int"

@@ -180,3 +180,31 @@ def test_exact_kl_head_agrees_with_the_plain_head_and_is_zero_against_itself(tin
     _, _, kl = response_logps_values_kl(policy, ResponseLogProbs(other), b)
     mask = b["response_mask"].bool()
     assert (kl[mask] > 0).all() and (kl[~mask] == 0).all()
+
+
+def test_lm_fitting_skips_a_non_finite_step_and_stops_after_five(tiny_lm):
+    """The offline builders' loop (lm_fitting.fit_causal_lm) has the non-finite guard: a NaN step leaves the
+    weights untouched (the run goes on), five in a row stop it with one line naming the rate's flag."""
+    import copy
+
+    import numpy as np
+    import pytest
+
+    from lm_fitting import fit_causal_lm
+    from run_log import StopTraining
+
+    ids = [list(range(5, 25)), list(range(30, 50))] * 4
+    kw = dict(batch_size=4, seq_len=12, lr=1e-2, pad_id=0, dtype=torch.float32, desc="fit")
+
+    def fitted(steps, nan_steps=()):
+        model = copy.deepcopy(tiny_lm)
+        torch.manual_seed(0)  # the same dropout masks in every call
+        fit_causal_lm(model, ids, steps=steps, rng=np.random.default_rng(0), nan_steps=nan_steps, **kw)
+        return model.state_dict()
+
+    one, skipped = fitted(1), fitted(2, nan_steps={2})
+    assert all(torch.equal(one[k], skipped[k]) for k in one)  # step 2 changed nothing
+    assert not all(torch.equal(one[k], fitted(2)[k]) for k in one)  # while a finite step 2 does
+    with pytest.raises(StopTraining, match="5 consecutive steps had a non-finite loss.*lower --lm_lr") as e:
+        fitted(8, nan_steps={3, 4, 5, 6, 7})
+    assert e.value.code == 1 and "last at step 7" in str(e.value)
