@@ -277,6 +277,10 @@ def checkpoint(acc, run_dir: Path, step: int, timer: Timer, consecutive_bad: int
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # Every process writes its own part (its RNG state; its shard under FSDP) and save_state does not wait for
+        # the others: the main process must not rename the directory before they are done (a slower process then
+        # found its directory gone and failed, and the other one died on the broken connection).
+        acc.wait_for_everyone()
         if acc.is_main_process:
             meta = {"step": step, "elapsed": timer.elapsed, "eval_s": timer.eval_s, "consecutive_bad": consecutive_bad,
                     **{k: obj.state_dict() for k, obj in (extra or {}).items()}}

@@ -1,7 +1,8 @@
 """``main.py``, except that one phase waits for a signal before doing its work, so that a test can send SIGTERM
 *during* it on every process: ``SLOW_PHASE=reference`` (DPO's reference pass, before the first step) or
 ``SLOW_PHASE=evaluation`` (a periodic evaluation during training). Each process touches ``$SLOW_MARK.rank<k>``
-when it enters the phase. Launched by tests/test_distributed.py in main.py's place."""
+when it enters the phase. ``SLOW_PHASE=rank1_save`` instead delays rank 1's part of every checkpoint by 3 s (a
+process slowed by a loaded machine). Launched by tests/test_distributed.py in main.py's place."""
 
 import os
 import runpy
@@ -22,7 +23,18 @@ def _wait_for_a_signal():
         time.sleep(0.01)  # inside a training loop the signal sets the flag; elsewhere it raises here
 
 
-if os.environ["SLOW_PHASE"] == "reference":
+if os.environ["SLOW_PHASE"] == "rank1_save":
+    if os.environ.get("RANK") == "1":
+        import accelerate.accelerator
+
+        real_save = accelerate.accelerator.save_accelerator_state
+
+        def _slow_save(*args, **kwargs):
+            time.sleep(3)
+            return real_save(*args, **kwargs)
+
+        accelerate.accelerator.save_accelerator_state = _slow_save
+elif os.environ["SLOW_PHASE"] == "reference":
     import train_dpo
 
     real_reference = train_dpo.reference_logps

@@ -174,3 +174,19 @@ def test_sigterm_during_an_evaluation_ends_both_processes_after_it_with_a_checkp
     assert all((ckpt / f"random_states_{i}.pkl").exists() for i in (0, 1)) and (ckpt / "meta.pt").exists()
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 5 and "eval/safety_score" in rows[-1]  # the evaluation finished, then the stop
+
+
+def test_a_slow_process_finishes_its_part_of_a_checkpoint_before_the_main_one_renames_it(tmp_path, smoke_run):
+    """Rank 1's part of every checkpoint (its RNG state) is written 3 s late, as on a loaded machine: the main
+    process waits for it before renaming the directory into place (it did not, and rank 1 then failed to write
+    into a directory that was gone: the flaky failures of CI's multi-process tests)."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = launch(tmp_path, "--dpo-only", "--dpo_steps", "8", "--save_every", "4", "--keep_checkpoints", "2",
+                  script=ROOT / "tests" / "slow_phase.py",
+                  env={**os.environ, "HF_HUB_OFFLINE": "1", "SLOW_PHASE": "rank1_save"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    ckpts = sorted((tmp_path / "models" / "runs" / "dpo_toxic_reduced_model" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-0000004", "step-0000008"]
+    assert all((c / f"random_states_{i}.pkl").exists() for c in ckpts for i in (0, 1))
