@@ -73,7 +73,7 @@ RANGES = {
     # evaluation
     "n_eval_prompts": _COUNT, "eval_batch_size": _COUNT, "eval_temperature": _POS, "temperatures": _POS,
     "n_examples": _NONNEG, "sweep_betas": _POS, "sweep_kl_coefs": _POS, "matched_kls": _POS,
-    "min_budget_use": (0, 1, False, True),
+    "min_budget_use": (0, 1, False, True), "kl_bands": _POS, "band_width": (0, 1, True, True), "max_kl": _POS,
     # run
     "seed": _SEED, "seeds": _SEED, "log_every": _COUNT, "save_every": _COUNT, "keep_checkpoints": _COUNT,
     "max_nonfinite_skips": _COUNT, "debug_nan_steps": _COUNT,
@@ -320,11 +320,20 @@ class EvalConfig:
                                   "is <= k, reported on held-out prompts.")
     min_budget_use: float = _f(0.5, "A table cell whose chosen checkpoint's validation KL is below this fraction of "
                                     "its budget is shown as - (the method never went near the budget).")
+    kl_bands: list[float] = _f([1.0, 2.0, 4.0, 8.0, 12.0], "Target KLs (nats) of the study's equal-KL comparison: per "
+                               "method, seed and target k, the checkpoint with the best validation safety whose "
+                               "validation KL lies in k +- --band_width, reported on held-out prompts.")
+    band_width: float = _f(0.2, "Half-width of each KL band, as a fraction of its target (0.2: 8 nats is 6.4-9.6).")
+    max_kl: float | None = _f(None, "Stop a run at its first evaluation whose validation KL is above this (nats); "
+                              "none (any case) runs every step. A study sets it at its largest band's upper edge: "
+                              "no cell reads a checkpoint past it, and PPO at a small coefficient would spend "
+                              "half its iterations there.")
 
     def __post_init__(self):
         _check_ranges(self)
         _check(len(self.temperatures) >= 1, "--temperatures needs at least one value")
         _check(len(self.matched_kls) >= 1, "--matched_kls needs at least one value")
+        _check(len(self.kl_bands) >= 1, "--kl_bands needs at least one value")
 
 
 @dataclass
@@ -352,6 +361,10 @@ class RunConfig:
     cache_dir: str = _f("", "Where the hash-keyed artifacts live (self-built models, reward models, reference "
                             "log-probs, SFT models), shared by presets since each key names its settings. Default: "
                             "models, or --output_dir when that is given.")
+    reuse_runs_from: str = _f("", "--sweep: another study's --output_dir whose finished runs this study takes "
+                                  "(linked, not copied) instead of training them, wherever they were trained with "
+                                  "every setting they depend on equal: PPO-GT, which never reads the preference "
+                                  "pairs, is the same in both settings of the study.")
     log_every: int = _f(10, "One log line every this many steps.")
     save_every: int = _f(50, "Checkpoint every this many steps.")
     keep_checkpoints: int = _f(2, "Checkpoints kept per run (oldest deleted).")
@@ -363,6 +376,9 @@ class RunConfig:
         _check_ranges(self)
         _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")
+        _check(not self.reuse_runs_from or Path(self.reuse_runs_from).is_dir(),
+               f"--reuse_runs_from {self.reuse_runs_from} is not a directory: give the --output_dir of a study "
+               f"whose runs to reuse")
 
 
 SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "sft": SFTConfig,
@@ -487,7 +503,7 @@ def _preset(name: str) -> Config:
             ppo=PPOConfig(ppo_reward="judge", ppo_steps=8, ppo_batch_size=64, ppo_mini_batch_size=16, ppo_lr=1e-4,
                           kl_horizon=256, ppo_eval_every=8),
             eval=EvalConfig(n_eval_prompts=384, eval_batch_size=384, temperatures=[0.5, 1.0], n_examples=3,
-                            matched_kls=[0.5, 1.0]),
+                            matched_kls=[0.5, 1.0], kl_bands=[0.5, 1.0]),
             run=RunConfig(preset="quick", log_every=20))
     # smoke: tiny models, seconds; the tests run it
     return Config(
@@ -504,7 +520,7 @@ def _preset(name: str) -> Config:
                         # a 40-step DPO and a 4-iteration PPO of a 1-layer LM reach 0.2-0.9 nats; the smoke
                         # judge is at chance, so its validation safety cannot tell checkpoints apart: no cell is
                         # dropped for using little of its budget (the smoke study exercises the structure)
-                        matched_kls=[0.2, 0.5], min_budget_use=0.0),
+                        matched_kls=[0.2, 0.5], min_budget_use=0.0, kl_bands=[0.2, 0.5]),
         run=RunConfig(preset="smoke", log_every=4, save_every=4))
 
 
@@ -531,8 +547,8 @@ HELP_GROUPS = {
     "DPO": tuple(f.name for f in fields(DPOConfig)),
     "PPO and its reward model": tuple(f.name for f in fields(PPOConfig)),
     "evaluation": ("n_eval_prompts", "eval_batch_size", "eval_temperature", "temperatures", "n_examples"),
-    "study (--sweep)": ("sweep", "seeds", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls",
-                        "min_budget_use"),
+    "study (--sweep)": ("sweep", "seeds", "reuse_runs_from", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt",
+                        "kl_bands", "band_width", "max_kl", "matched_kls", "min_budget_use"),
 }
 
 
@@ -628,9 +644,10 @@ def _take_nones(argv: list[str]) -> tuple[list[str], list[str]]:
 # is in its dpo / ppo section), or the thread count: changing them neither changes what a run trains nor
 # makes a finished run unfinished.
 READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls",
-                          "min_budget_use"), "model": ("threads",)}
+                          "min_budget_use", "kl_bands", "band_width"), "model": ("threads",)}
 
 
+PAIR_SETTINGS = ("pair_source", "n_generated_samples")  # the preference pairs' source: DPO's and the reward model's
 ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL controller, which a fixed coefficient ignores
 
 
@@ -646,10 +663,14 @@ def run_settings(config: dict, method: str | None = None) -> dict:
     if method == "dpo":
         out.pop("ppo", None)
     elif method == "rm":
-        out.pop("dpo", None)
+        out["dpo"] = {k: v for k, v in out.get("dpo", {}).items() if k in PAIR_SETTINGS}
         out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k.startswith("rm_")}
     elif method in ("ppo", "ppo_gt"):
+        # PPO's reward model learns from the preference pairs (their source is a DPO setting); PPO-GT reads none
+        pairs = {k: v for k, v in out.get("dpo", {}).items() if k in PAIR_SETTINGS}
         out.pop("dpo", None)
+        if method == "ppo" and pairs:
+            out["dpo"] = pairs
         if out.get("ppo", {}).get("target_kl") is None:
             out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k not in ADAPTIVE_ONLY}
     return out

@@ -310,11 +310,10 @@ class StudyData:
     val_prompts: list[list[int]]
     train_reviews: pd.DataFrame = field(repr=False)
     eval_reviews: pd.DataFrame = field(repr=False)
-
-    @property
-    def train_prompts(self) -> list[list[int]]:
-        """PPO's rollout prompts: the prompts of the training pairs DPO sees."""
-        return [p["prompt"] for p in self.train_pairs]
+    # PPO's rollout prompts: the prompts of the training pairs as prepared here. Kept when --pair_source generated
+    # replaces the pairs (which drops a prompt whose samples the judge scores alike), so that PPO-GT, which reads
+    # no pairs, is the same run in both settings of the study.
+    train_prompts: list[list[int]] = field(default_factory=list, repr=False)
 
 
 def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
@@ -333,4 +332,4 @@ def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> St
     # Each seed draws its own held-out prompts, so that a study's seeds also sample the prompts.
     eval_prompts = build_prompts(eval_df, tokenizer, dc, [dc.split_seed, cfg.run.seed, 2], cfg.eval.n_eval_prompts)
     return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, [p["prompt"] for p in val_pairs], train_df,
-                     eval_df)
+                     eval_df, [p["prompt"] for p in train_pairs])

@@ -140,6 +140,24 @@ def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device,
     return torch.cat(out)
 
 
+_VADER = []
+
+
+def vader_compound(texts: list[str]) -> list[float]:
+    """VADER's compound sentiment of each text, in [-1, 1] (Hutto & Gilbert 2014, the ``vaderSentiment`` package:
+    a lexicon and rules shipped inside the wheel, nothing trained or downloaded here): the study's second judge,
+    independent of the one that labels the pairs, rewards PPO-GT and scores everything. VADER's own threshold
+    for a positive text is compound > 0.05 (:data:`VADER_POSITIVE`)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    if not _VADER:
+        _VADER.append(SentimentIntensityAnalyzer())  # reads its lexicon once
+    return [float(_VADER[0].polarity_scores(t)["compound"]) for t in texts]
+
+
+VADER_POSITIVE = 0.05
+
+
 def judge_scores(judge_tok, judge, texts: list[str], batch_size: int, device,
                  dtype: torch.dtype = torch.float32) -> np.ndarray:
     """(N,) judge P(POSITIVE)."""
@@ -156,14 +174,24 @@ def judge_logits(judge_tok, judge, texts: list[str], batch_size: int, device,
 
 
 def judge_accuracy(judge_tok, judge, tokenizer, eval_df, n_tokens: int, device, dtype=torch.float32,
-                   n: int = 1000, batch_size: int = 100) -> float:
+                   n: int = 1000, batch_size: int = 100) -> dict:
     """The judge's accuracy on held-out review openings cut to ``n_tokens`` of the policy's tokenizer and
-    decoded: texts as long as the prompt + completion it judges, in the form it judges them."""
+    decoded: texts as long as the prompt + completion it judges, in the form it judges them. Beside it, the
+    second judge's on the same texts: VADER's accuracy (positive when compound > 0.05) and the Pearson
+    correlation of its compound score with the judge's P(positive). Returns ``{"accuracy", "vader_accuracy",
+    "vader_correlation", "n"}``."""
     df = eval_df.iloc[:n]
     ids = tokenizer(df["review"].tolist(), add_special_tokens=False, truncation=True, max_length=n_tokens)["input_ids"]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
     scores = judge_scores(judge_tok, judge, texts, batch_size, device, dtype)
-    return float(((scores > 0.5).astype(int) == df["label"].to_numpy()).mean())
+    labels = df["label"].to_numpy()
+    vader = np.asarray(vader_compound(texts))
+    return {"accuracy": float(((scores > 0.5).astype(int) == labels).mean()),
+            "vader_accuracy": float(((vader > VADER_POSITIVE).astype(int) == labels).mean()),
+            # undefined (NaN) when either judge gives every text the same score (the smoke judge can)
+            "vader_correlation": (float(np.corrcoef(scores, vader)[0, 1]) if min(np.std(scores), np.std(vader)) > 0
+                                  else float("nan")),
+            "n": len(texts)}
 
 
 # ---------------------------------------------------------------------------------------- evaluation

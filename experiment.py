@@ -86,11 +86,11 @@ def judge_check(stack: Stack) -> dict:
     them; printed, with a warning below 0.6."""
     cfg = stack.cfg
     judged = cfg.data.prompt_max_tokens + cfg.data.response_tokens
-    check = {"accuracy": eval_utils.judge_accuracy(stack.judge_tok, stack.judge, stack.tokenizer, stack.eval_df,
-                                                   judged, stack.device, stack.judge_dtype),
-             "tokens": judged, "n": min(1000, len(stack.eval_df))}
+    check = {**eval_utils.judge_accuracy(stack.judge_tok, stack.judge, stack.tokenizer, stack.eval_df, judged,
+                                         stack.device, stack.judge_dtype), "tokens": judged}
     print(f"judge: held-out accuracy {check['accuracy']:.3f} on review openings of {judged} tokens "
-          f"(prompt + completion; {check['n']} reviews)")
+          f"(prompt + completion; {check['n']} reviews); the second judge, VADER, {check['vader_accuracy']:.3f} "
+          f"on the same texts (correlation with the judge {check['vader_correlation']:.2f})")
     if check["accuracy"] < 0.6:
         print(f"warning: a judge right on only {check['accuracy']:.2f} of such texts gives safety scores that "
               f"carry no signal" + (" (the smoke preset's models exist to test the code; uv run main.py --preset "
@@ -151,6 +151,9 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
             if done is not None:  # an interrupted study continues where it stopped
                 print(f"study: {spec.name} finished earlier with the same settings: skipped")
                 done = {**done, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
+            elif cfg.run.reuse_runs_from and (done := study.reuse_run(rcfg, spec, cfg.run.reuse_runs_from)):
+                print(f"study: {spec.name} reused from {cfg.run.reuse_runs_from} (finished there with every setting "
+                      f"it depends on equal; linked, not retrained)")
             else:
                 done = (train_dpo if spec.method == "dpo" else train_ppo).train(rcfg, data, ctx, name=spec.name)
             out.runs.append({"spec": spec, "summary": {k: v for k, v in done.items() if k != "policy"}})

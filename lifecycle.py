@@ -148,11 +148,14 @@ class TrainingRun:
         :meth:`end_step` acts on after the step (a checkpoint, then exit 130 or 143: ``run_log.Signals``)."""
         self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.desc, unit=self.unit,
                         initial=self.start, total=self.total)
+        self.stopped_at = None  # the step whose validation KL passed --max_kl
         with SIGNALS.collecting() as self.interrupted:
             for step in self.bar:
                 self._t_step = self._t_lap = time.time()
                 self._laps = {}
                 yield step
+                if self.stopped_at is not None:
+                    break
 
     def lap(self, phase: str) -> None:
         """Time the phase of this step that just ended (since the step began or the last lap): logged as
@@ -183,6 +186,12 @@ class TrainingRun:
                     save_lm(acc, self.policy, evaluated_dir(self.run_dir, step))
         self.metrics.log(row)
         self.bar.set_postfix(postfix)
+        max_kl = self.cfg.eval.max_kl
+        if max_kl is not None and row.get("eval/kl_to_ref", 0.0) > max_kl and step < self.total:
+            # Nothing the study reads lies past it: every process read the same (all-gathered) evaluation.
+            self.stopped_at = step
+            tqdm.write(f"{self.method}: validation KL {row['eval/kl_to_ref']:.2f} > --max_kl {max_kl:g} at "
+                       f"{self.unit} {step}: stopped, {self.total - step} {self.unit}s early")
         if step % rc.log_every == 0 or any(k.startswith("eval/") for k in row):
             extra = (f" | safety {row['eval/safety_score']:.3f} kl {row['eval/kl_to_ref']:.2f}"
                      if "eval/safety_score" in row else
@@ -212,7 +221,8 @@ class TrainingRun:
         summary = {"method": self.method, "precision": dtype_name(self.ctx.dtype), "train_time_s": self.timer.elapsed,
                    "eval_time_s": self.timer.eval_s,
                    # what its metrics.jsonl evaluations were on, and whether their weights were kept (the study's)
-                   "evaluated_on": "validation", "kept_evaluated": bool(self.cfg.run.sweep), **summary}
+                   "evaluated_on": "validation", "kept_evaluated": bool(self.cfg.run.sweep),
+                   "stopped_above_max_kl_at": getattr(self, "stopped_at", None), **summary}
         if save is None:
             save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
         else:

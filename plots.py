@@ -10,7 +10,7 @@ import numpy as np
 
 from config import ConfigError
 from run_log import read_metrics, read_results
-from study import METHOD_LABELS, METHODS, upper_envelope
+from study import METHOD_LABELS, METHODS, family_key, upper_envelope
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", **METHOD_LABELS}
@@ -85,7 +85,10 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {LABELS[m]} | {_pm(*row['safety'], '{:.3f}')} | {_pm(*row['positive_rate'], '{:.3f}')} "
                          f"| {_pm(*row['kl'], '{:.2f}')} | {_pm(*row['train_time_s'], '{:.0f}')} |")
     if "protocol" in results:
-        lines += ["", protocol_markdown(results)]
+        if "bands" in results["protocol"]:
+            lines += ["", band_markdown(results)]
+        lines += ["", "secondary reading, within a KL budget (the chosen checkpoints' KLs differ: not a comparison "
+                      "at equal KL):", protocol_markdown(results)]
     return "\n".join(lines)
 
 
@@ -109,6 +112,74 @@ def _ci(c: dict, fmt: str = "{:+.3f}") -> str:
     if not c or not c.get("n_seeds"):
         return "-"
     return f"{fmt.format(c['mean'])} [{fmt.format(c['lo'])}, {fmt.format(c['hi'])}] (n={c['n_seeds']})"
+
+
+def _t(c: dict, fmt: str = "{:+.3f}") -> str:
+    """``+0.012 [-0.004, +0.027]`` for a seed-level t interval; the mean alone for one seed; "-" for none."""
+    if not c or not c.get("n_seeds"):
+        return "-"
+    if c["n_seeds"] < 2:
+        return f"{fmt.format(c['mean'])} (1 seed)"
+    return f"{fmt.format(c['mean'])} [{fmt.format(c['lo'])}, {fmt.format(c['hi'])}]"
+
+
+def band_markdown(results: dict) -> str:
+    """The study's reading at equal KL: per band (target k +- width), each method's checkpoint chosen on validation
+    among those whose validation KL is in the band, on held-out prompts (mean over seeds [95% t interval over
+    seeds], held-out KL, VADER's mean compound score, candidates per seed); the paired comparisons (judge and
+    VADER, t intervals over seeds, p; Holm-adjusted p where ``scripts/study_family.py`` has added it); and the
+    highest validation safety each method reaches. A cell missing some seeds says which and why."""
+    b = results["protocol"]["bands"]
+    ks, w = b["targets"], b["width"]
+    head = " | ".join(f"{k:g} ± {w:.0%}" for k in ks)
+    lines = ["equal KL (checkpoints chosen on validation inside each KL band; held-out safety, mean over seeds [95% "
+             "t interval over seeds]; held-out KL; VADER mean compound; candidates per seed):",
+             f"| method | {head} |", "|---" * (len(ks) + 1) + "|"]
+    notes = []
+    for m, cells in b["cells"].items():
+        row = []
+        for k in ks:
+            c = cells[str(k)]
+            if not c["n_seeds"]:
+                row.append("not reached" if all(r["status"] == "not reached" for r in c["per_seed"]) else "-")
+            else:
+                row.append(f"{_t(c['safety'], '{:.3f}')}, KL {c['kl']:.2f}, VADER {c['vader']:+.3f}, n "
+                           + "/".join(str(r["n_candidates"]) for r in c["per_seed"]))
+            notes += [f"{_short(m)}, {k:g} nats, seed {r['seed']}: {r['reason']}" for r in c["per_seed"]
+                      if r["status"] != "ok"]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+    family = results.get("family", {})
+    if b["differences"]:
+        lines += ["", "paired differences at equal KL (each seed's mean over its prompts, then a 95% t interval over "
+                      "the seeds; p two-sided; Holm over the family when scripts/study_family.py has run; "
+                      "the judge's claimed, VADER's shown):",
+                  "| comparison | band | seeds | judge | p | p (Holm) | VADER | KL each side |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, cells in b["differences"].items():
+            a, bb = name.split("-", 1)
+            for k in ks:
+                d = cells[str(k)]
+                if not d["seeds"]:
+                    lines.append(f"| {_short(a)} - {_short(bb)} | {k:g} | 0 | - | - | - | - | - |")
+                    continue
+                h = family.get("holm", {}).get(family_key(results["setup"]["pair_source"], name, k))
+                holm_text = "-" if h is None else (f"{h['p_holm']:.3f}" + (" survives" if h["survives"] else ""))
+                kl = d["kl"]
+                lines.append(f"| {_short(a)} - {_short(bb)} | {k:g} | {len(d['seeds'])}"
+                             f"{'' if d['all_seeds'] else ' (not all)'} | {_t(d['judge'])} | "
+                             f"{'-' if _missing(d['judge']['p']) else format(d['judge']['p'], '.3f')} | {holm_text} | "
+                             f"{_t(d['vader'])} | "
+                             f"{kl[a]:.2f} / {kl[bb]:.2f}{' differ > 20%' if d['kl_mismatch'] else ''} |")
+    hi = results["protocol"].get("highest")
+    if hi:
+        lines += ["", f"highest validation safety at any KL up to {hi['max_kl']:.1f} nats, per seed (held-out safety "
+                      f"at held-out KL; shown, never claimed):"]
+        for m, by_seed in hi["per_method"].items():
+            lines.append(f"  {_short(m)}: " + "; ".join(
+                f"seed {s} {r['heldout']['safety']:.3f} at {r['heldout']['kl']:.1f}" for s, r in by_seed.items()))
+    if notes:
+        lines += ["cells missing seeds:"] + [f"  {x}" for x in notes]
+    return "\n".join(lines)
 
 
 def protocol_markdown(results: dict) -> str:
@@ -332,6 +403,54 @@ def plot_final(ax, results: dict) -> None:
                  + ("\n(no method differs from the reference beyond evaluation noise)" if quiet and names[1:] else ""))
 
 
+def plot_bands(ax, results: dict) -> None:
+    """A study's reading at equal KL: per KL band and method, the held-out safety of the checkpoints chosen on
+    validation inside the band, mean over seeds with its 95% t interval over the seeds; a cell missing seeds is
+    drawn hollow and labelled with its seed count, a band a method never reached is labelled so. The reference's
+    held-out safety (mean over seeds) is the dashed line."""
+    b = results["protocol"]["bands"]
+    ks, methods = b["targets"], [m for m in METHODS if m in b["cells"]]
+    x = np.arange(len(ks))
+    width = 0.8 / max(1, len(methods))
+    values = []
+    for j, m in enumerate(methods):
+        xs = x - 0.4 + width * (j + 0.5)
+        for xi, k in zip(xs, ks):
+            c = b["cells"][m][str(k)]
+            t = c["safety"]
+            if not c["n_seeds"]:
+                ax.text(xi, 0.02, "not reached" if all(r["status"] == "not reached" for r in c["per_seed"]) else
+                        "no checkpoint", rotation=90, ha="center", va="bottom", fontsize=7, color=COLORS[m])
+                continue
+            full = c["all_seeds"]
+            ax.bar(xi, t["mean"], width * 0.9, color=COLORS[m] if full else "none", edgecolor=COLORS[m],
+                   label=LABELS[m])  # one legend entry per method: duplicates dropped below
+            if not _missing(t["lo"]):
+                ax.errorbar(xi, t["mean"], yerr=[[t["mean"] - t["lo"]], [t["hi"] - t["mean"]]], fmt="none",
+                            ecolor="black", capsize=3)
+                values += [t["lo"], t["hi"]]
+            values.append(t["mean"])
+            if not full:
+                ax.text(xi, t["mean"] + 0.01, f"{c['n_seeds']}/{len(c['per_seed'])}\nseeds", ha="center",
+                        va="bottom", fontsize=7)
+    refs = [r["safety"] for r in results["protocol"]["reference"].values()]
+    if refs:
+        ax.axhline(float(np.mean(refs)), color=COLORS["reference"], ls="--", lw=1, label="reference (held-out)")
+    ax.set_xticks(x, [f"{k:g} nats\n({k * (1 - b['width']):.2g}-{k * (1 + b['width']):.2g})" for k in ks],
+                  fontsize=8)
+    ax.set_xlabel("KL band (validation KL of the chosen checkpoints)")
+    ax.set_ylabel("held-out safety (judge P(positive))")
+    ax.set_ylim(0, min(1.05, max(values + [0.5]) + 0.12))
+    n = len(results.get("study", {}).get("seeds", []))
+    ax.set_title(f"Equal KL: held-out safety in each band, mean over {n} seeds (95% t interval)\n"
+                 "hollow: some seeds have no checkpoint in the band", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    seen = {}
+    for h, lab in zip(handles, labels):
+        seen.setdefault(lab, h)
+    ax.legend(seen.values(), seen.keys(), fontsize=8, loc="lower right")
+
+
 PANELS = {"learning_curve": plot_learning_curve, "pareto_frontier": plot_pareto,
           "temperature_robustness": plot_temperature, "final_metrics": plot_final}
 
@@ -366,15 +485,19 @@ def draw_dashboard(plots_dir) -> Path:
     missing = [r["metrics"] for r in results["runs"] if not Path(r["metrics"]).exists()]
     if missing:
         raise ConfigError(f"metrics file {missing[0]} named in {path} is missing; rerun training to recreate it")
+    panels = dict(PANELS)
+    if "bands" in results.get("protocol", {}):  # a study: its equal-KL cells replace the default runs' bars
+        panels.pop("final_metrics")
+        panels["equal_kl"] = plot_bands
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
-    for ax, draw in zip(axes.flat, PANELS.values()):
+    for ax, draw in zip(axes.flat, panels.values()):
         draw(ax, results)
     fig.suptitle(dashboard_title(results))
     fig.tight_layout()
     out = plots_dir / "dpo_results_dashboard.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    for name, draw in PANELS.items():
+    for name, draw in panels.items():
         f, ax = plt.subplots(figsize=(7, 5))
         draw(ax, results)
         f.tight_layout()

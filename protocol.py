@@ -2,23 +2,31 @@
 
 1. Every evaluation during training is on the validation prompts (openings of training reviews no pair uses),
    and the weights of every evaluated step are kept (``runs/<run>/evaluated/step-N/``).
-2. For each method, seed and KL budget k, :func:`study.select_checkpoints` picks, among all that method's runs
-   and checkpoints of that seed, the best validation safety with validation KL <= k. Held-out numbers are never
-   looked at to choose, and no maximum is ever taken over them.
+2. At equal KL (the study's reading): for each method, seed and KL band (target k +- ``--band_width``),
+   :func:`study.select_band_checkpoints` picks, among all that method's runs and checkpoints of that seed, the
+   best validation safety whose validation KL lies in the band, and records how many candidates it had; the
+   highest validation safety at any KL up to the largest band (:func:`study.highest_safety`) is chosen the same
+   way. Within a budget (the secondary reading): :func:`study.select_checkpoints`, the best with validation
+   KL <= k. Held-out numbers are never looked at to choose, and no maximum is ever taken over them.
 3. Only the chosen checkpoints are evaluated on the held-out prompts (each seed its own sample, every method
-   sampled with the same seeds on the same prompts), and their per-prompt judge scores and log-ratios are saved.
-4. Paired differences between methods (matching seeds only) get 95% hierarchical bootstrap intervals (seeds,
-   then prompts within each seed).
+   sampled with the same seeds on the same prompts), and their per-prompt judge scores, VADER compound scores
+   (the second judge, ``eval_utils.vader_compound``) and log-ratios are saved.
+4. Paired differences between methods at each band: each seed's paired mean difference over its prompts, then a
+   Student-t 95% interval and p-value over the seeds (:func:`study.seed_t_interval`), with the hierarchical
+   bootstrap beside it; the same for VADER. Holm's correction over the family (both settings) is applied by
+   ``scripts/study_family.py``, which reads every setting's results.json. Budget cells keep the hierarchical
+   bootstrap.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 import study
-from eval_utils import evaluate_policy
+from eval_utils import VADER_POSITIVE, evaluate_policy, vader_compound
 from lifecycle import evaluated_dir
 from models import load_causal_lm
 from run_log import StopTraining, read_metrics
@@ -38,17 +46,23 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
         numbers and per-prompt scores, each cell per seed and over seeds, and the paired differences.
     """
     kls, temp = list(cfg.eval.matched_kls), cfg.eval.eval_temperature
+    bands, width = list(cfg.eval.kl_bands), cfg.eval.band_width
     points = []
     for r in runs:
         s = r["spec"]
         rows = read_metrics(Path(cfg.run.output_dir) / "runs" / s.name / "metrics.jsonl")
         points += study.checkpoint_points(s.method, s.setting, s.seed, s.name, rows)
     chosen = study.select_checkpoints(points, kls, min_use=cfg.eval.min_budget_use)
+    banded = study.select_band_checkpoints(points, bands, width)
+    top_kl = max(bands) * (1 + width)
+    top = study.highest_safety(points, top_kl)
 
     # --- held-out evaluation of the chosen checkpoints only, each once ---
     checkpoints, reference = {}, {}
-    todo = {(c["point"]["seed"], c["point"]["run"], c["point"]["step"]): c["point"]
-            for by_seed in chosen.values() for cells in by_seed.values() for c in cells.values() if c["point"]}
+    picked = [c["point"] for sel in (chosen, banded) for by_seed in sel.values() for cells in by_seed.values()
+              for c in cells.values() if c["point"]]
+    picked += [p for by_seed in top.values() for p in by_seed.values()]
+    todo = {(p["seed"], p["run"], p["step"]): p for p in picked}
     runs_dir = Path(cfg.run.output_dir) / "runs"
     missing = sorted((run, step) for _, run, step in todo if not evaluated_dir(runs_dir / run, step).is_dir())
     if missing:  # e.g. a run carried over from a --dpo-only / --ppo-only run made without --sweep
@@ -61,16 +75,19 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
         ctx = heldout[seed]
         if seed not in reference:
             ref = ctx.reference_result(temp)
-            reference[seed] = {"safety": ref["safety_score"],
-                               "per_prompt": {"scores": [float(x) for x in ref["scores"]]}}
+            vader = vader_compound(ref["texts"])
+            reference[seed] = {"safety": ref["safety_score"], **_vader_summary(vader),
+                               "per_prompt": {"scores": [float(x) for x in ref["scores"]], "vader": vader}}
         lm = load_causal_lm(str(evaluated_dir(runs_dir / run, step)), ctx.device)
         res = evaluate_policy(lm, ctx, temp)
+        vader = vader_compound(res["texts"])
         checkpoints[f"{run}@{step}"] = {
             "method": p["method"], "label": p["label"], "seed": seed, "run": run, "step": step,
             "validation": {"safety": p["safety"], "positive_rate": p["positive_rate"], "kl": p["kl"]},
             "heldout": {"safety": res["safety_score"], "positive_rate": res["positive_rate"], "kl": res["kl_to_ref"],
-                        "n_prompts": len(res["scores"])},
-            "per_prompt": {"scores": [float(x) for x in res["scores"]], "log_ratios": list(res["log_ratios"])}}
+                        **_vader_summary(vader), "n_prompts": len(res["scores"])},
+            "per_prompt": {"scores": [float(x) for x in res["scores"]], "vader": vader,
+                           "log_ratios": list(res["log_ratios"])}}
 
     # --- the table: per method and budget, each seed's chosen checkpoint, then over seeds ---
     def per_prompt(method, seed, k):
@@ -112,6 +129,87 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                     diffs.append([u - v for u, v in zip(x["per_prompt"]["scores"], y["per_prompt"]["scores"])])
                     used.append(s)
             differences[f"{a}-{b}"][str(k)] = {**study.hierarchical_bootstrap(diffs, N_RESAMPLES), "seeds": used}
+    bands_out = band_tables(banded, checkpoints, seeds, bands, width)
+    highest = {}
+    for m, by_seed in top.items():
+        for s, p in by_seed.items():
+            ck = checkpoints[f"{p['run']}@{p['step']}"]
+            highest.setdefault(m, {})[str(s)] = {"checkpoint": f"{p['run']}@{p['step']}",
+                                                 "validation": ck["validation"], "heldout": ck["heldout"]}
     return {"matched_kls": kls, "n_resamples": N_RESAMPLES, "validation_points": points, "cells": cells,
             "differences": differences, "checkpoints": checkpoints, "reference": reference,
-            "selection": "validation safety, validation KL <= k; held-out prompts evaluated only for the chosen"}
+            "bands": bands_out, "highest": {"max_kl": top_kl, "per_method": highest},
+            "selection": "at equal KL: validation safety among checkpoints whose validation KL is in the band; "
+                         "within a budget (secondary): validation safety, validation KL <= k; held-out prompts "
+                         "evaluated only for the chosen"}
+
+
+def _vader_summary(vader: list[float]) -> dict:
+    """VADER's mean compound score and positive rate (compound > 0.05) over a model's held-out texts."""
+    return {"vader": float(np.mean(vader)), "vader_positive_rate": float(np.mean(np.asarray(vader) > VADER_POSITIVE))}
+
+
+def band_tables(banded: dict, checkpoints: dict, seeds: list[int], bands: list[float], width: float) -> dict:
+    """The equal-KL reading from the band choices (:func:`study.select_band_checkpoints`) and the chosen
+    checkpoints' held-out numbers: per method and band its cell (every seed's choice, then held-out safety with a
+    t interval over the seeds, KL and VADER), and per pair of methods and band the paired comparison (each seed's
+    mean paired difference over its prompts; Student-t interval and p over the seeds; the hierarchical bootstrap
+    beside it; the same for VADER; each side's held-out KL and candidates). Pure: recomputable from results.json
+    (``scripts/study_family.py`` does)."""
+    def chosen(method, seed, k):
+        c = banded.get(method, {}).get(seed, {}).get(str(k))
+        return None if c is None or c["status"] != "ok" else checkpoints[f"{c['point']['run']}@{c['point']['step']}"]
+
+    cells = {}
+    for method, by_seed in banded.items():
+        cells[method] = {}
+        for k in bands:
+            rows, ok = [], []
+            for seed in seeds:
+                c = by_seed.get(seed, {}).get(str(k))
+                ck = chosen(method, seed, k)
+                rows.append({"seed": seed, "status": c["status"] if c else "no runs",
+                             "reason": c["reason"] if c else "",
+                             "n_candidates": c["n_candidates"] if c else 0,
+                             "largest_kl": c["largest_kl"] if c else None,
+                             "checkpoint": f"{ck['run']}@{ck['step']}" if ck else None,
+                             "validation": ck["validation"] if ck else None, "heldout": ck["heldout"] if ck else None})
+                if ck:
+                    ok.append(ck)
+            cells[method][str(k)] = {
+                "per_seed": rows, "n_seeds": len(ok), "all_seeds": len(ok) == len(seeds),
+                "safety": study.seed_t_interval([x["heldout"]["safety"] for x in ok]),
+                "kl": float(np.mean([x["heldout"]["kl"] for x in ok])) if ok else None,
+                "vader": float(np.mean([x["heldout"]["vader"] for x in ok])) if ok else None,
+                "vader_positive_rate": (float(np.mean([x["heldout"]["vader_positive_rate"] for x in ok]))
+                                        if ok else None)}
+
+    differences = {}
+    for a, b in PAIRS:
+        if a not in banded or b not in banded:
+            continue
+        differences[f"{a}-{b}"] = {}
+        for k in bands:
+            used, judge, vader, kl_a, kl_b = [], [], [], [], []
+            for s in seeds:
+                x, y = chosen(a, s, k), chosen(b, s, k)
+                if x is None or y is None:
+                    continue
+                used.append(s)
+                judge.append(np.subtract(x["per_prompt"]["scores"], y["per_prompt"]["scores"]))
+                vader.append(np.subtract(x["per_prompt"]["vader"], y["per_prompt"]["vader"]))
+                kl_a.append(x["heldout"]["kl"])
+                kl_b.append(y["heldout"]["kl"])
+            ka, kb = (float(np.mean(v)) if v else None for v in (kl_a, kl_b))
+            differences[f"{a}-{b}"][str(k)] = {
+                "seeds": used, "all_seeds": len(used) == len(seeds),
+                "judge": study.seed_t_interval([d.mean() for d in judge]),
+                "judge_seed_means": [float(d.mean()) for d in judge],
+                "judge_bootstrap": study.hierarchical_bootstrap(judge, N_RESAMPLES),
+                "vader": study.seed_t_interval([d.mean() for d in vader]),
+                "vader_seed_means": [float(d.mean()) for d in vader],
+                "kl": {a: ka, b: kb},
+                # "differ by more than 20%": the larger mean held-out KL over the smaller
+                "kl_mismatch": bool(ka and kb and max(ka, kb) > 1.2 * min(ka, kb)),
+                "n_candidates": {m: [banded[m][s][str(k)]["n_candidates"] for s in used] for m in (a, b)}}
+    return {"targets": bands, "width": width, "cells": cells, "differences": differences}

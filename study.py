@@ -157,6 +157,27 @@ def finished(run_cfg, spec: RunSpec) -> dict | None:
     return None if settings_diff(saved, now, spec.method) else summary
 
 
+def reuse_run(run_cfg, spec: RunSpec, other_dir: str) -> dict | None:
+    """Take a run another study finished (``--reuse_runs_from``): when ``<other_dir>/<name>`` is
+    :func:`finished` with every setting this run depends on equal (``config.run_settings``: PPO-GT, which reads no
+    preference pairs, is the same run in both settings of the study), link its final model and its
+    ``runs/<name>`` (metrics, evaluated weights) into this study's output directory and return its summary with
+    ``reused_from``; otherwise None. A link already there is replaced; a real directory there is left alone
+    (None)."""
+    other = Path(other_dir).resolve()
+    summary = finished(run_cfg.replace(run={"output_dir": str(other)}), spec)
+    out = Path(run_cfg.run.output_dir)
+    pairs = [(other / spec.name, out / spec.name), (other / "runs" / spec.name, out / "runs" / spec.name)]
+    if summary is None or other == out.resolve() or any(d.exists() and not d.is_symlink() for _, d in pairs):
+        return None
+    for src, dst in pairs:
+        if dst.is_symlink():
+            dst.unlink()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src, target_is_directory=True)
+    return {**summary, "model_dir": str(out / spec.name), "reused_from": str(other / spec.name)}
+
+
 # ----------------------------------------------------------------------------------------- frontiers
 def upper_envelope(points) -> list[tuple[float, float]]:
     """Pareto frontier of (kl, safety) points: those no other point beats with lower-or-equal KL.
@@ -252,6 +273,14 @@ def checkpoint_points(method: str, setting: str, seed: int, run: str, rows: list
             for r in rows if "eval/kl_to_ref" in r and r["step"] > 0]
 
 
+def by_method_and_seed(points: list[dict], methods=METHODS):
+    """``(method, seed, that method's points of that seed)`` for each method in order and each of its seeds."""
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        for seed in sorted({p["seed"] for p in mine}):
+            yield method, seed, [p for p in mine if p["seed"] == seed]
+
+
 def select_checkpoints(points: list[dict], kls: list[float], methods=METHODS, min_use: float = 0.5) -> dict:
     """For each method, seed and KL budget k: among all that method's checkpoints of that seed (every run of
     the grid), the one with the best validation safety whose validation KL is at most k. Exact ties (only a
@@ -264,23 +293,20 @@ def select_checkpoints(points: list[dict], kls: list[float], methods=METHODS, mi
     interpolated).
     """
     out = {}
-    for method in methods:
-        mine = [p for p in points if p["method"] == method]
-        for seed in sorted({p["seed"] for p in mine}):
-            cells = out.setdefault(method, {}).setdefault(seed, {})
-            cands = [p for p in mine if p["seed"] == seed]
-            for k in kls:
-                within = [p for p in cands if p["kl"] <= k]
-                if not within:
-                    cells[str(k)] = {"point": None, "status": "-",
-                                     "reason": f"no checkpoint within {k:g} nats (the lowest is at "
-                                               f"{min(p['kl'] for p in cands):.2f})"}
-                    continue
-                best = max(within, key=lambda p: (p["safety"], p["kl"], p["step"]))
-                far = min_use > 0 and best["kl"] < min_use * k
-                cells[str(k)] = {"point": best, "status": "-" if far else "ok",
-                                 "reason": f"the best checkpoint within {k:g} nats is at {best['kl']:.2f} "
-                                           f"(< {min_use:g} k)" if far else ""}
+    for method, seed, cands in by_method_and_seed(points, methods):
+        cells = out.setdefault(method, {}).setdefault(seed, {})
+        for k in kls:
+            within = [p for p in cands if p["kl"] <= k]
+            if not within:
+                cells[str(k)] = {"point": None, "status": "-",
+                                 "reason": f"no checkpoint within {k:g} nats (the lowest is at "
+                                           f"{min(p['kl'] for p in cands):.2f})"}
+                continue
+            best = max(within, key=lambda p: (p["safety"], p["kl"], p["step"]))
+            far = min_use > 0 and best["kl"] < min_use * k
+            cells[str(k)] = {"point": best, "status": "-" if far else "ok",
+                             "reason": f"the best checkpoint within {k:g} nats is at {best['kl']:.2f} "
+                                       f"(< {min_use:g} k)" if far else ""}
     return out
 
 
@@ -342,3 +368,106 @@ def kl_flattened(rows: list[dict], tolerance: float = 0.1) -> bool | None:
         return None
     start, end = span
     return bool(abs(end - start) <= tolerance * abs(end))
+
+
+# ------------------------------------------------------------------------ equal KL: bands (pure parts)
+def band_bounds(k: float, width: float) -> tuple[float, float]:
+    """The KL band around target ``k``: ``[k (1 - width), k (1 + width)]`` nats."""
+    return k * (1 - width), k * (1 + width)
+
+
+def select_band_checkpoints(points: list[dict], bands: list[float], width: float, methods=METHODS) -> dict:
+    """For each method, seed and band (target ``k`` ± ``width``): among all that method's checkpoints of that seed
+    (every run of the grid) whose validation KL lies in the band, the one with the best validation safety. Ties
+    (a judge that cannot tell checkpoints apart) go to the KL nearer ``k``, then the later step. Reads validation
+    numbers only.
+
+    Returns ``{method: {seed: {str(k): cell}}}``, a cell ``{"point", "status", "n_candidates", "largest_kl",
+    "reason"}``: status ``"ok"`` with the chosen point, or ``"not reached"`` (the seed's largest KL is below the
+    band) or ``"skipped"`` (its checkpoints lie below and above the band, none in it) with ``point`` None.
+    ``n_candidates``: the checkpoints in the band (a method with more of them has a best-of-N advantage: the
+    study records it beside every choice)."""
+    out = {}
+    for method, seed, cands in by_method_and_seed(points, methods):
+        cells = out.setdefault(method, {}).setdefault(seed, {})
+        largest = max(p["kl"] for p in cands)
+        for k in bands:
+            lo, hi = band_bounds(k, width)
+            inside = [p for p in cands if lo <= p["kl"] <= hi]
+            if inside:
+                best = max(inside, key=lambda p: (p["safety"], -abs(p["kl"] - k), p["step"]))
+                cells[str(k)] = {"point": best, "status": "ok", "n_candidates": len(inside),
+                                 "largest_kl": largest, "reason": ""}
+            elif largest < lo:
+                cells[str(k)] = {"point": None, "status": "not reached", "n_candidates": 0, "largest_kl": largest,
+                                 "reason": f"not reached (largest KL {largest:.2f})"}
+            else:
+                below = max((p["kl"] for p in cands if p["kl"] < lo), default=float("nan"))
+                above = min(p["kl"] for p in cands if p["kl"] > hi)
+                cells[str(k)] = {"point": None, "status": "skipped", "n_candidates": 0, "largest_kl": largest,
+                                 "reason": f"no checkpoint in [{lo:.2f}, {hi:.2f}] (nearest {below:.2f} and "
+                                           f"{above:.2f}): evaluate more densely"}
+    return out
+
+
+def highest_safety(points: list[dict], max_kl: float, methods=METHODS) -> dict:
+    """Per method and seed, the checkpoint with the best validation safety at any validation KL up to ``max_kl``
+    (ties: the lower KL, then the earlier step): ``{method: {seed: point}}``. Validation numbers only."""
+    out = {}
+    for method, seed, cands in by_method_and_seed(points, methods):
+        cands = [p for p in cands if p["kl"] <= max_kl]
+        if cands:
+            out.setdefault(method, {})[seed] = max(cands, key=lambda p: (p["safety"], -p["kl"], -p["step"]))
+    return out
+
+
+def seed_t_interval(seed_means, level: float = 0.95) -> dict:
+    """The seed-level inference of a paired comparison: the mean over seeds of each seed's paired mean
+    difference, its Student-t interval with S - 1 degrees of freedom, and the two-sided p-value of the one-sample
+    t-test of mean 0. The seed is the unit of replication (what a new run of the study would redraw).
+
+    Args:
+        seed_means: (S,) one paired mean difference per seed.
+    Returns:
+        ``{"mean", "lo", "hi", "sd", "t", "p", "n_seeds"}``; lo, hi, t and p NaN under 2 seeds; for S >= 2 seeds
+        with zero spread, the interval is the point and p is 0 (a nonzero mean) or 1."""
+    from scipy import stats
+
+    d = np.asarray(seed_means, dtype=float)
+    S = d.size
+    nan = float("nan")
+    if S == 0:
+        return {"mean": nan, "lo": nan, "hi": nan, "sd": nan, "t": nan, "p": nan, "n_seeds": 0}
+    mean = float(d.mean())
+    if S < 2:
+        return {"mean": mean, "lo": nan, "hi": nan, "sd": nan, "t": nan, "p": nan, "n_seeds": 1}
+    sd = float(d.std(ddof=1))
+    se = sd / np.sqrt(S)
+    if se == 0:
+        return {"mean": mean, "lo": mean, "hi": mean, "sd": 0.0, "t": nan, "p": 0.0 if mean else 1.0, "n_seeds": S}
+    half = float(stats.t.ppf(0.5 + level / 2, S - 1)) * se
+    t = mean / se
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "t": float(t),
+            "p": float(2 * stats.t.sf(abs(t), S - 1)), "n_seeds": S}
+
+
+def holm(pvalues: dict, alpha: float = 0.05) -> dict:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values: the k-th smallest of m is multiplied by
+    m - k + 1, running maxima keep the order, capped at 1. A comparison survives when its adjusted p is below
+    ``alpha``; the family-wise error rate is then at most ``alpha``. NaN p-values (a comparison that could not be
+    made) are left out of the family and stay NaN.
+
+    Returns ``{key: {"p", "p_holm", "survives"}}`` for every key of ``pvalues``."""
+    keys = sorted((k for k, p in pvalues.items() if np.isfinite(p)), key=lambda k: pvalues[k])
+    m, running, out = len(keys), 0.0, {}
+    for i, k in enumerate(keys):
+        running = max(running, min(1.0, (m - i) * pvalues[k]))
+        out[k] = {"p": float(pvalues[k]), "p_holm": running, "survives": running < alpha}
+    for k, p in pvalues.items():
+        out.setdefault(k, {"p": float("nan"), "p_holm": float("nan"), "survives": False})
+    return out
+
+
+def family_key(setting: str, pair: str, k: float) -> str:
+    """The name of one comparison in the family Holm's correction runs over: ``review|dpo-ppo|4``."""
+    return f"{setting}|{pair}|{k:g}"

@@ -162,6 +162,10 @@ def reference_safety(out_dir: Path, name: str) -> float | None:
 
 
 def band_best(points: list[dict], k: float, width: float = 0.2) -> dict | None:
-    """The point with the best validation safety among ``points`` whose validation KL is within k ± width * k."""
-    inside = [p for p in points if (1 - width) * k <= p["kl"] <= (1 + width) * k]
+    """The point with the best validation safety among ``points`` whose validation KL is within k ± width * k (the
+    study's bands: ``study.band_bounds``)."""
+    from study import band_bounds
+
+    lo, hi = band_bounds(k, width)
+    inside = [p for p in points if lo <= p["kl"] <= hi]
     return max(inside, key=lambda p: p["safety"]) if inside else None

@@ -15,6 +15,9 @@ def test_quick_preset_shows_a_real_effect_with_a_meaningful_judge(tmp_path):
     # the judge is right on at least 3 in 4 held-out texts as long as what it judges (prompt + completion)
     check = results["judge_accuracy"]
     assert check["tokens"] == 8 + 48 and check["n"] == 1000 and check["accuracy"] >= 0.75, check
+    # the second judge, a lexicon nobody here trained, reads real review openings above chance, and agrees with
+    # the first one in direction
+    assert check["vader_accuracy"] > 0.55 and check["vader_correlation"] > 0.2, check
     # DPO moves the judge above the reference by more than the paired 95% interval it prints
     dpo = results["dpo"]["safety_vs_reference"]
     assert dpo["lo"] > 0 and dpo["n"] == 384, dpo

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,30 @@ def test_the_dashboard_invites_no_wrong_comparison(smoke_run, smoke_study):
     assert plots.dashboard_title(smoke_run["results"]).startswith("DPO vs PPO on IMDb")
 
 
+def test_the_study_dashboard_shows_the_band_cells_with_their_seed_intervals(smoke_study):
+    """A study's fourth panel: per band and method the held-out safety of the band's chosen checkpoints, mean over
+    seeds with its t interval; a cell missing seeds hollow and labelled; the panel is saved alone too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import plots
+
+    res = smoke_study["results"]
+    cells = [c for by_band in res["protocol"]["bands"]["cells"].values() for c in by_band.values()]
+    fig, ax = plt.subplots()
+    plots.plot_bands(ax, res)
+    assert ax.get_title().startswith("Equal KL") and len(ax.patches) == sum(c["n_seeds"] > 0 for c in cells)
+    hollow = [p for p in ax.patches if p.get_facecolor()[3] == 0]
+    assert len(hollow) == sum(0 < c["n_seeds"] < len(c["per_seed"]) for c in cells)
+    whiskers = sum(len(coll.get_segments()) for coll in ax.collections)
+    assert whiskers == sum(c["n_seeds"] >= 2 for c in cells)
+    plt.close(fig)
+    assert (smoke_study["dir"] / "plots" / "equal_kl.png").exists()
+    assert not (smoke_study["dir"] / "plots" / "final_metrics.png").exists()
+
+
 def test_dpo_only_and_ppo_only_produce_their_dashboard(tmp_path, smoke_run):
     require_imdb()
     for flag, present, absent in (("--dpo-only", "dpo", "ppo"), ("--ppo-only", "ppo", "dpo")):
@@ -199,9 +224,48 @@ def smoke_study(smoke_run, tmp_path_factory):
 
 
 def _chosen(results) -> dict:
-    """(method, budget, seed) -> the checkpoint the protocol chose (None for none)."""
-    return {(m, k, r["seed"]): r["checkpoint"] for m, cells in results["protocol"]["cells"].items()
-            for k, c in cells.items() for r in c["per_seed"]}
+    """(method, budget, seed) -> the checkpoint the protocol chose within a budget (None for none); ("band",
+    method, band, seed) the one at equal KL; ("highest", method, seed) the highest validation safety."""
+    p = results["protocol"]
+    out = {(m, k, r["seed"]): r["checkpoint"] for m, cells in p["cells"].items()
+           for k, c in cells.items() for r in c["per_seed"]}
+    out.update({("band", m, k, r["seed"]): r["checkpoint"] for m, cells in p["bands"]["cells"].items()
+                for k, c in cells.items() for r in c["per_seed"]})
+    out.update({("highest", m, int(s)): r["checkpoint"] for m, by_seed in p["highest"]["per_method"].items()
+                for s, r in by_seed.items()})
+    return out
+
+
+def _check_band_cells(res) -> None:
+    """Band cells for every method, band and seed; each chosen checkpoint's validation KL inside its band, its
+    held-out numbers, per-prompt judge and VADER scores stored; paired comparisons with t intervals."""
+    p, seeds = res["protocol"], res["study"]["seeds"]
+    b = p["bands"]
+    assert set(b["cells"]) == {"dpo", "ppo", "ppo_gt"} and b["targets"] == [0.2, 0.5] and b["width"] == 0.2
+    n = res["n_eval_prompts"]
+    for method, cells in b["cells"].items():
+        assert set(cells) == {"0.2", "0.5"}
+        for k, c in cells.items():
+            assert [r["seed"] for r in c["per_seed"]] == seeds
+            for r in c["per_seed"]:
+                assert r["status"] in ("ok", "not reached", "skipped") and r["n_candidates"] >= (r["status"] == "ok")
+                if r["status"] == "ok":
+                    assert 0.8 * float(k) <= r["validation"]["kl"] <= 1.2 * float(k)
+                    ck = p["checkpoints"][r["checkpoint"]]
+                    assert len(ck["per_prompt"]["vader"]) == len(ck["per_prompt"]["scores"]) == n
+                    assert all(-1 <= v <= 1 for v in ck["per_prompt"]["vader"])
+                    assert ck["heldout"]["vader"] == pytest.approx(np.mean(ck["per_prompt"]["vader"]))
+                else:
+                    assert r["checkpoint"] is None and r["reason"]
+    assert set(b["differences"]) == {"dpo-ppo", "dpo-ppo_gt", "ppo-ppo_gt"}
+    for cells in b["differences"].values():
+        for d in cells.values():
+            assert {"judge", "vader", "judge_bootstrap", "kl", "kl_mismatch", "n_candidates", "seeds"} <= set(d)
+            assert len(d["judge_seed_means"]) == len(d["seeds"]) == d["judge"]["n_seeds"]
+    top = p["highest"]["max_kl"]
+    for m in ("dpo", "ppo", "ppo_gt"):  # the highest validation safety of every method and seed that went below
+        below = sorted({q["seed"] for q in p["validation_points"] if q["method"] == m and q["kl"] <= top})
+        assert sorted(int(s) for s in p["highest"].get("per_method", {}).get(m, {})) == below
 
 
 def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_intervals(smoke_study):
@@ -237,6 +301,9 @@ def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_interval
             assert {"mean", "lo", "hi", "n_seeds", "seeds"} <= set(d)
     assert any(d["n_seeds"] for d in p["differences"]["dpo-ppo"].values())
     assert "checkpoints chosen on validation" in proc.stdout and "paired differences" in proc.stdout
+    _check_band_cells(res)
+    assert "equal KL (checkpoints chosen on validation inside each KL band" in proc.stdout
+    assert "secondary reading, within a KL budget" in proc.stdout
 
     # Each seed's reward model is trained once and its time charged once: to the run that trained it.
     for seed in (0, 1):
@@ -318,31 +385,58 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-2000:]
     changed = _chosen(json.loads((out / "plots" / "results.json").read_text()))
     assert changed[("dpo", k, 0)] == f"{target['run']}@{target['step']}" != was
-    others = [key for key in before if key[0] != "dpo" or key[2] != 0]  # every other method and seed: as before
+    def method_seed(key):
+        return (key[1], key[3]) if key[0] == "band" else (key[1], key[2]) if key[0] == "highest" else (key[0], key[2])
+
+    others = [key for key in before if method_seed(key) != ("dpo", 0)]  # every other method and seed: as before
     assert [changed[key] for key in others] == [before[key] for key in others]
 
 
-def test_smoke_study_in_the_papers_generated_pair_setting(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_study_generated(smoke_run, smoke_study, tmp_path_factory):
+    """The smoke study in the second setting: `--sweep --seeds 0 1 --pair_source generated`, taking the first
+    setting's PPO-GT runs (`--reuse_runs_from`), as the study's second setting does."""
+    out = tmp_path_factory.mktemp("smoke_study_generated")
+    # the same cache (so the same model paths), as the two settings of the real study share models/
+    cache = smoke_study["dir"] / "models"
+    proc = run_main(*_study_args(out), "--pair_source", "generated", "--cache_dir", str(cache),
+                    "--reuse_runs_from", str(cache))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {"dir": out, "proc": proc}
+
+
+def test_smoke_study_in_the_papers_generated_pair_setting(smoke_study_generated, smoke_study):
     """`--sweep --seeds 0 1 --pair_source generated`: pairs sampled from the reference and labelled by the judge,
     made once per seed in data preparation; DPO and the reward model learn from the very same pairs; the same
     protocol and structure as the review-pair study, with a reported cell per method."""
     import hashlib
 
-    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
-    proc = run_main(*_study_args(tmp_path), "--pair_source", "generated")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, tmp_path = smoke_study_generated["proc"], smoke_study_generated["dir"]
+    cache = smoke_study["dir"] / "models"
+    # PPO-GT reads no pairs: its 4 runs (2 seeds x 2 settings) are the first setting's, linked; DPO and PPO train
+    assert proc.stdout.count("reused from") == 4 and proc.stdout.count("ppo: saved") == 4, proc.stdout[-3000:]
+    assert all((tmp_path / "models" / "runs" / r).is_symlink()
+               for r in ("sweep/seed0/ppo_gt", "sweep/seed1/ppo_gt_klcoef0.5"))
     assert proc.stdout.count("generated training pairs") == 2 and "sample pairs from the reference" in proc.stderr
     res = json.loads((tmp_path / "plots" / "results.json").read_text())
     assert res["setup"]["pair_source"] == "generated"
     for method, cells in res["protocol"]["cells"].items():
         assert any(r["status"] == "ok" for c in cells.values() for r in c["per_seed"]), method
     assert set(res["protocol"]["differences"]) == {"dpo-ppo", "dpo-ppo_gt", "ppo-ppo_gt"}
+    _check_band_cells(res)
+    review = json.loads((smoke_study["dir"] / "plots" / "results.json").read_text())
+
+    def gt_points(r):
+        return [(p["run"], p["step"], p["kl"], p["safety"]) for p in r["protocol"]["validation_points"]
+                if p["method"] == "ppo_gt"]
+    assert gt_points(res) == gt_points(review) and gt_points(res)
     # one cached pair set per seed, and each seed's reward model trained on exactly those pairs
-    sets = [json.loads(p.read_text()) for p in (tmp_path / "models" / "cache").glob("generated_pairs-*.json")]
+    sets = [json.loads(p.read_text()) for p in (cache / "cache").glob("generated_pairs-*.json")]
     assert len(sets) == 2
-    rm_settings = (tmp_path / "models" / "reward_models").glob("*/rm_settings.json")
-    rm_pairs = {json.loads(p.read_text())["pairs"] for p in rm_settings}
-    assert rm_pairs == {hashlib.sha256(json.dumps([s["train"], s["val"]]).encode()).hexdigest()[:16] for s in sets}
+    rm_settings = (cache / "reward_models").glob("*/rm_settings.json")
+    rm_pairs = {json.loads(p.read_text())["pairs"] for p in rm_settings}  # the review study's two, and these two
+    generated = {hashlib.sha256(json.dumps([s["train"], s["val"]]).encode()).hexdigest()[:16] for s in sets}
+    assert len(rm_pairs) == 4 and generated < rm_pairs
     for s in sets:
         assert all(p["chosen"] != p["rejected"] for p in s["train"])
 
@@ -456,6 +550,19 @@ def test_a_smoke_run_leaves_another_presets_results_alone(tmp_path):
     assert (other / "results.json").read_text() == "{}" and sorted(p.name for p in other.iterdir()) == ["results.json"]
 
 
+def test_a_run_stops_at_the_first_evaluation_past_max_kl(tmp_path, smoke_run):
+    """--max_kl: nothing a study reads lies past it, so the run stops there, saves, and says so."""
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main(*SMOKE, "--dpo-only", "--max_kl", "0.001", "--output_dir", str(tmp_path / "models"),
+                    "--plots_dir", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = tmp_path / "models" / "dpo_toxic_reduced_model"
+    rows = read_metrics(final / "metrics.jsonl")
+    assert rows[-1]["step"] == 10 and rows[-1]["eval/kl_to_ref"] > 0.001  # the first evaluation, of 4
+    assert json.loads((final / "train_summary.json").read_text())["stopped_above_max_kl_at"] == 10
+    assert "> --max_kl 0.001 at step 10: stopped, 30 steps early" in proc.stdout + proc.stderr
+
+
 def test_dpo_only_then_ppo_only_keeps_both_and_refuses_another_setup(tmp_path, smoke_run):
     require_imdb()
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
@@ -482,7 +589,42 @@ def test_a_judge_at_chance_is_called_out(smoke_run):
     out = smoke_run["proc"].stdout
     acc = smoke_run["results"]["judge_accuracy"]["accuracy"]
     assert acc < 0.6 and f"judge: held-out accuracy {acc:.3f}" in out
+    vader = smoke_run["results"]["judge_accuracy"]["vader_accuracy"]
+    assert 0 <= vader <= 1 and f"VADER, {vader:.3f} on the same texts" in out
     assert "carry no signal" in out and "--preset quick" in out
+
+
+def test_the_family_script_recomputes_both_settings_and_applies_holm_over_them(smoke_study, smoke_study_generated,
+                                                                               tmp_path):
+    """scripts/study_family.py re-derives every band choice and comparison of both settings from the stored
+    validation points and per-prompt scores ("all equal"), applies Holm over the fixed family (3 pairs x 2 bands x
+    2 settings), stores it with --write, and fails on a tampered number or a family of one setting."""
+    paths = []
+    for name, d in (("review", smoke_study["dir"]), ("generated", smoke_study_generated["dir"])):
+        paths.append(tmp_path / f"{name}.json")
+        shutil.copy(d / "plots" / "results.json", paths[-1])
+
+    def script(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "study_family.py"), *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    proc = script(*paths)
+    assert proc.returncode == 0 and "all equal (no family stored yet" in proc.stdout, proc.stdout + proc.stderr
+    assert "family of 12 comparisons" in proc.stdout
+    proc = script(*paths, "--write")
+    assert proc.returncode == 0 and proc.stdout.count("family written") == 2, proc.stdout + proc.stderr
+    res = json.loads(paths[0].read_text())
+    fam = res["family"]
+    assert fam["m"] == 12 and fam["settings"] == ["dataset", "generated"] and len(fam["holm"]) == 12
+    assert all(h["p_holm"] >= h["p"] for h in fam["holm"].values())
+    assert script(*paths).stdout.strip().endswith("all equal")
+    assert script(paths[0]).returncode == 1  # one setting alone is not the family stored
+
+    d = next(d for cells in res["protocol"]["bands"]["differences"].values() for d in cells.values() if d["seeds"])
+    d["judge"]["p"] = 0.5 * (d["judge"]["p"] or 1.0) + 1e-3
+    paths[0].write_text(json.dumps(res))
+    proc = script(*paths)
+    assert proc.returncode == 1 and "DIFFERS FROM STORED" in proc.stdout
 
 
 def test_study_scripts_recompute_the_intervals_and_the_flattened_table(smoke_study, tmp_path):

@@ -10,7 +10,11 @@ from config import PRESETS
 from study import (
     frontier_at,
     hierarchical_bootstrap,
+    highest_safety,
+    holm,
     kl_flattened,
+    seed_t_interval,
+    select_band_checkpoints,
     select_checkpoints,
     study_runs,
     upper_envelope,
@@ -237,3 +241,61 @@ def test_a_corrupt_results_json_is_refused_not_merged_by_dpo_only(tmp_path):
         with pytest.raises(ConfigError, match="is not a results.json main.py wrote.*--plots_dir"):
             carried_over(cfg, {"preset": "smoke"})
         assert (tmp_path / "results.json").read_text() == text
+
+
+def _q(kl, safety, step, method="dpo", seed=0):
+    return {"method": method, "seed": seed, "kl": kl, "safety": safety, "step": step, "run": f"r{kl}"}
+
+
+def test_a_band_cell_chooses_only_checkpoints_whose_validation_kl_lies_in_the_band():
+    """Equal KL: the best validation safety among the checkpoints inside k +- 20%, however good the ones outside;
+    the count of candidates is recorded; a band below every checkpoint is skipped with its neighbours named, one
+    above them all is "not reached" with the largest KL."""
+    pts = [_q(0.7, 0.50, 1), _q(0.85, 0.52, 2), _q(1.1, 0.51, 3), _q(1.3, 0.60, 4), _q(3.0, 0.90, 5),
+           _q(1.0, 0.40, 1, seed=1), _q(9.0, 0.70, 2, seed=1)]
+    cells = select_band_checkpoints(pts, [1.0, 2.0, 4.0], 0.2)["dpo"]
+    one = cells[0]["1.0"]
+    assert one["status"] == "ok" and one["point"]["kl"] == 0.85 and one["n_candidates"] == 2  # not 1.3, not 3.0
+    assert cells[0]["2.0"]["status"] == "skipped" and "nearest 1.30 and 3.00" in cells[0]["2.0"]["reason"]
+    assert cells[0]["4.0"] == {"point": None, "status": "not reached", "n_candidates": 0, "largest_kl": 3.0,
+                               "reason": "not reached (largest KL 3.00)"}
+    assert cells[1]["1.0"]["point"]["safety"] == 0.40 and cells[1]["2.0"]["status"] == "skipped"
+    # ties go to the KL nearer the target, then the later step
+    tie = select_band_checkpoints([_q(0.9, 0.5, 1), _q(0.96, 0.5, 2), _q(1.1, 0.5, 3)], [1.0], 0.2)
+    assert tie["dpo"][0]["1.0"]["point"]["step"] == 2
+    tie = select_band_checkpoints([_q(1.0, 0.5, 2), _q(1.0, 0.5, 3), _q(0.9, 0.5, 4)], [1.0], 0.2)
+    assert tie["dpo"][0]["1.0"]["point"]["step"] == 3
+    # the band's edges are inside it
+    edge = select_band_checkpoints([_q(0.8, 0.5, 1), _q(1.2, 0.6, 2)], [1.0], 0.2)["dpo"][0]["1.0"]
+    assert edge["n_candidates"] == 2
+
+
+def test_the_highest_safety_row_is_the_best_validation_checkpoint_up_to_the_largest_band():
+    pts = [_q(1.0, 0.5, 1), _q(10.0, 0.8, 2), _q(20.0, 0.9, 3), _q(2.0, 0.6, 1, method="ppo")]
+    top = highest_safety(pts, 14.4)
+    assert top["dpo"][0]["kl"] == 10.0 and top["ppo"][0]["kl"] == 2.0
+
+
+def test_seed_t_interval_against_a_hand_computation():
+    # seeds' means 1..5: mean 3, sd sqrt(2.5), se sqrt(0.5); t(0.975, 4) = 2.776445; t = 3 / sqrt(0.5)
+    r = seed_t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764451051977987 * math.sqrt(0.5)
+    assert r["mean"] == 3.0 and r["lo"] == pytest.approx(3 - half) and r["hi"] == pytest.approx(3 + half)
+    assert r["t"] == pytest.approx(3 / math.sqrt(0.5)) and r["n_seeds"] == 5
+    assert r["p"] == pytest.approx(0.013236, abs=1e-6)  # two-sided, 4 degrees of freedom
+    # wider than the percentile bootstrap over the same seeds (which shrinks the variance and ignores t)
+    boot = hierarchical_bootstrap([np.full(10, m) for m in (1.0, 2.0, 3.0, 4.0, 5.0)], resample="seeds")
+    assert r["hi"] - r["lo"] > boot["hi"] - boot["lo"]
+    one = seed_t_interval([0.2])
+    assert one["mean"] == 0.2 and math.isnan(one["lo"]) and math.isnan(one["p"])
+    assert seed_t_interval([0.5, 0.5, 0.5])["p"] == 0.0 and seed_t_interval([])["n_seeds"] == 0
+
+
+def test_holm_step_down_against_a_hand_computation():
+    out = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005, "e": float("nan")})
+    # sorted: d 0.005 x 4 = 0.02, a 0.01 x 3 = 0.03, c 0.03 x 2 = 0.06, b 0.04 x 1 = 0.04 -> kept monotone: 0.06
+    assert {k: round(v["p_holm"], 10) for k, v in out.items() if k != "e"} == {"d": 0.02, "a": 0.03, "c": 0.06,
+                                                                                 "b": 0.06}
+    assert [k for k, v in out.items() if v["survives"]] == ["d", "a"]
+    assert math.isnan(out["e"]["p_holm"]) and not out["e"]["survives"]
+    assert holm({"x": 0.9, "y": 0.8})["x"]["p_holm"] == 1.0  # capped at 1

@@ -1,0 +1,128 @@
+"""The study's equal-KL comparisons, recomputed from what results.json stores, and Holm's correction over the
+family of both settings.
+
+    uv run scripts/study_family.py docs/study_review_pairs/results.json docs/study_generated_pairs/results.json
+    uv run scripts/study_family.py ... --write      # also store the family's Holm-adjusted p-values in each file
+
+For each results.json it re-derives every band choice from the validation points (``study.select_band_checkpoints``)
+and recomputes every band cell and paired comparison from the chosen checkpoints' per-prompt scores
+(``protocol.band_tables``: each seed's paired mean, the t interval and p over seeds, the hierarchical bootstrap,
+VADER's), and compares them with the stored ones. Then the family, fixed before the runs: the judge's three paired
+comparisons (DPO - PPO, DPO - PPO-GT, PPO - PPO-GT) x every band x every setting given; a comparison that could not
+be made (a band a method did not reach) stays in the family with p = 1, so that the family's size does not depend
+on the outcome. Holm's step-down adjustment over it (``study.holm``, alpha 0.05); with ``--write`` it is stored in
+each file's ``family`` section, without it the stored one (if any) is checked. Prints "all equal" and exits 0 when
+everything recomputes to the stored numbers, exits 1 naming the first difference otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from protocol import PAIRS, band_tables  # noqa: E402
+from run_log import read_results, strict_json  # noqa: E402
+from study import family_key, holm, select_band_checkpoints  # noqa: E402
+
+ALPHA = 0.05
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    """Where two JSON values differ (numbers to 1e-12 relative), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{where}/{k}: present in one only"
+            d = _first_difference(a[k], b[k], f"{where}/{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items vs {len(b)}"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}[{i}]"))),
+                    None)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return None if math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) else f"{where}: {a!r} vs {b!r}"
+    return None if a == b else f"{where}: {a!r} vs {b!r}"
+
+
+def recompute(results: dict) -> dict:
+    """The ``protocol.bands`` section from the stored validation points and chosen checkpoints."""
+    p = results["protocol"]
+    b = p["bands"]
+    banded = select_band_checkpoints(p["validation_points"], b["targets"], b["width"])
+    return json.loads(strict_json(band_tables(banded, p["checkpoints"], results["study"]["seeds"], b["targets"],
+                                              b["width"])))
+
+
+def family_pvalues(results: dict) -> dict:
+    setting = results["setup"]["pair_source"]
+    b = results["protocol"]["bands"]
+    out = {}
+    for a, c in PAIRS:
+        for k in b["targets"]:
+            d = b["differences"].get(f"{a}-{c}", {}).get(str(k))
+            p = d["judge"]["p"] if d and d["seeds"] else None
+            out[family_key(setting, f"{a}-{c}", k)] = 1.0 if p is None or not math.isfinite(p) else p
+    return out
+
+
+def main(argv: list[str]) -> int:
+    write = "--write" in argv
+    paths = [Path(a) for a in argv if a != "--write"]
+    if not paths:
+        print(__doc__.split("\n\n")[1])
+        return 2
+    files, pvalues = {}, {}
+    for path in paths:
+        try:
+            results = read_results(path)
+        except ValueError as e:
+            print(f"error: {e}")
+            return 2
+        if "bands" not in results.get("protocol", {}):
+            print(f"error: {path} holds no equal-KL study (protocol.bands): run main.py with --sweep first")
+            return 2
+        diff = _first_difference(recompute(results), json.loads(strict_json(results["protocol"]["bands"])))
+        if diff:
+            print(f"{path}: protocol.bands{diff} DIFFERS FROM STORED")
+            return 1
+        print(f"{path}: every band cell and paired comparison recomputed from the per-prompt scores: equal")
+        files[path] = results
+        mine = family_pvalues(results)
+        clash = set(mine) & set(pvalues)
+        if clash:
+            print(f"error: {path} repeats the setting of another file ({sorted(clash)[0]})")
+            return 2
+        pvalues.update(mine)
+    adjusted = holm(pvalues, ALPHA)
+    family = {"alpha": ALPHA, "m": len(pvalues), "settings": sorted({k.split("|")[0] for k in pvalues}),
+              "rule": "Holm over the judge's paired comparisons x bands x settings; not made: p = 1",
+              "holm": adjusted}
+    family = json.loads(strict_json(family))
+    print(f"family of {len(pvalues)} comparisons (Holm, alpha {ALPHA}):")
+    for key, h in sorted(adjusted.items(), key=lambda kv: kv[1]["p"]):
+        print(f"  {key}: p {h['p']:.4f}, Holm {h['p_holm']:.4f}{'  survives' if h['survives'] else ''}")
+    for path, results in files.items():
+        if write:
+            results["family"] = family
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(strict_json(results, indent=2))
+            tmp.replace(path)
+            print(f"{path}: family written")
+        elif "family" in results:
+            diff = _first_difference(family, results["family"])
+            if diff:
+                print(f"{path}: family{diff} DIFFERS FROM STORED")
+                return 1
+    print("all equal" + ("" if write or all("family" in r for r in files.values()) else
+                         " (no family stored yet: --write stores it)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
