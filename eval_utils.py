@@ -16,6 +16,7 @@ Definitions (the DPO paper's IMDb experiment, Sec. 6.1):
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -140,7 +141,11 @@ def _judge_forward(judge_tok, judge, texts: list[str], batch_size: int, device,
     return torch.cat(out)
 
 
-_VADER = []
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()  # reads its lexicon once
 
 
 def vader_compound(texts: list[str]) -> list[float]:
@@ -148,11 +153,7 @@ def vader_compound(texts: list[str]) -> list[float]:
     a lexicon and rules shipped inside the wheel, nothing trained or downloaded here): the study's second judge,
     independent of the one that labels the pairs, rewards PPO-GT and scores everything. VADER's own threshold
     for a positive text is compound > 0.05 (:data:`VADER_POSITIVE`)."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    if not _VADER:
-        _VADER.append(SentimentIntensityAnalyzer())  # reads its lexicon once
-    return [float(_VADER[0].polarity_scores(t)["compound"]) for t in texts]
+    return [float(_vader().polarity_scores(t)["compound"]) for t in texts]
 
 
 VADER_POSITIVE = 0.05

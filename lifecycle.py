@@ -101,6 +101,7 @@ class TrainingRun:
         self.total, self.eval_every, self.evaluate, self.desc = steps, eval_every, evaluate, desc or method
         out = Path(cfg.run.output_dir)
         self.run_dir, self.final_dir = out / "runs" / name, Path(final_dir) if final_dir else out / name
+        self.stopped_at = None  # the step whose validation KL passed --max_kl, if one did
         if cfg.run.resume:  # before any of the run's work
             self.check_resumable()
         seed_everything(cfg.run.seed)
@@ -148,7 +149,6 @@ class TrainingRun:
         :meth:`end_step` acts on after the step (a checkpoint, then exit 130 or 143: ``run_log.Signals``)."""
         self.bar = tqdm(range(self.start + 1, self.total + 1), desc=self.desc, unit=self.unit,
                         initial=self.start, total=self.total)
-        self.stopped_at = None  # the step whose validation KL passed --max_kl
         with SIGNALS.collecting() as self.interrupted:
             for step in self.bar:
                 self._t_step = self._t_lap = time.time()
@@ -181,9 +181,8 @@ class TrainingRun:
                     row.update(self.evaluate(step))
                 else:
                     row.update(eval_metrics(evaluate_policy(self.policy, self.ctx, self.cfg.eval.eval_temperature)))
-                # the study chooses among the evaluated checkpoints: keep their weights
-                if self.cfg.run.sweep and not callable(self.evaluate):
-                    save_lm(acc, self.policy, evaluated_dir(self.run_dir, step))
+                    if self.cfg.run.sweep:  # the study chooses among the evaluated checkpoints: keep their weights
+                        save_lm(acc, self.policy, evaluated_dir(self.run_dir, step))
         self.metrics.log(row)
         self.bar.set_postfix(postfix)
         max_kl = self.cfg.eval.max_kl
@@ -222,7 +221,7 @@ class TrainingRun:
                    "eval_time_s": self.timer.eval_s,
                    # what its metrics.jsonl evaluations were on, and whether their weights were kept (the study's)
                    "evaluated_on": "validation", "kept_evaluated": bool(self.cfg.run.sweep),
-                   "stopped_above_max_kl_at": getattr(self, "stopped_at", None), **summary}
+                   "stopped_above_max_kl_at": self.stopped_at, **summary}
         if save is None:
             save_policy(self.ctx.acc, self.policy, self.ctx.tokenizer, self.cfg, self.run_dir, self.final_dir, summary)
         else:

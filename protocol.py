@@ -91,8 +91,7 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
 
     # --- the table: per method and budget, each seed's chosen checkpoint, then over seeds ---
     def per_prompt(method, seed, k):
-        c = chosen.get(method, {}).get(seed, {}).get(str(k))
-        return None if c is None or c["status"] != "ok" else checkpoints[f"{c['point']['run']}@{c['point']['step']}"]
+        return chosen_checkpoint(chosen, checkpoints, method, seed, k)
 
     seeds = sorted({r["spec"].seed for r in runs})
     cells = {}
@@ -144,6 +143,13 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                          "evaluated only for the chosen"}
 
 
+def chosen_checkpoint(selection: dict, checkpoints: dict, method: str, seed: int, k: float) -> dict | None:
+    """The held-out record of the checkpoint a selection (budgets or bands) chose for ``method``, ``seed`` and
+    ``k``; None when that cell chose none (or is not "ok")."""
+    c = selection.get(method, {}).get(seed, {}).get(str(k))
+    return None if c is None or c["status"] != "ok" else checkpoints[f"{c['point']['run']}@{c['point']['step']}"]
+
+
 def _vader_summary(vader: list[float]) -> dict:
     """VADER's mean compound score and positive rate (compound > 0.05) over a model's held-out texts."""
     return {"vader": float(np.mean(vader)), "vader_positive_rate": float(np.mean(np.asarray(vader) > VADER_POSITIVE))}
@@ -157,8 +163,7 @@ def band_tables(banded: dict, checkpoints: dict, seeds: list[int], bands: list[f
     beside it; the same for VADER; each side's held-out KL and candidates). Pure: recomputable from results.json
     (``scripts/study_family.py`` does)."""
     def chosen(method, seed, k):
-        c = banded.get(method, {}).get(seed, {}).get(str(k))
-        return None if c is None or c["status"] != "ok" else checkpoints[f"{c['point']['run']}@{c['point']['step']}"]
+        return chosen_checkpoint(banded, checkpoints, method, seed, k)
 
     cells = {}
     for method, by_seed in banded.items():

@@ -469,5 +469,6 @@ def holm(pvalues: dict, alpha: float = 0.05) -> dict:
 
 
 def family_key(setting: str, pair: str, k: float) -> str:
-    """The name of one comparison in the family Holm's correction runs over: ``review|dpo-ppo|4``."""
+    """The name of one comparison in the family Holm's correction runs over, ``<pair_source>|<pair>|<band>``:
+    ``dataset|dpo-ppo|4``."""
     return f"{setting}|{pair}|{k:g}"
