@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 from config import DEFAULT_CSV, HUB_DATASET, Config, ConfigError, parse_config
-from run_log import SIGNALS, StopTraining, check_output_dirs
+from run_log import FATAL, SIGNALS, StopTraining, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
@@ -69,6 +69,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     # One process, or one of N under `accelerate launch` / `torchrun`, each with its own device; only the
     # main process prints.
     acc = make_accelerator(resolve_device(cfg.model.device), cfg.run.report_to, cfg.run.output_dir)
+    if acc.num_processes > 1:  # a process killed by a fatal signal leaves its Python stack (run_log.FatalLogs)
+        FATAL.arm(cfg.run.output_dir, acc.process_index)
 
     import dataset
 
@@ -120,6 +122,9 @@ def run(cfg: Config, argv: list[str]) -> int:
         print(plots.summary_table(results))
         print(plots.examples_text(results))
         print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
+    # Leave together: a process that tears its side of the process group down while another still works in it
+    # (rank 1 while rank 0 draws the dashboard) was the one abort seen at shutdown ("terminate called ...").
+    acc.wait_for_everyone()
     acc.end_training()
     return 0
 
@@ -138,9 +143,24 @@ def error_log(cfg: Config | None, rank: int, text: str) -> Path | None:
     return path
 
 
+def peer_died(cfg: Config | None, rank: int, world: int) -> bool:
+    """Under a launcher: did another process die by a fatal signal (``run_log.FatalLogs``)? Then the launcher
+    stopped this one, or a collective failed, because of it: the lowest-ranked process still alive says which
+    process died and why in one line, instead of reporting the consequence."""
+    dead = FATAL.dead_peers(cfg.run.output_dir, rank) if cfg is not None and world > 1 else {}
+    if not dead:
+        return False
+    if rank == min(set(range(world)) - set(dead)):
+        k, first = min(dead.items())
+        print(f"error: rank {k} died: {first} (its Python stack in {Path(cfg.run.output_dir) / 'logs'}"
+              f"/rank{k}-fatal.log); the launcher stopped the other processes", file=sys.stderr, flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rank, launched = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    launched = world > 1
     # Bad input and the collective stops (interrupt, divergence) meet every process alike: the first one alone
     # reports them. Any other error is one process's own: under a launcher each failing process says so in one
     # line naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced).
@@ -157,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
             error_log(cfg, rank, f"ConfigError: {e}\n")
         return 2
     except StopTraining as e:
+        if peer_died(cfg, rank, world):
+            return 1
         report(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
         if rank and e.code != 130:
             error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
         return e.code
     except KeyboardInterrupt:  # outside a training step (loading, the reference pass, the final evaluation)
+        if peer_died(cfg, rank, world):
+            return 1
         report(f"interrupted ({SIGNALS.name}) outside a training step, nothing half-written: a run cut before its "
                f"first checkpoint starts over; finished runs are kept (rerun with --resume to skip them)",
                file=sys.stderr)
@@ -169,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not launched:
             raise
+        if peer_died(cfg, rank, world):  # e.g. gloo's "Connection closed by peer": a consequence, not the cause
+            return 1
         import traceback
 
         path = error_log(cfg, rank, traceback.format_exc())
@@ -180,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
+    FATAL.disarm()
     if SIGNALS.signum is not None:  # interrupted: a forwarded copy must not kill the exit (run_log.Signals.ignore)
         SIGNALS.ignore()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under a launcher everything is written and the process group is gone: leave without the interpreter's
+        # teardown, where C++ objects of the distributed stack are destroyed in no set order (an abort there
+        # would fail a finished run).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

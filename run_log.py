@@ -111,6 +111,62 @@ class Signals:
 
 SIGNALS = Signals()
 
+
+class FatalLogs:
+    """What a process killed by a fatal signal leaves behind, under a launcher. An abort inside C++ code (the
+    distributed stack's "terminate called ...", found once in CI as rank 1 shut down) or a segfault ends a
+    process without any Python ``except``: it cannot report itself, and the launcher then stops the others with
+    SIGTERM, so the user would read "interrupted (SIGTERM)" from the main process and a launcher traceback.
+    Each process arms :mod:`faulthandler` into ``<output_dir>/logs/rank<k>-fatal.log`` (emptied at start,
+    removed when the process ends without one); a process stopped that way reads the others' logs
+    (:meth:`dead_peers`) and reports the death in one line."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self._file = None
+        self._t0 = time.time()
+
+    def arm(self, output_dir: str, rank: int) -> None:
+        import faulthandler
+
+        path = Path(output_dir) / "logs" / f"rank{rank}-fatal.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("w")
+        except OSError:
+            return  # output dirs are checked before this: nothing better to do than run unarmed
+        faulthandler.enable(file=self._file, all_threads=True)
+        self.path = path
+
+    def disarm(self) -> None:
+        """The process ends normally: the (empty) log goes."""
+        if self._file is None:
+            return
+        import faulthandler
+
+        faulthandler.disable()
+        self._file.close()
+        self._file = None
+        if self.path.stat().st_size == 0:
+            self.path.unlink()
+
+    def dead_peers(self, output_dir: str, rank: int) -> dict[int, str]:
+        """``{rank: first line}`` of every other process whose fatal log of this run (written after this process
+        started) has content, e.g. ``{1: "Fatal Python error: Aborted"}``."""
+        dead = {}
+        for path in sorted((Path(output_dir) / "logs").glob("rank*-fatal.log")):
+            try:
+                k, stat = int(path.name[4:].split("-")[0]), path.stat()
+                text = path.read_text(errors="replace") if stat.st_mtime >= self._t0 else ""
+            except (OSError, ValueError):
+                continue
+            if k != rank and text.strip():
+                dead[k] = text.strip().splitlines()[0]
+        return dead
+
+
+FATAL = FatalLogs()
+
 _CUT_NOTED: set[str] = set()
 
 

@@ -54,6 +54,7 @@ def test_two_processes_reproduce_one_process_and_ppo_completes(tmp_path, smoke_r
     single = [line for line in smoke_run["proc"].stdout.splitlines() if line.startswith("dpo step ")]
     assert len(lines) == len(set(lines)) and sum(line.startswith("dpo step ") for line in lines) == len(single) > 0
     assert "had defaults used instead" not in err and "were not passed to `accelerate launch`" not in err
+    assert not list((tmp_path / "models" / "logs").glob("rank*-fatal.log"))  # armed, then removed: none died
     one = [r for r in read_metrics(smoke_run["dir"] / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl")
            if "loss" in r]
     two = [r for r in read_metrics(tmp_path / "models" / "dpo_toxic_reduced_model" / "metrics.jsonl") if "loss" in r]
@@ -125,6 +126,24 @@ def test_an_error_on_rank_1_alone_reaches_the_user_with_its_rank_and_traceback(t
     assert len(line) == 1 and "ValueError: a bad input that only rank 1 sees" in line[0], err[-3000:]
     log = tmp_path / "models" / "logs" / "rank1-error.log"
     assert str(log) in line[0] and "_bad_input" in log.read_text() and "Traceback" in log.read_text()
+
+
+def test_a_process_killed_by_a_fatal_signal_is_reported_in_one_line_by_the_survivor(tmp_path, smoke_run):
+    """Rank 1 dies by SIGABRT (an abort inside C++ code: no Python except runs): the launcher stops rank 0, which
+    names the dead process and its fatal error in one line, with the Python stack in the run's logs; no
+    'interrupted' or 'rank 0' line to mislead."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = launch(tmp_path, "--dpo-only", script=ROOT / "tests" / "rank_fault.py",
+                  env={**os.environ, "HF_HUB_OFFLINE": "1", "RANK_FAULT": "abort"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    log = tmp_path / "models" / "logs" / "rank1-fatal.log"
+    line = [x for x in err.splitlines() if x.startswith("error: rank ")]
+    assert len(line) == 1 and line[0].startswith("error: rank 1 died: Fatal Python error: Aborted"), err[-3000:]
+    assert str(log) in line[0] and "_bad_input" in log.read_text()
+    assert not [x for x in err.splitlines() if x.startswith("interrupted")], err[-3000:]
+    assert not (tmp_path / "models" / "logs" / "rank0-fatal.log").exists()  # the survivor's empty log is removed
 
 
 def _sigterm_during(tmp_path, smoke_run, phase: str, *args: str):
