@@ -122,9 +122,7 @@ def run(cfg: Config, argv: list[str]) -> int:
         print(plots.summary_table(results))
         print(plots.examples_text(results))
         print(f"done in {time.time() - t_start:.0f}s: {path} and {os.path.join(cfg.run.plots_dir, 'results.json')}")
-    # Leave together: a process that tears its side of the process group down while another still works in it
-    # (rank 1 while rank 0 draws the dashboard) was the one abort seen at shutdown ("terminate called ...").
-    acc.wait_for_everyone()
+    acc.wait_for_everyone()  # leave together: rank 1 once aborted, leaving while rank 0 still drew the dashboard
     acc.end_training()
     return 0
 
