@@ -54,7 +54,7 @@ RANGES = {
                      "judge_vocab_size", "judge_n_layers", "judge_dim", "judge_max_length", "judge_steps",
                      "judge_batch_size", "judge_eval_size"), _COUNT),
     "lm_max_reviews": (100, INF, False, False),
-    **dict.fromkeys(("lm_lr", "judge_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr"), _RATE),
+    **dict.fromkeys(("lm_lr", "judge_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr", "ppo_gt_lr"), _RATE),
     **dict.fromkeys(("judge_full_fraction", "judge_window_fraction", "judge_distill_weight"), _UNIT),
     # data
     "max_reviews": (20, INF, False, False), "eval_fraction": (0, 1, True, True), "split_seed": _SEED,
@@ -269,6 +269,8 @@ class PPOConfig:
     ppo_mini_batch_size: int = _f(16, "Rollouts per PPO minibatch.")
     ppo_epochs: int = _f(4, "Passes over each rollout batch.")
     ppo_lr: float = _f(5e-5, "Learning rate of PPO.")
+    ppo_gt_lr: float | None = _f(None, "Learning rate of PPO-GT (PPO on the judge's reward), tuned apart from PPO's "
+                                       "by the same rule (docs/tuning.md); none: ppo_lr.")
     ppo_weight_decay: float = _f(0.0, "AdamW weight decay of PPO. 0, as in TRL: decay pulls the weights toward zero, "
                                  "away from the reference, even when every gradient is 0.")
     clip_coef: float = _f(0.2, "Policy-ratio clip range epsilon.")
@@ -291,6 +293,11 @@ class PPOConfig:
                        "init_kl_coef at or below the coefficient that holds the target.")
     ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
                              "the end): the study's checkpoints.")
+
+    @property
+    def lr(self) -> float:
+        """The rate this run trains at: ``ppo_gt_lr`` on the judge's reward when it is set, else ``ppo_lr``."""
+        return self.ppo_gt_lr if self.ppo_reward == "judge" and self.ppo_gt_lr is not None else self.ppo_lr
 
     def __post_init__(self):
         _check_ranges(self)
@@ -673,6 +680,11 @@ def run_settings(config: dict, method: str | None = None) -> dict:
             out["dpo"] = pairs
         if out.get("ppo", {}).get("target_kl") is None:
             out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k not in ADAPTIVE_ONLY}
+        # the rate it trains at (PPOConfig.lr), whichever field holds it: PPO does not read PPO-GT's rate
+        ppo = out.get("ppo", {})
+        gt_lr = ppo.pop("ppo_gt_lr", None)
+        if method == "ppo_gt" and gt_lr is not None and ppo.get("ppo_reward") == "judge":
+            ppo["ppo_lr"] = gt_lr
     return out
 
 

@@ -42,7 +42,8 @@ def tasks_for(seed: int, lrs: dict, betas: list[float], coefs: list[float]) -> l
             else:
                 reward = "learned" if method == "ppo" else "judge"
                 tasks += [{"seed": seed, "method": "ppo", "name": f"{method}/lr{lr:g}/klcoef{c:g}",
-                           "overrides": {"ppo": {"ppo_lr": lr, "ppo_reward": reward, "target_kl": None,
+                           "overrides": {"ppo": {"ppo_lr" if method == "ppo" else "ppo_gt_lr": lr,
+                                                 "ppo_reward": reward, "target_kl": None,
                                                  "init_kl_coef": c}}} for c in coefs]
     return tasks
 

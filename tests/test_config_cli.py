@@ -47,6 +47,14 @@ def test_a_run_depends_on_its_own_method_settings_only():
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "dpo") == []
     assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == ["dpo.beta: 0.1 -> 0.5"]
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict()) != []  # no method: all of them
+    # PPO-GT's own rate: read by PPO-GT runs (as the rate they train at), never by PPO's
+    gt = fixed.replace(ppo={"ppo_reward": "judge"})
+    assert gt.ppo.lr == fixed.ppo.ppo_lr and gt.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == 3e-4
+    assert fixed.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == fixed.ppo.ppo_lr
+    assert settings_diff(saved, fixed.replace(ppo={"ppo_gt_lr": 3e-4}).to_dict(), "ppo") == []
+    assert settings_diff(gt.to_dict(), gt.replace(ppo={"ppo_gt_lr": fixed.ppo.ppo_lr}).to_dict(), "ppo_gt") == []
+    assert settings_diff(gt.to_dict(), gt.replace(ppo={"ppo_gt_lr": 3e-4}).to_dict(), "ppo_gt") == [
+        f"ppo.ppo_lr: {fixed.ppo.ppo_lr} -> 0.0003"]
 
 
 @pytest.mark.parametrize("argv, words", [

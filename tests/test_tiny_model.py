@@ -166,20 +166,52 @@ def test_reference_cache_is_kept_apart_per_precision(tiny_lm, tmp_path):
 def test_exact_kl_head_agrees_with_the_plain_head_and_is_zero_against_itself(tiny_lm):
     import copy
 
-    from train_ppo import response_logps_values_kl
+    from train_ppo import reference_pass, response_logps_values_kl
 
     policy = ResponseLogProbs(tiny_lm, value_head=True)
     b = rollout_batch([[5, 6], [7, 8, 9]], [[10, 11, 12], [13]], pad_id=0)
     lp, v = response_logps_values(policy, b)
-    lp2, v2, kl = response_logps_values_kl(policy, ResponseLogProbs(copy.deepcopy(tiny_lm)), b)
+    with torch.no_grad():
+        ref_lp, ref_vocab = reference_pass(ResponseLogProbs(copy.deepcopy(tiny_lm)), b, vocab=True)
+    lp2, v2, kl = response_logps_values_kl(policy, b, ref_vocab)
     assert torch.equal(lp, lp2) and torch.equal(v, v2)  # the sampled tokens' log-probs exactly as without it
-    assert kl.shape == lp.shape and (kl == 0).all()
+    assert torch.equal(ref_lp, lp) and kl.shape == lp.shape and (kl == 0).all()
     other = copy.deepcopy(tiny_lm)
     with torch.no_grad():
         other.transformer.wte.weight.add_(0.5 * torch.randn_like(other.transformer.wte.weight))
-    _, _, kl = response_logps_values_kl(policy, ResponseLogProbs(other), b)
+        _, other_vocab = reference_pass(ResponseLogProbs(other), b, vocab=True)
+    _, _, kl = response_logps_values_kl(policy, b, other_vocab)
     mask = b["response_mask"].bool()
     assert (kl[mask] > 0).all() and (kl[~mask] == 0).all()
+
+
+def test_a_minibatch_reads_its_own_states_from_the_batch_reference_pass(tiny_lm):
+    """The reference's vocabulary log-probs are computed once per rollout batch and read per minibatch through
+    state_rows: for rows in any order the KL equals the KL against a reference pass over the minibatch itself."""
+    import copy
+
+    from train_ppo import reference_pass, response_logps_values_kl, state_rows
+
+    torch.manual_seed(0)
+    policy = ResponseLogProbs(tiny_lm, value_head=True)
+    other = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        other.transformer.wte.weight.add_(0.5 * torch.randn_like(other.transformer.wte.weight))
+    ref = ResponseLogProbs(other)
+    b = rollout_batch([[5, 6], [7, 8, 9], [14], [15, 16]], [[10, 11, 12], [13], [17, 18, 19, 20], [21, 22]], pad_id=0)
+    with torch.no_grad():
+        _, ref_vocab = reference_pass(ref, b, vocab=True)
+    rows = state_rows(b)
+    assert int((rows >= 0).sum()) == ref_vocab.shape[0] == 10  # one row per response token
+    mb_idx = torch.tensor([3, 0, 2])
+    mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
+    mb_rows = rows[mb_idx]
+    _, _, kl = response_logps_values_kl(policy, mb, ref_vocab[mb_rows[mb_rows >= 0]])
+    with torch.no_grad():
+        _, own_vocab = reference_pass(ref, mb, vocab=True)
+    _, _, kl_own = response_logps_values_kl(policy, mb, own_vocab)
+    assert (kl[mb["response_mask"].bool()] > 0).all()
+    assert torch.allclose(kl, kl_own, atol=1e-6)
 
 
 def test_lm_fitting_skips_a_non_finite_step_and_stops_after_five(tiny_lm):
