@@ -158,55 +158,61 @@ def peer_died(cfg: Config | None, rank: int, world: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    launched = world > 1
-    # Bad input and the collective stops (interrupt, divergence) meet every process alike: the first one alone
-    # reports them. Any other error is one process's own: under a launcher each failing process says so in one
-    # line naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced).
-    report = print if rank == 0 else (lambda *a, **k: None)
     cfg = None
     SIGNALS.reset()
     SIGNALS.install()  # SIGTERM as SIGINT; a signal forwarded twice counts once
     try:
         cfg = parse_config(argv)
         return run(cfg, argv)
-    except ConfigError as e:
+    except BaseException as e:
+        # The outcome is decided: a signal from now on (under a launcher, the SIGTERM that follows a peer's death,
+        # landing mid-report) must not cut the one line that says what happened.
+        SIGNALS.end()
+        if isinstance(e, SystemExit):  # --help, or argparse's own exit
+            raise
+        return ending(e, cfg, rank, world)
+    finally:
+        SIGNALS.end()
+
+
+def ending(e: BaseException, cfg: Config | None, rank: int, world: int) -> int:
+    """Report how a run that did not finish ended, in one line, and return its exit code (main.py's docstring).
+    Bad input and the collective stops (interrupt, divergence) meet every process alike: the first one alone
+    reports them. Any other error is one process's own: under a launcher each failing process says so in one line
+    naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced)."""
+    report = print if rank == 0 else (lambda *a, **k: None)
+    if isinstance(e, ConfigError):
         report(f"error: {e}", file=sys.stderr)
         if rank:  # kept all the same: were it this process's alone, rank 0 would fail on without it
             error_log(cfg, rank, f"ConfigError: {e}\n")
         return 2
-    except StopTraining as e:
-        if peer_died(cfg, rank, world):
-            return 1
+    if peer_died(cfg, rank, world):  # e.g. gloo's "Connection closed by peer": a consequence, not the cause
+        return 1
+    if isinstance(e, StopTraining):
         report(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
         if rank and e.code != 130:
             error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
         return e.code
-    except KeyboardInterrupt:  # outside a training step (loading, the reference pass, the final evaluation)
-        if peer_died(cfg, rank, world):
-            return 1
+    if isinstance(e, KeyboardInterrupt):  # outside a training step (loading, the reference pass, the final evaluation)
         report(f"interrupted ({SIGNALS.name}) outside a training step, nothing half-written: a run cut before its "
                f"first checkpoint starts over; finished runs are kept (rerun with --resume to skip them)",
                file=sys.stderr)
         return SIGNALS.exit_code
-    except Exception as e:
-        if not launched:
-            raise
-        if peer_died(cfg, rank, world):  # e.g. gloo's "Connection closed by peer": a consequence, not the cause
-            return 1
-        import traceback
+    if world == 1 or not isinstance(e, Exception):
+        raise e
+    import traceback
 
-        path = error_log(cfg, rank, traceback.format_exc())
-        where = f"traceback in {path}" if path else "traceback:\n" + traceback.format_exc()
-        first = next(iter(str(e).splitlines()), "")  # one line: a gloo error runs over several
-        print(f"error: rank {rank}: {type(e).__name__}: {first} ({where})", file=sys.stderr, flush=True)
-        return 1
-
+    text = "".join(traceback.format_exception(e))
+    path = error_log(cfg, rank, text)
+    where = f"traceback in {path}" if path else "traceback:\n" + text
+    first = next(iter(str(e).splitlines()), "")  # one line: a gloo error runs over several
+    print(f"error: rank {rank}: {type(e).__name__}: {first} ({where})", file=sys.stderr, flush=True)
+    return 1
 
 if __name__ == "__main__":
     code = main()
     FATAL.disarm()
-    if SIGNALS.signum is not None:  # interrupted: a forwarded copy must not kill the exit (run_log.Signals.ignore)
-        SIGNALS.ignore()
+    SIGNALS.ignore()  # a signal now (a forwarded copy, the launcher's) must not kill the exit (run_log.Signals.ignore)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under a launcher everything is written and the process group is gone: leave without the interpreter's
         # teardown, where C++ objects of the distributed stack are destroyed in no set order (an abort there

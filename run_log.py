@@ -34,7 +34,9 @@ class Signals:
     * A second signal within :attr:`window_s` of the first is the same interrupt delivered twice (``uv run`` and
       launchers forward the terminal's Ctrl-C to a process that got it already): ignored, wherever it lands.
     * A later one forces the exit (``KeyboardInterrupt``), but never while a checkpoint is written
-      (:meth:`critical`): then it takes effect when the write is done."""
+      (:meth:`critical`): then it takes effect when the write is done.
+    * Once the process is ending (:meth:`end`: main.py is reporting how it ended), a signal changes nothing: under a
+      launcher the SIGTERM that follows a peer's death must not cut the report of it."""
 
     window_s = 2.0
 
@@ -45,6 +47,7 @@ class Signals:
         self._critical = 0
         self._pending = False
         self._installed = False
+        self._ending = False
 
     def install(self) -> None:
         """Take over SIGINT and SIGTERM (once; only the main thread may)."""
@@ -54,9 +57,15 @@ class Signals:
             self._installed = True
 
     def reset(self) -> None:
-        self.signum, self._first_t, self._pending = None, None, False
+        self.signum, self._first_t, self._pending, self._ending = None, None, False, False
+
+    def end(self) -> None:
+        """The process is ending (its outcome decided, being reported): signals from now on are dropped."""
+        self._ending = True
 
     def _handle(self, signum, frame):
+        if self._ending:
+            return
         now = time.monotonic()
         if self._first_t is not None and now - self._first_t < self.window_s:
             return  # the first signal again, forwarded

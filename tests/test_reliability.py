@@ -358,6 +358,18 @@ def test_one_interrupt_is_one_interrupt_in_a_loop_and_a_later_one_forces_but_not
     assert signals.exit_code == 143  # the first signal names the exit
 
 
+def test_a_signal_while_the_process_reports_how_it_ended_cuts_nothing(signals):
+    """Under a launcher, the SIGTERM that follows a peer's death can land while main.py prints the line that
+    reports it: once the outcome is decided (Signals.end) no signal raises, even a first one; reset() rearms."""
+    signals.end()
+    _send(signal.SIGTERM)  # would raise KeyboardInterrupt outside a loop
+    _send(signal.SIGINT)
+    assert signals.signum is None
+    signals.reset()
+    with pytest.raises(KeyboardInterrupt):
+        _send(signal.SIGTERM)
+
+
 def test_outside_a_loop_the_first_signal_stops_at_once_and_its_forwarded_copy_is_ignored(signals):
     with pytest.raises(KeyboardInterrupt):
         _send(signal.SIGTERM)
