@@ -63,10 +63,10 @@ RANGES = {
     # SFT, DPO
     "sft_steps": _NONNEG, "sft_batch_size": _COUNT, "beta": _POS, "label_smoothing": (0, 0.5, False, True),
     "n_generated_samples": (2, INF, False, False), "dpo_warmup_steps": _NONNEG,
-    **dict.fromkeys(("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every"), _COUNT),
+    **dict.fromkeys(("dpo_steps", "dpo_batch_size", "dpo_grad_accum", "dpo_eval_every", "dpo_eval_steps"), _COUNT),
     # reward model, PPO
     **dict.fromkeys(("rm_steps", "rm_batch_size", "rm_eval_every", "rm_patience", "ppo_steps", "ppo_batch_size",
-                     "ppo_mini_batch_size", "ppo_epochs", "kl_horizon", "ppo_eval_every"), _COUNT),
+                     "ppo_mini_batch_size", "ppo_epochs", "kl_horizon", "ppo_eval_every", "ppo_eval_steps"), _COUNT),
     **dict.fromkeys(("rm_weight_decay", "ppo_weight_decay"), (0, 1, False, True)),
     "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
     "init_kl_coef": _NONNEG, "target_kl": _POS,
@@ -243,9 +243,14 @@ class DPOConfig:
     dpo_warmup_steps: int = _f(10, "Linear learning-rate warmup steps (then constant).")
     dpo_eval_every: int = _f(50, "Evaluate on the validation prompts every this many steps (and at the "
                              "end): the study's checkpoints.")
+    dpo_eval_steps: list[int] = _f([], "Evaluate at these steps (and at the end) instead of every "
+                                       "--dpo_eval_every: a schedule dense where the KL moves fast.")
 
     def __post_init__(self):
         _check_ranges(self)
+        _check(all(k <= self.dpo_steps for k in self.dpo_eval_steps),
+               f"--dpo_eval_steps {self.dpo_eval_steps} lists steps past --dpo_steps {self.dpo_steps}: list steps "
+               f"within the run")
         _check(not (self.loss_type == "ipo" and self.label_smoothing > 0),
                f"--label_smoothing {self.label_smoothing} has no meaning for --loss_type ipo (it is conservative "
                f"DPO's label-flip rate); drop it or use --loss_type sigmoid")
@@ -293,6 +298,8 @@ class PPOConfig:
                        "init_kl_coef at or below the coefficient that holds the target.")
     ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
                              "the end): the study's checkpoints.")
+    ppo_eval_steps: list[int] = _f([], "Evaluate at these iterations (and at the end) instead of every "
+                                       "--ppo_eval_every: a schedule dense where the KL moves fast.")
 
     @property
     def lr(self) -> float:
@@ -301,6 +308,9 @@ class PPOConfig:
 
     def __post_init__(self):
         _check_ranges(self)
+        _check(all(k <= self.ppo_steps for k in self.ppo_eval_steps),
+               f"--ppo_eval_steps {self.ppo_eval_steps} lists iterations past --ppo_steps {self.ppo_steps}: list "
+               f"iterations within the run")
         _check(self.ppo_batch_size % self.ppo_mini_batch_size == 0,
                f"--ppo_batch_size {self.ppo_batch_size} must be a multiple of --ppo_mini_batch_size "
                f"{self.ppo_mini_batch_size}")
@@ -658,6 +668,17 @@ PAIR_SETTINGS = ("pair_source", "n_generated_samples")  # the preference pairs' 
 ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL controller, which a fixed coefficient ignores
 
 
+def eval_due(step: int, total: int, every: int, at: list[int]) -> bool:
+    """Whether a run of ``total`` steps evaluates after ``step``: at the listed steps ``at`` when given, else every
+    ``every`` steps; always at the last."""
+    return step == total or (step in at if at else step % every == 0)
+
+
+def n_evals(total: int, every: int, at: list[int]) -> int:
+    """How many evaluations :func:`eval_due` makes in a run of ``total`` steps."""
+    return len(set(at) | {total}) if at else total // every + (total % every != 0)
+
+
 def run_settings(config: dict, method: str | None = None) -> dict:
     """What a training run's results depend on, from a ``Config.to_dict()`` (also an older one): every setting
     but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones. Given the run's
@@ -667,6 +688,9 @@ def run_settings(config: dict, method: str | None = None) -> dict:
     out = {sec: {k: v for k, v in values.items() if k not in READ_OUT_ONLY.get(sec, ())}
            for sec, values in config.items() if sec != "run"}
     out["run"] = {"seed": config["run"]["seed"]}
+    for sec, key in (("dpo", "dpo_eval_steps"), ("ppo", "ppo_eval_steps")):
+        if not out.get(sec, {}).get(key):  # unset is every --*_eval_every, as before the field existed
+            out.get(sec, {}).pop(key, None)
     if method == "dpo":
         out.pop("ppo", None)
     elif method == "rm":

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from artifacts import atomic_write_dir, replace_dir
-from config import ConfigError, settings_diff
+from config import ConfigError, eval_due, settings_diff
 from eval_utils import eval_metrics, evaluate_policy
 from models import dtype_name
 from run_log import SIGNALS, MetricsLog, StopTraining, strict_json
@@ -81,6 +81,7 @@ class TrainingRun:
         method: ``dpo`` or ``ppo``: the prefix of log lines and messages (and of the learning-rate flag named
             when a run diverges).
         steps, eval_every: the run's length and evaluation cadence (the last step is always evaluated).
+        eval_steps: the steps to evaluate at instead of every ``eval_every`` (``config.eval_due``), when given.
         evaluate: False skips every evaluation (benchmarks time the training alone); a function ``evaluate(step)
             -> dict`` replaces the policy's evaluation (the reward model's validation pair accuracy): no step-0
             evaluation of the reference then, and nothing kept for a study.
@@ -92,13 +93,14 @@ class TrainingRun:
 
     def __init__(self, cfg, ctx: RunContext, name: str, method: str, steps: int, eval_every: int,
                  evaluate=True, unit: str = "step", per_process: dict | None = None, desc: str | None = None,
-                 final_dir: Path | None = None):
+                 final_dir: Path | None = None, eval_steps: list[int] | None = None):
         acc = ctx.acc
         for flag, value in (per_process or {}).items():
             if value % acc.num_processes:
                 raise ConfigError(f"{flag} {value} must be a multiple of the {acc.num_processes} processes")
         self.cfg, self.ctx, self.name, self.method, self.unit = cfg, ctx, name, method, unit
         self.total, self.eval_every, self.evaluate, self.desc = steps, eval_every, evaluate, desc or method
+        self.eval_steps = list(eval_steps or [])
         out = Path(cfg.run.output_dir)
         self.run_dir, self.final_dir = out / "runs" / name, Path(final_dir) if final_dir else out / name
         self.stopped_at = None  # the step whose validation KL passed --max_kl, if one did
@@ -175,7 +177,7 @@ class TrainingRun:
         acc, rc = self.ctx.acc, self.cfg.run
         self.consecutive_bad = self.consecutive_bad + 1 if nonfinite else 0
         row = {"step": step, **row, **self._laps, "nonfinite_skipped": int(nonfinite), "time_s": self.timer.elapsed}
-        if self.evaluate and (step % self.eval_every == 0 or step == self.total):
+        if self.evaluate and eval_due(step, self.total, self.eval_every, self.eval_steps):
             with self.timer.evaluating():
                 if callable(self.evaluate):
                     row.update(self.evaluate(step))

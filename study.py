@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import ConfigError, settings_diff
+from config import ConfigError, n_evals, settings_diff
 from run_log import read_results
 
 METHODS = ("dpo", "ppo", "ppo_gt")
@@ -77,14 +77,12 @@ def study_runs(cfg, seeds: list[int]) -> list[RunSpec]:
 def coverage(cfg) -> dict:
     """``{method: (runs per seed, evaluations per run)}`` of the study's grid (``--sweep``): the protocol compares
     methods that had the same number of runs and of evaluations to choose from."""
-    def evals(steps: int, every: int) -> int:
-        return steps // every + (steps % every != 0)
-
     per_method = {}
     for spec in study_runs(cfg.replace(run={"sweep": True, "dpo_only": False, "ppo_only": False}), [0]):
         per_method[spec.method] = per_method.get(spec.method, 0) + 1
-    return {m: (n, evals(cfg.dpo.dpo_steps, cfg.dpo.dpo_eval_every) if m == "dpo"
-                else evals(cfg.ppo.ppo_steps, cfg.ppo.ppo_eval_every)) for m, n in per_method.items()}
+    return {m: (n, n_evals(cfg.dpo.dpo_steps, cfg.dpo.dpo_eval_every, cfg.dpo.dpo_eval_steps) if m == "dpo"
+                else n_evals(cfg.ppo.ppo_steps, cfg.ppo.ppo_eval_every, cfg.ppo.ppo_eval_steps))
+            for m, n in per_method.items()}
 
 
 def check_coverage(cfg) -> None:
@@ -93,8 +91,8 @@ def check_coverage(cfg) -> None:
     if len(set(cov.values())) > 1:
         said = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {n} runs x {e} evaluations" for m, (n, e) in cov.items())
         raise ConfigError(f"--sweep compares methods at equal coverage, but the grid gives {said}; make them equal "
-                          f"(--sweep_betas / --sweep_kl_coefs for runs, --dpo_eval_every / --ppo_eval_every for "
-                          f"evaluations)")
+                          f"(--sweep_betas / --sweep_kl_coefs for runs, --dpo_eval_every / --ppo_eval_every or "
+                          f"--dpo_eval_steps / --ppo_eval_steps for evaluations)")
 
 
 def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:

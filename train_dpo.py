@@ -62,7 +62,7 @@ def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", eva
     dc, rc, acc, device, tok = cfg.dpo, cfg.run, ctx.acc, ctx.device, ctx.tokenizer
     # Seeds everything; the reference pass counts as DPO's training time.
     run = TrainingRun(cfg, ctx, name, "dpo", dc.dpo_steps, dc.dpo_eval_every, evaluate,
-                      per_process={"--dpo_batch_size": dc.dpo_batch_size})
+                      per_process={"--dpo_batch_size": dc.dpo_batch_size}, eval_steps=dc.dpo_eval_steps)
     # eval mode: dropout off (the log-probs must match the reference's at step 1)
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device))
     weights = weights_fingerprint(policy.lm)  # of the reference's weights, before any sharding

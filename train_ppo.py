@@ -94,7 +94,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
     pc, rc, acc, device, tok = cfg.ppo, cfg.run, ctx.acc, ctx.device, ctx.tokenizer
     run = TrainingRun(cfg, ctx, name, "ppo", pc.ppo_steps, pc.ppo_eval_every, evaluate, unit="iteration",
                       per_process={"--ppo_batch_size": pc.ppo_batch_size,
-                                   "--ppo_mini_batch_size": pc.ppo_mini_batch_size})
+                                   "--ppo_mini_batch_size": pc.ppo_mini_batch_size}, eval_steps=pc.ppo_eval_steps)
     # --- reward: learned Bradley-Terry model (RLHF) or the oracle judge's logit (PPO-GT) ---
     score_fn, rm_report = reward_function(cfg, data, ctx)
     policy = ResponseLogProbs(load_causal_lm(cfg.model.policy_model, device), value_head=True).to(device)

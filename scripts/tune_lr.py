@@ -112,7 +112,9 @@ def main() -> int:
     return grid.run_and_report(__file__, a, rest, cfg, tasks, lambda: report(Path(cfg.run.output_dir), tasks, lrs),
                                seed=a.seed, betas=a.betas, coefs=a.coefs,
                                run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
-                                            "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every})
+                                            "dpo_eval_steps": cfg.dpo.dpo_eval_steps,
+                                            "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every,
+                                            "ppo_eval_steps": cfg.ppo.ppo_eval_steps})
 
 
 if __name__ == "__main__":

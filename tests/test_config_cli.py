@@ -47,6 +47,12 @@ def test_a_run_depends_on_its_own_method_settings_only():
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "dpo") == []
     assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == ["dpo.beta: 0.1 -> 0.5"]
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict()) != []  # no method: all of them
+    # a run saved before the evaluation schedule existed evaluated every --*_eval_every: unset is the same
+    old = base.to_dict()
+    old["dpo"].pop("dpo_eval_steps")
+    assert settings_diff(old, base.to_dict(), "dpo") == []
+    assert settings_diff(old, base.replace(dpo={"dpo_eval_steps": [5, 10]}).to_dict(), "dpo") == [
+        "dpo.dpo_eval_steps: None -> [5, 10]"]
     # PPO-GT's own rate: read by PPO-GT runs (as the rate they train at), never by PPO's
     gt = fixed.replace(ppo={"ppo_reward": "judge"})
     assert gt.ppo.lr == fixed.ppo.ppo_lr and gt.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == 3e-4
@@ -61,6 +67,8 @@ def test_a_run_depends_on_its_own_method_settings_only():
     (["--beta", "0"], "beta"),
     (["--beta", "-1"], "beta"),
     (["--dpo_batch_size", "0"], "dpo_batch_size"),
+    (["--dpo_steps", "10", "--dpo_eval_steps", "5", "11"], "dpo_eval_steps"),
+    (["--ppo_eval_steps", "0"], "ppo_eval_steps"),
     (["--max_length", "5"], "max_length"),
     (["--max_length", "20", "--response_tokens", "48"], "max_length"),
     (["--preset", "huge"], "unknown preset"),

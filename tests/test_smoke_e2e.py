@@ -563,6 +563,18 @@ def test_a_run_stops_at_the_first_evaluation_past_max_kl(tmp_path, smoke_run):
     assert "> --max_kl 0.001 at step 10: stopped, 30 steps early" in proc.stdout + proc.stderr
 
 
+def test_an_evaluation_schedule_evaluates_at_its_steps_and_the_last(tmp_path, smoke_run):
+    """--dpo_eval_steps / --ppo_eval_steps: evaluations where the KL moves fast, not every N steps."""
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    proc = run_main(*SMOKE, "--dpo_steps", "12", "--dpo_eval_steps", "2", "3", "7", "--ppo_steps", "3",
+                    "--ppo_eval_steps", "2", "--output_dir", str(tmp_path / "models"), "--plots_dir",
+                    str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name, expected in (("dpo", [0, 2, 3, 7, 12]), ("ppo", [0, 2, 3])):
+        rows = read_metrics(tmp_path / "models" / f"{name}_toxic_reduced_model" / "metrics.jsonl")
+        assert [r["step"] for r in rows if "eval/kl_to_ref" in r] == expected, name
+
+
 def test_dpo_only_then_ppo_only_keeps_both_and_refuses_another_setup(tmp_path, smoke_run):
     require_imdb()
     copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")

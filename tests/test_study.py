@@ -129,6 +129,19 @@ def test_equal_coverage_is_required_of_a_study_grid():
     assert coverage(PRESETS["offline"]) == {"dpo": (3, 4), "ppo": (3, 4), "ppo_gt": (3, 4)}
     with pytest.raises(ConfigError, match="equal coverage.*DPO 2 runs x 4 evaluations, PPO 2 runs x 2"):
         check_coverage(PRESETS["smoke"].replace(ppo={"ppo_eval_every": 2}))
+    # a schedule counts its listed steps and the last: 3 + 1 DPO evaluations against PPO's 4
+    scheduled = PRESETS["smoke"].replace(dpo={"dpo_eval_steps": [5, 10, 20]})
+    assert coverage(scheduled)["dpo"] == (2, 4)
+    check_coverage(scheduled)
+    assert coverage(PRESETS["smoke"].replace(dpo={"dpo_eval_steps": [5, 40]}))["dpo"] == (2, 2)
+
+
+def test_eval_due_follows_the_schedule_or_the_cadence_and_always_the_last_step():
+    from config import eval_due, n_evals
+
+    assert [k for k in range(1, 13) if eval_due(k, 12, 5, [])] == [5, 10, 12]
+    assert [k for k in range(1, 13) if eval_due(k, 12, 5, [1, 2, 8])] == [1, 2, 8, 12]
+    assert n_evals(12, 5, []) == 3 and n_evals(12, 5, [1, 2, 8]) == 4 and n_evals(12, 5, [4, 12]) == 2
 
 
 def test_study_grid_names_and_seeds():
