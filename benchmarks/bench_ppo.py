@@ -121,7 +121,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--kl_penalty", choices=("sampled", "exact"), default="sampled",
                     help="ours: sampled (default) charges the KL as TRL does, in the rewards: the same work; exact "
-                         "(the offline preset's) adds a reference pass and the vocabulary's log-probs per minibatch")
+                         "(the offline preset's) adds the vocabulary's log-probs per minibatch (the reference's from "
+                         "one pass per rollout batch)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
     ap.add_argument("--model_dir", help="an existing policy model directory (default: the offline preset's fp32 "
                                         "base GPT-2, built first if missing: about 14 min)")
