@@ -162,8 +162,14 @@ def main() -> int:
                        run={"output_dir": rm_root, "cache_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
     print("training the reward model once (not timed)", file=sys.stderr)
     _, rm_report = train_reward_model(cfg, data, ctx)
-    (rm_dir,) = [d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()
-                 and json.loads((d / "rm_report.json").read_text()) == rm_report]
+    if have_trl:  # TRL loads the same reward model from its cache directory: the one whose report this is
+        timing = {"reused", "train_s", "test_s", "cached_train_s", "cached_test_s"}  # differ for a reused model
+
+        def same(r: dict) -> dict:
+            return {k: v for k, v in r.items() if k not in timing}
+
+        (rm_dir,) = [d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()
+                     and same(json.loads((d / "rm_report.json").read_text())) == same(rm_report)]
 
     runs = {"ours": [], "trl_1.12": []}
     for r in range(a.repeats):
