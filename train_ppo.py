@@ -126,7 +126,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
         with torch.no_grad(), autocast(device, ctx.dtype):
             old_logprobs, old_values = response_logps_values(policy, b)
             ref_logprobs, ref_vocab = reference_pass(ref, b, vocab=pc.kl_penalty == "exact")
-        rows = state_rows(b)
+        rows = state_rows(b) if ref_vocab is not None else None  # the exact penalty's lookup only
         old_values = old_values.float() * mask
         # The KL term's log-probs come from a second pass, not from sampling: their gap is measured, not assumed.
         logp_gap = mean_over_processes(sampling_logp_gap(gen_logps, old_logprobs), acc)
