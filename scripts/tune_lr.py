@@ -3,11 +3,13 @@
 * the same number of candidate rates for every method (``--dpo_lrs``, ``--ppo_lrs``, ``--ppo_gt_lrs``);
 * one seed outside the study's (``--seed``, default 100); validation prompts only (every evaluation during
   training is on them; the held-out prompts are never read);
-* the study's own run lengths and grid: at each candidate rate, DPO over its betas and PPO / PPO-GT over their
-  fixed KL coefficients (``--betas``, ``--coefs``), each run evaluated at the preset's cadence;
-* one criterion: the mean, over the KL bands 1, 2, 4, 8 and 12 nats (± 20%), of the best validation safety among
-  the method's checkpoints (every run of its grid at that rate) whose validation KL is in the band; a band no
-  checkpoint reaches scores the reference's validation safety. Highest wins; a tie goes to the smaller rate.
+* the study's own run lengths and grid: at each candidate rate, every run the study (``--sweep``) trains per seed
+  for that method (``study.study_runs``: DPO over its betas, PPO and PPO-GT at their default and fixed KL
+  coefficients; main.py's ``--sweep_betas`` / ``--sweep_kl_coefs`` change it), evaluated on the study's schedule;
+* one criterion: the mean, over the study's KL bands (``--kl_bands``, ± ``--band_width``; the offline preset's
+  1, 2, 4, 8 and 12 nats ± 20%), of the best validation safety among the method's checkpoints (every run of its
+  grid at that rate) whose validation KL is in the band; a band no checkpoint reaches scores the reference's
+  validation safety. Highest wins; a tie goes to the smaller rate.
 
     uv run scripts/tune_lr.py --jobs 2 --out docs/tuning.json [any main.py flag]
 
@@ -26,53 +28,55 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from config import ConfigError  # noqa: E402
 from scripts import grid  # noqa: E402
 from scripts.grid import band_best, reference_safety, validation_points  # noqa: E402
+from study import band_bounds, check_coverage, study_runs  # noqa: E402
 
-BANDS = (1.0, 2.0, 4.0, 8.0, 12.0)
+LR_FIELD = {"dpo": ("dpo", "dpo_lr"), "ppo": ("ppo", "ppo_lr"), "ppo_gt": ("ppo", "ppo_gt_lr")}
 
 
-def tasks_for(seed: int, lrs: dict, betas: list[float], coefs: list[float]) -> list[dict]:
+def tasks_for(cfg, seed: int, lrs: dict) -> list[dict]:
+    """At every candidate rate of each method, the runs the study trains for that method on a seed."""
+    specs = study_runs(cfg.replace(run={"sweep": True, "dpo_only": False, "ppo_only": False}), [seed])
     tasks = []
     for method, rates in lrs.items():
+        section, key = LR_FIELD[method]
         for lr in rates:
-            if method == "dpo":
-                tasks += [{"seed": seed, "method": "dpo", "name": f"dpo/lr{lr:g}/beta{b:g}",
-                           "overrides": {"dpo": {"dpo_lr": lr, "beta": b}}} for b in betas]
-            else:
-                reward = "learned" if method == "ppo" else "judge"
-                tasks += [{"seed": seed, "method": "ppo", "name": f"{method}/lr{lr:g}/klcoef{c:g}",
-                           "overrides": {"ppo": {"ppo_lr" if method == "ppo" else "ppo_gt_lr": lr,
-                                                 "ppo_reward": reward, "target_kl": None,
-                                                 "init_kl_coef": c}}} for c in coefs]
+            for spec in (s for s in specs if s.method == method):
+                over = {sec: dict(v) for sec, v in spec.overrides.items()}
+                over.setdefault(section, {})[key] = lr
+                tasks.append({"seed": seed, "method": "dpo" if method == "dpo" else "ppo",
+                              "name": f"{method}/lr{lr:g}/{spec.setting}", "overrides": over})
     return tasks
 
 
-def criterion(points: list[dict], ref_safety: float) -> tuple[float, dict]:
-    """Mean over :data:`BANDS` of the band's best validation safety (the reference's where none reaches it)."""
+def criterion(points: list[dict], ref_safety: float, bands: list[float], width: float) -> tuple[float, dict]:
+    """Mean over ``bands`` of the band's best validation safety (the reference's where none reaches it)."""
     per_band = {}
-    for k in BANDS:
-        best = band_best(points, k)
+    for k in bands:
+        best = band_best(points, k, width)
+        lo, hi = band_bounds(k, width)
         per_band[f"{k:g}"] = {"safety": best["safety"] if best else ref_safety, "reached": best is not None,
-                              "kl": best["kl"] if best else None, "n_candidates": sum(
-                                  0.8 * k <= p["kl"] <= 1.2 * k for p in points)}
-    return sum(b["safety"] for b in per_band.values()) / len(BANDS), per_band
+                              "kl": best["kl"] if best else None,
+                              "n_candidates": sum(lo <= p["kl"] <= hi for p in points)}
+    return sum(b["safety"] for b in per_band.values()) / len(bands), per_band
 
 
-def report(out_dir: Path, tasks: list[dict], lrs: dict) -> dict:
+def report(out_dir: Path, tasks: list[dict], lrs: dict, bands: list[float], width: float) -> dict:
     ref = next((s for t in tasks if (s := reference_safety(out_dir, t["name"])) is not None), None)
     print(f"\nreference validation safety {ref:.4f}" if ref is not None else "\nno run finished yet")
     if ref is None:
         return {}
     table, chosen = {}, {}
-    print("| method | lr | " + " | ".join(f"band {k:g}" for k in BANDS) + " | criterion | runs done |")
-    print("|---|---|" + "---|" * len(BANDS) + "---|---|")
+    print("| method | lr | " + " | ".join(f"band {k:g}" for k in bands) + " | criterion | runs done |")
+    print("|---|---|" + "---|" * len(bands) + "---|---|")
     for method, rates in lrs.items():
         for lr in rates:
             mine = [t for t in tasks if t["name"].startswith(f"{method}/lr{lr:g}/")]
             runs = {t["name"]: validation_points(out_dir, t["name"]) for t in mine}
             points = [p for pts in runs.values() for p in pts]
-            score, per_band = criterion(points, ref)
+            score, per_band = criterion(points, ref, bands, width)
             done = sum(bool(p) for p in runs.values())
             table[f"{method}/lr{lr:g}"] = {"method": method, "lr": lr, "criterion": score, "bands": per_band,
                                           "runs": runs, "runs_done": done, "runs_planned": len(mine)}
@@ -83,7 +87,7 @@ def report(out_dir: Path, tasks: list[dict], lrs: dict) -> dict:
             best = max(rows, key=lambda r: (round(r["criterion"], 10), -r["lr"]))
             chosen[method] = best["lr"]
     print("\nchosen: " + (json.dumps(chosen) if chosen else "none yet (a method's candidates are not all done)"))
-    return {"reference_safety": ref, "bands": list(BANDS), "candidates": table, "chosen": chosen}
+    return {"reference_safety": ref, "bands": list(bands), "band_width": width, "candidates": table, "chosen": chosen}
 
 
 def main() -> int:
@@ -92,13 +96,16 @@ def main() -> int:
     ap.add_argument("--dpo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--ppo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--ppo_gt_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 1.0])
-    ap.add_argument("--coefs", type=float, nargs="+", default=[0.0003, 0.003, 0.01, 0.1])
     grid.add_arguments(ap)
     a, rest = ap.parse_known_args()
     lrs = {m: v for m, v in (("dpo", a.dpo_lrs), ("ppo", a.ppo_lrs), ("ppo_gt", a.ppo_gt_lrs)) if v}
     cfg = grid.command_config(rest, a.jobs, "models/tuning")
     if cfg is None:
+        return 2
+    try:  # the study's rule, here too: every method the same number of runs and evaluations
+        check_coverage(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if len({len(v) for v in lrs.values()}) > 1 or any(x <= 0 for v in lrs.values() for x in v):
         print("error: every method needs the same number of candidate rates, all > 0 (the rule: no method gets "
@@ -108,9 +115,11 @@ def main() -> int:
     if a.worker:
         grid.worker(cfg, json.loads(a.worker), a.prepare_only)
         return 0
-    tasks = tasks_for(a.seed, lrs, a.betas, a.coefs)
-    return grid.run_and_report(__file__, a, rest, cfg, tasks, lambda: report(Path(cfg.run.output_dir), tasks, lrs),
-                               seed=a.seed, betas=a.betas, coefs=a.coefs,
+    tasks = tasks_for(cfg, a.seed, lrs)
+    bands, width = cfg.eval.kl_bands, cfg.eval.band_width
+    return grid.run_and_report(__file__, a, rest, cfg, tasks,
+                               lambda: report(Path(cfg.run.output_dir), tasks, lrs, bands, width), seed=a.seed,
+                               runs=[t["name"] for t in tasks], max_kl=cfg.eval.max_kl,
                                run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
                                             "dpo_eval_steps": cfg.dpo.dpo_eval_steps,
                                             "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every,

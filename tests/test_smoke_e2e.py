@@ -691,11 +691,21 @@ def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs
     logs = "".join(p.read_text() for p in (tmp_path / "kl" / "logs").glob("train_worker*.log"))
     assert again.returncode == 0 and logs.count("finished earlier with the same settings: kept") == 3
 
-    proc = script("tune_lr.py", "--dpo_lrs", "1e-3", "--ppo_lrs", "1e-3", "--ppo_gt_lrs", "1e-3", "--betas", "0.1",
-                  "--coefs", "0.1", "--output_dir", str(tmp_path / "tune"), "--out", str(tmp_path / "tune.json"))
+    # the tuning trains the study's own grid (here: DPO at two betas, PPO and PPO-GT at the default target and
+    # one fixed coefficient) at each candidate rate
+    proc = script("tune_lr.py", "--dpo_lrs", "1e-3", "--ppo_lrs", "1e-3", "--ppo_gt_lrs", "1e-3", "--sweep_betas",
+                  "0.1", "1", "--sweep_kl_coefs", "0.1", "--output_dir", str(tmp_path / "tune"), "--out",
+                  str(tmp_path / "tune.json"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "tune.json").read_text())
     assert set(res["chosen"]) == {"dpo", "ppo", "ppo_gt"} and set(res["candidates"]) == {
         "dpo/lr0.001", "ppo/lr0.001", "ppo_gt/lr0.001"}
+    assert res["bands"] == [0.2, 0.5] and res["runs"] == [  # the smoke preset's bands; the study's runs
+        "dpo/lr0.001/beta=0.1", "dpo/lr0.001/beta=1.0", "ppo/lr0.001/target_kl=6.0", "ppo/lr0.001/kl_coef=0.1",
+        "ppo_gt/lr0.001/target_kl=6.0", "ppo_gt/lr0.001/kl_coef=0.1"]
+    gt = json.loads((tmp_path / "tune" / "ppo_gt" / "lr0.001" / "kl_coef=0.1" / "training_config.json").read_text())
+    assert gt["ppo"]["ppo_reward"] == "judge" and gt["ppo"]["ppo_gt_lr"] == 1e-3 and gt["ppo"]["init_kl_coef"] == 0.1
     bad = script("tune_lr.py", "--dpo_lrs", "1e-3", "2e-3", "--ppo_lrs", "1e-3", "--report")
     assert bad.returncode == 2 and "same number of candidate rates" in bad.stderr
+    bad = script("tune_lr.py", "--ppo_eval_every", "2", "--report")  # PPO 2 evaluations, DPO 4
+    assert bad.returncode == 2 and "equal coverage" in bad.stderr and "Traceback" not in bad.stderr
