@@ -48,11 +48,13 @@ def test_a_run_depends_on_its_own_method_settings_only():
     assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == ["dpo.beta: 0.1 -> 0.5"]
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict()) != []  # no method: all of them
     # a run saved before the evaluation schedule existed evaluated every --*_eval_every: unset is the same
-    old = base.to_dict()
+    plain = base.replace(dpo={"dpo_eval_steps": []})  # every --dpo_eval_every (the offline preset has a schedule)
+    old = plain.to_dict()
     old["dpo"].pop("dpo_eval_steps")
-    assert settings_diff(old, base.to_dict(), "dpo") == []
-    assert settings_diff(old, base.replace(dpo={"dpo_eval_steps": [5, 10]}).to_dict(), "dpo") == [
+    assert settings_diff(old, plain.to_dict(), "dpo") == []
+    assert settings_diff(old, plain.replace(dpo={"dpo_eval_steps": [5, 10]}).to_dict(), "dpo") == [
         "dpo.dpo_eval_steps: None -> [5, 10]"]
+    assert settings_diff(old, base.to_dict(), "dpo") != []  # the preset's schedule is not 'every 40 steps'
     # PPO-GT's own rate: read by PPO-GT runs (as the rate they train at), never by PPO's
     gt = fixed.replace(ppo={"ppo_reward": "judge"})
     assert gt.ppo.lr == fixed.ppo.ppo_lr and gt.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == 3e-4

@@ -126,7 +126,7 @@ def test_equal_coverage_is_required_of_a_study_grid():
 
     for name in ("paper", "offline", "smoke"):
         assert len(set(coverage(PRESETS[name]).values())) == 1, name
-    assert coverage(PRESETS["offline"]) == {"dpo": (3, 4), "ppo": (3, 4), "ppo_gt": (3, 4)}
+    assert coverage(PRESETS["offline"]) == {"dpo": (3, 16), "ppo": (3, 16), "ppo_gt": (3, 16)}
     with pytest.raises(ConfigError, match="equal coverage.*DPO 2 runs x 4 evaluations, PPO 2 runs x 2"):
         check_coverage(PRESETS["smoke"].replace(ppo={"ppo_eval_every": 2}))
     # a schedule counts its listed steps and the last: 3 + 1 DPO evaluations against PPO's 4
