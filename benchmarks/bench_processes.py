@@ -1,0 +1,116 @@
+"""One process with two threads, or two processes with one thread each: which gets more of the study's validation
+evaluations through a 2-core CPU? The workload is one validation evaluation as the study makes it, on the offline
+preset's models: sample a 32-token completion for each of 512 review openings, score the completions under the
+reference on the sampler's path (the KL) and judge prompt + completion. Each way runs the same number of
+evaluations; printed: the time of each (the slowest worker's, model loading excluded), evaluations per minute and
+the ratio.
+
+    uv run benchmarks/bench_processes.py [--prompts 512] [--evals 4]
+
+The study (``main.py --sweep``) trains its runs one after the other in one process; ``scripts/grid.py`` already
+runs its grids as one-thread processes. Numbers depend on the machine: run it where the study will run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def worker(args) -> None:
+    """``args.evals`` evaluations in this process at ``args.threads`` threads; prints one JSON line."""
+    import torch
+
+    import eval_utils
+    import models
+
+    torch.set_num_threads(args.threads)
+    lm, ref = models.load_causal_lm(args.policy), models.load_causal_lm(args.policy)
+    tok = models.load_tokenizer(args.policy)
+    judge_tok, judge = models.load_judge(args.judge)
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    cpu = torch.device("cpu")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k in range(args.evals):
+            resp = eval_utils.generate(lm, tok, prompts, 32, 1.0, k, 256, cpu)
+            eval_utils.generate(ref, tok, prompts, 32, 1.0, k, 256, cpu, forced=resp, return_logps=True)
+            texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
+            eval_utils.judge_scores(judge_tok, judge, texts, 256, cpu)
+    print(json.dumps({"threads": args.threads, "evals": args.evals, "s": time.perf_counter() - t0}), flush=True)
+
+
+def run_way(args, n_procs: int, threads: int, evals_each: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--evals", str(evals_each),
+           "--policy", args.policy, "--judge", args.judge, "--prompts_file", args.prompts_file]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n_procs)]
+    outs = [p.communicate()[0] for p in procs]
+    wall = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"bench_processes: a worker failed (exit codes {[p.returncode for p in procs]})")
+    workers = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    evals = sum(w["evals"] for w in workers)
+    # throughput over the evaluating time (the slowest worker's, as they run side by side), not the model loading
+    busy = max(w["s"] for w in workers)
+    return {"processes": n_procs, "threads": threads, "evaluations": evals, "wall_s": wall,
+            "worker_s": [w["s"] for w in workers], "evals_per_min": 60 * evals / busy}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=512, help="validation prompts per evaluation (the study: 512)")
+    ap.add_argument("--evals", type=int, default=4, help="evaluations per way (even: two processes split them)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--judge", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts_file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    if args.evals < 2 or args.evals % 2 or args.prompts < 1:
+        print("error: --evals must be an even number >= 2 and --prompts >= 1", file=sys.stderr)
+        return 2
+
+    import tempfile
+
+    import dataset
+    from benchmarks.common import machine, offline_models
+    from config import PRESETS
+
+    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
+    reviews = dataset.load_reviews(cfg.data.data, verbose=False)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
+    dirs = offline_models(train_df, eval_df)
+    from models import load_tokenizer
+
+    tok = load_tokenizer(dirs["policy_model"])
+    prompts = dataset.build_prompts(train_df, tok, cfg.data, 0, args.prompts)  # openings as the study's prompts
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    args.policy, args.judge, args.prompts_file = dirs["policy_model"], dirs["judge_model"], f.name
+    try:
+        one = run_way(args, 1, 2, args.evals)
+        two = run_way(args, 2, 1, args.evals // 2)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    print(json.dumps({"machine": machine(), "prompts": args.prompts, "ways": [one, two]}, indent=1))
+    for w in (one, two):
+        print(f"{w['processes']} process(es) x {w['threads']} thread(s): {w['evaluations']} evaluations in "
+              f"{max(w['worker_s']):.1f} s ({w['wall_s']:.1f} s wall with loading), {w['evals_per_min']:.2f} per "
+              f"minute")
+    print(f"two one-thread processes / one two-thread process: {two['evals_per_min'] / one['evals_per_min']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
