@@ -244,7 +244,8 @@ class DPOConfig:
     dpo_eval_every: int = _f(50, "Evaluate on the validation prompts every this many steps (and at the "
                              "end): the study's checkpoints.")
     dpo_eval_steps: list[int] = _f([], "Evaluate at these steps (and at the end) instead of every "
-                                       "--dpo_eval_every: a schedule dense where the KL moves fast.")
+                                       "--dpo_eval_every: a schedule dense where the KL moves fast. A preset's "
+                                       "schedule keeps only its steps within a shorter --dpo_steps.")
 
     def __post_init__(self):
         _check_ranges(self)
@@ -299,7 +300,8 @@ class PPOConfig:
     ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
                              "the end): the study's checkpoints.")
     ppo_eval_steps: list[int] = _f([], "Evaluate at these iterations (and at the end) instead of every "
-                                       "--ppo_eval_every: a schedule dense where the KL moves fast.")
+                                       "--ppo_eval_every: a schedule dense where the KL moves fast. A preset's "
+                                       "schedule keeps only its iterations within a shorter --ppo_steps.")
 
     @property
     def lr(self) -> float:
@@ -619,6 +621,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     defaults = {k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()}
     # The paths resolve from the flags actually given (RunConfig.__post_init__), not from the preset's own.
     defaults.update(output_dir="", plots_dir="", cache_dir="")
+    _fit_schedules(defaults, argv)
     parser.set_defaults(**defaults)
     argv, nones = _take_nones(argv)
     try:
@@ -633,6 +636,24 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for name in nones:  # re-validated with the None in place
         sections[next(sec for sec, cls in SECTIONS.items() if name in _optional_fields(cls))][name] = None
     return Config.from_dict(sections)
+
+
+def _fit_schedules(defaults: dict, argv: list[str]) -> None:
+    """The preset's evaluation schedules fit the preset's run lengths: a shorter run asked for on the command line
+    keeps the schedule's steps within it (it still evaluates at its last step). A schedule given is checked as
+    given (``DPOConfig.__post_init__``)."""
+    def values(name):  # what each --name VALUE / --name=VALUE gave (a bad one is the parser's to report)
+        flags, out = (f"--{name}", f"--{name.replace('_', '-')}"), []
+        for i, a in enumerate(argv):
+            flag, eq, value = a.partition("=")
+            if flag in flags:
+                out.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+        return out
+
+    for total, schedule in (("dpo_steps", "dpo_eval_steps"), ("ppo_steps", "ppo_eval_steps")):
+        steps = values(total)
+        if steps and steps[-1].isdigit() and not values(schedule):
+            defaults[schedule] = [k for k in defaults[schedule] if k <= int(steps[-1])]
 
 
 def _optional_fields(cls) -> set[str]:

@@ -119,7 +119,7 @@ def main() -> int:
 
     transformers.utils.logging.set_verbosity_error()
 
-    cfg = PRESETS["offline"].replace(dpo={"dpo_steps": a.steps, "dpo_batch_size": a.batch},
+    cfg = PRESETS["offline"].replace(dpo={"dpo_steps": a.steps, "dpo_batch_size": a.batch, "dpo_eval_steps": []},
                                      data={"n_pairs": a.steps * a.batch, "n_val_pairs": 8})
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)

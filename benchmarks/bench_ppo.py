@@ -158,7 +158,8 @@ def main() -> int:
     shared_rms.mkdir(parents=True, exist_ok=True)
     (Path(rm_root) / "reward_models").symlink_to(shared_rms.resolve(), target_is_directory=True)
     cfg = base.replace(model={**paths, "build_offline_models": False, "dtype": "fp32"},
-                       ppo={"ppo_steps": a.iters, "target_kl": None, "kl_penalty": a.kl_penalty},
+                       ppo={"ppo_steps": a.iters, "ppo_eval_steps": [], "target_kl": None,
+                            "kl_penalty": a.kl_penalty},
                        run={"output_dir": rm_root, "cache_dir": rm_root, "log_every": 10**9, "save_every": 10**9})
     print("training the reward model once (not timed)", file=sys.stderr)
     _, rm_report = train_reward_model(cfg, data, ctx)

@@ -22,6 +22,16 @@ def test_overrides_apply_on_top_of_the_preset():
     assert parse_config(["--preset", "smoke", "--dpo-only"]).run.dpo_only  # dashed alias of --dpo_only
 
 
+def test_a_shorter_run_keeps_the_presets_evaluation_schedule_within_it():
+    """--preset offline --dpo_steps 100 is a shorter run, not an error: the preset's schedule keeps its steps
+    within the run; a schedule given on the command line is checked as given."""
+    cfg = parse_config(["--preset", "offline", "--dpo_steps", "100", "--ppo_steps", "6"])
+    assert cfg.dpo.dpo_eval_steps == [k for k in PRESETS["offline"].dpo.dpo_eval_steps if k <= 100]
+    assert cfg.dpo.dpo_eval_steps[-1] == 100 and cfg.ppo.ppo_eval_steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match="--dpo_eval_steps"):
+        parse_config(["--preset", "offline", "--dpo_steps", "100", "--dpo-eval-steps", "50", "200"])
+
+
 def test_config_round_trips_through_a_dict():
     cfg = PRESETS["offline"]
     assert Config.from_dict(cfg.to_dict()) == cfg
