@@ -26,24 +26,27 @@ sys.path.insert(0, str(ROOT))
 
 def worker(args) -> None:
     """``args.evals`` evaluations in this process at ``args.threads`` threads; prints one JSON line."""
+    import dataclasses
+
     import torch
 
     import eval_utils
     import models
+    from lifecycle import RunContext
+    from run_utils import make_accelerator
 
     torch.set_num_threads(args.threads)
-    lm, ref = models.load_causal_lm(args.policy), models.load_causal_lm(args.policy)
-    tok = models.load_tokenizer(args.policy)
-    judge_tok, judge = models.load_judge(args.judge)
-    prompts = json.loads(Path(args.prompts_file).read_text())
     cpu = torch.device("cpu")
+    lm, ref = models.load_causal_lm(args.policy), models.load_causal_lm(args.policy)
+    judge_tok, judge = models.load_judge(args.judge)
+    # the study's own validation evaluation (eval_utils.evaluate_policy), batch 256 as the offline preset's
+    ctx = RunContext(models.load_tokenizer(args.policy), ref, cpu, make_accelerator(cpu), batch_size=256,
+                     judge_tok=judge_tok, judge=judge, prompts=json.loads(Path(args.prompts_file).read_text()),
+                     max_new_tokens=32)
     t0 = time.perf_counter()
     with torch.no_grad():
         for k in range(args.evals):
-            resp = eval_utils.generate(lm, tok, prompts, 32, 1.0, k, 256, cpu)
-            eval_utils.generate(ref, tok, prompts, 32, 1.0, k, 256, cpu, forced=resp, return_logps=True)
-            texts = [tok.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, resp)]
-            eval_utils.judge_scores(judge_tok, judge, texts, 256, cpu)
+            eval_utils.evaluate_policy(lm, dataclasses.replace(ctx, seed=k), 1.0)
     print(json.dumps({"threads": args.threads, "evals": args.evals, "s": time.perf_counter() - t0}), flush=True)
 
 
