@@ -501,9 +501,9 @@ def _preset(name: str) -> Config:
             # The study's grid gives every method 3 runs of 16 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at
             # the adaptive target 8 and the fixed coefficients 0.0003 and 0.01 (on the tuning seed, 0.01 stays
             # below 1.6 nats in 24 iterations, 0.0003 passes 12 by iteration 24). --max_kl 14.4, the largest
-            # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the secondary
-            # reading. 1,024 held-out prompts per seed for the reported numbers (the validation prompts, 512, are
-            # the --n_val_pairs).
+            # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the
+            # secondary reading. 1,024 held-out prompts per seed for the reported numbers (the validation prompts,
+            # 512, are the --n_val_pairs).
             eval=EvalConfig(n_eval_prompts=1024, eval_batch_size=256, matched_kls=[1.0, 2.0, 4.0, 6.0],
                             sweep_betas=[0.05, 0.1, 1.0], sweep_kl_coefs=[0.0003, 0.01], max_kl=14.4),
             run=RunConfig(preset="offline"))
