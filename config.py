@@ -71,11 +71,13 @@ RANGES = {
     "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
     "init_kl_coef": _NONNEG, "target_kl": _POS,
     # evaluation
-    "n_eval_prompts": _COUNT, "eval_batch_size": _COUNT, "eval_temperature": _POS, "temperatures": _POS,
+    "n_eval_prompts": _COUNT, "n_val_prompts": _NONNEG, "eval_batch_size": _COUNT, "eval_temperature": _POS,
+    "temperatures": _POS,
     "n_examples": _NONNEG, "sweep_betas": _POS, "sweep_kl_coefs": _POS, "matched_kls": _POS,
     "min_budget_use": (0, 1, False, True), "kl_bands": _POS, "band_width": (0, 1, True, True), "max_kl": _POS,
     # run
-    "seed": _SEED, "seeds": _SEED, "log_every": _COUNT, "save_every": _COUNT, "keep_checkpoints": _COUNT,
+    "seed": _SEED, "seeds": _SEED, "jobs": _COUNT, "log_every": _COUNT, "save_every": _COUNT,
+    "keep_checkpoints": _COUNT,
     "max_nonfinite_skips": _COUNT, "debug_nan_steps": _COUNT,
 }
 
@@ -321,7 +323,10 @@ class PPOConfig:
 @dataclass
 class EvalConfig:
     n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample); the "
-                             "evaluations during training use the --n_val_pairs validation prompts.")
+                             "evaluations during training use the validation prompts (--n_val_prompts).")
+    n_val_prompts: int = _f(0, "Validation prompts of each evaluation during training (the study's checkpoints): "
+                               "the first N of the --n_val_pairs validation pairs' prompts, which come in random "
+                               "order. 0 = all of them.")
     eval_batch_size: int = _f(64, "Prompts per generation batch.")
     eval_temperature: float = _f(1.0, "Sampling temperature of the learning-curve and final evaluations.")
     temperatures: list[float] = _f([0.25, 0.5, 0.75, 1.0, 1.25], "Temperatures of the win-rate sweep.")
@@ -384,6 +389,10 @@ class RunConfig:
                                   "(linked, not copied) instead of training them, wherever they were trained with "
                                   "every setting they depend on equal: PPO-GT, which never reads the preference "
                                   "pairs, is the same in both settings of the study.")
+    jobs: int = _f(1, "Train the runs of a study (--sweep, --seeds) in this many processes at once, each on "
+                      "--threads CPU threads (1 unless given): on a 2-core CPU 2 one-thread processes get about "
+                      "1.2x more through than one two-thread process (BENCHMARKS.md). The held-out evaluation "
+                      "after training runs in this process.")
     log_every: int = _f(10, "One log line every this many steps.")
     save_every: int = _f(50, "Checkpoint every this many steps.")
     keep_checkpoints: int = _f(2, "Checkpoints kept per run (oldest deleted).")
@@ -428,6 +437,9 @@ class Config:
                f"--max_length {self.data.max_length} is below prompt + response "
                f"({self.data.prompt_max_tokens} + {self.data.response_tokens}); raise --max_length or lower "
                f"--response_tokens")
+        _check(self.eval.n_val_prompts <= self.data.n_val_pairs,
+               f"--n_val_prompts {self.eval.n_val_prompts} exceeds the {self.data.n_val_pairs} validation pairs whose "
+               f"prompts it takes; lower it or raise --n_val_pairs")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -562,7 +574,7 @@ class _Parser(HfArgumentParser):
 # training_config.json and --resume compare sections).
 HELP_GROUPS = {
     "run": ("preset", "dpo_only", "ppo_only", "plots_only", "resume", "seed", "output_dir", "plots_dir", "cache_dir",
-            "device", "dtype", "threads", "report_to", "log_every", "save_every", "keep_checkpoints",
+            "device", "dtype", "threads", "jobs", "report_to", "log_every", "save_every", "keep_checkpoints",
             "max_nonfinite_skips", "debug_nan_steps"),
     "data": tuple(f.name for f in fields(DataConfig)),
     "models (hub, self-built, optional SFT)": ("policy_model", "judge_model", "build_offline_models",
@@ -570,7 +582,8 @@ HELP_GROUPS = {
                                                *(f.name for f in fields(SFTConfig))),
     "DPO": tuple(f.name for f in fields(DPOConfig)),
     "PPO and its reward model": tuple(f.name for f in fields(PPOConfig)),
-    "evaluation": ("n_eval_prompts", "eval_batch_size", "eval_temperature", "temperatures", "n_examples"),
+    "evaluation": ("n_eval_prompts", "n_val_prompts", "eval_batch_size", "eval_temperature", "temperatures",
+                   "n_examples"),
     "study (--sweep)": ("sweep", "seeds", "reuse_runs_from", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt",
                         "kl_bands", "band_width", "max_kl", "matched_kls", "min_budget_use"),
 }

@@ -105,11 +105,33 @@ def seed_context(stack: Stack, scfg):
     data = dataset.prepare(scfg, stack.tokenizer, stack.train_df, stack.eval_df)
     ctx = RunContext(tokenizer=stack.tokenizer, ref_model=stack.ref_model, device=stack.device, acc=stack.acc,
                      dtype=stack.dtype, batch_size=scfg.eval.eval_batch_size, judge_tok=stack.judge_tok,
-                     judge=stack.judge, judge_dtype=stack.judge_dtype, prompts=data.val_prompts,
+                     judge=stack.judge, judge_dtype=stack.judge_dtype, prompts=val_prompts(scfg, data),
                      max_new_tokens=scfg.data.response_tokens, seed=scfg.run.seed)
     if scfg.dpo.pair_source == "generated":
         data = pair_generation.generated_data(scfg, data, ctx)
     return data, ctx
+
+
+def val_prompts(cfg, data) -> list:
+    """The prompts of the evaluations during training: the first ``--n_val_prompts`` of the validation pairs'
+    prompts (which come in random order), all of them when 0."""
+    return data.val_prompts[:cfg.eval.n_val_prompts or None]
+
+
+def obtain_run(rcfg, spec, data, ctx, resume: bool, kept: str = "finished earlier with the same settings: skipped"
+               ) -> dict:
+    """One run of the study, its summary: linked from ``--reuse_runs_from`` where it finished there with every
+    setting it depends on equal, kept when ``resume`` and finished here with the same settings (saying ``kept``),
+    else trained."""
+    if rcfg.run.reuse_runs_from and (done := study.reuse_run(rcfg, spec, rcfg.run.reuse_runs_from)):
+        print(f"study: {spec.name} reused from {rcfg.run.reuse_runs_from} (finished there with every setting it "
+              f"depends on equal; linked, not retrained)")
+        return done
+    done = study.finished(rcfg, spec) if resume else None
+    if done is not None:  # an interrupted study continues where it stopped
+        print(f"study: {spec.name} {kept}")
+        return {**done, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
+    return (train_dpo if spec.method == "dpo" else train_ppo).train(rcfg, data, ctx, name=spec.name)
 
 
 @dataclass
@@ -125,9 +147,18 @@ class StudyRuns:
 
 def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> StudyRuns:
     """Train (or, with ``--resume``, reuse when finished with the same settings) every run of ``specs``, seed by
-    seed; with --dpo-only or --ppo-only, the other method's runs already in results.json are carried over."""
+    seed; with --dpo-only or --ppo-only, the other method's runs already in results.json are carried over. With
+    ``--jobs`` > 1 the runs are trained first in worker processes (``workers.py``), then read back here."""
     cfg, device, acc = stack.cfg, stack.device, stack.acc
     out = StudyRuns(runs=[], first={}, first_data=None, heldout={})
+    in_processes = cfg.run.jobs > 1 and len(specs) > 1
+    if in_processes and acc.num_processes > 1:
+        raise ConfigError(f"--jobs {cfg.run.jobs} starts processes of its own; under a launcher (accelerate launch, "
+                          f"torchrun) leave it at 1")
+    if in_processes:
+        import workers
+
+        workers.run_in_processes(cfg, specs, cfg.run.jobs)
     for r in study.carried_over(cfg, setup):
         model_dir = str(Path(r["metrics"]).parent)
         out.runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
@@ -140,22 +171,15 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
         data, ctx = seed_context(stack, scfg)
         out.heldout[seed] = ctx.on(data.eval_prompts)  # evaluated on validation prompts while training, these after
         print(f"data: {len(data.train_pairs)} {cfg.dpo.pair_source} training pairs, {len(data.val_pairs)} validation "
-              f"pairs ({len(data.val_prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
+              f"pairs ({len(ctx.prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
               f"{len(data.eval_prompts)} held-out prompts (seed {seed}); "
               f"device {device}{f' x {acc.num_processes} processes' if acc.num_processes > 1 else ''}, "
               f"precision {dtype_name(stack.dtype)} (judge {dtype_name(stack.judge_dtype)}; --dtype "
               f"{cfg.model.dtype}), {torch.get_num_threads()} CPU threads")
         for spec in (s for s in specs if s.seed == seed):
-            rcfg = scfg.replace(**spec.overrides)
-            done = study.finished(rcfg, spec) if cfg.run.resume else None
-            if done is not None:  # an interrupted study continues where it stopped
-                print(f"study: {spec.name} finished earlier with the same settings: skipped")
-                done = {**done, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
-            elif cfg.run.reuse_runs_from and (done := study.reuse_run(rcfg, spec, cfg.run.reuse_runs_from)):
-                print(f"study: {spec.name} reused from {cfg.run.reuse_runs_from} (finished there with every setting "
-                      f"it depends on equal; linked, not retrained)")
-            else:
-                done = (train_dpo if spec.method == "dpo" else train_ppo).train(rcfg, data, ctx, name=spec.name)
+            # after the worker processes every run is finished: read back as --resume reads a finished one
+            done = obtain_run(scfg.replace(**spec.overrides), spec, data, ctx, cfg.run.resume or in_processes,
+                              *(["finished (worker processes)"] if in_processes else []))
             out.runs.append({"spec": spec, "summary": {k: v for k, v in done.items() if k != "policy"}})
             if seed == seeds[0] and spec.main:
                 out.first[spec.method] = {**done, "policy": done.get("policy") or load_causal_lm(done["model_dir"],
