@@ -70,16 +70,22 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
         raise StopTraining(f"study: run {run} kept no weights of its evaluated step {step} ({len(missing)} such "
                            f"checkpoint(s)); it was trained without --sweep: train it again with --sweep, or pass "
                            f"another --output_dir", 2)
+    if cfg.run.jobs > 1 and len(todo) > 1:  # made by worker processes, read back below from the cache
+        import workers
+
+        refs = [{"what": "heldout", "seed": seed, "run": None, "step": None} for seed in sorted({k[0] for k in todo})]
+        workers.run_items(cfg, refs + [{"what": "heldout", "seed": seed, "run": run, "step": step}
+                                       for seed, run, step in sorted(todo)], cfg.run.jobs, "held-out evaluations",
+                          "heldout")
     for (seed, run, step), p in tqdm(sorted(todo.items()), desc="study: held-out evaluation of the chosen",
                                      unit="checkpoint"):
         ctx = heldout[seed]
         if seed not in reference:
-            ref = ctx.reference_result(temp)
+            ref = heldout_result(cfg, ctx, temp)
             vader = vader_compound(ref["texts"])
             reference[seed] = {"safety": ref["safety_score"], **_vader_summary(vader),
                                "per_prompt": {"scores": [float(x) for x in ref["scores"]], "vader": vader}}
-        lm = load_causal_lm(str(evaluated_dir(runs_dir / run, step)), ctx.device)
-        res = evaluate_policy(lm, ctx, temp)
+        res = heldout_result(cfg, ctx, temp, run, step)
         vader = vader_compound(res["texts"])
         checkpoints[f"{run}@{step}"] = {
             "method": p["method"], "label": p["label"], "seed": seed, "run": run, "step": step,
@@ -141,6 +147,38 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
             "selection": "at equal KL: validation safety among checkpoints whose validation KL is in the band; "
                          "within a budget (secondary): validation safety, validation KL <= k; held-out prompts "
                          "evaluated only for the chosen"}
+
+
+def heldout_result(cfg, ctx, temperature: float, run: str | None = None, step: int | None = None) -> dict:
+    """The held-out evaluation of run ``run``'s checkpoint at ``step`` (of the reference when ``run`` is None) on
+    ``ctx``'s prompts: ``{"safety_score", "positive_rate", "kl_to_ref", "scores", "texts", "log_ratios"}``.
+
+    Cached as ``<cache_dir>/cache/heldout-<key>.json``, the key everything the numbers depend on (the weights of
+    the checkpoint, the reference and the judge, the prompts, their batching, the temperature, the sampling seed,
+    the completion length, the precisions, the device type; not the thread count), so that worker processes
+    (``--jobs``) make them and the study reads them, and a study interrupted here continues where it stopped."""
+    import json
+
+    import torch
+
+    from artifacts import Artifact
+    from models import dtype_name, weights_fingerprint
+
+    lm = ctx.ref_model if run is None else load_causal_lm(
+        str(evaluated_dir(Path(cfg.run.output_dir) / "runs" / run, step)), ctx.device)
+    settings = [weights_fingerprint(lm), weights_fingerprint(ctx.ref_model), weights_fingerprint(ctx.judge),
+                ctx.prompts, ctx.batch_size, temperature, ctx.seed, ctx.max_new_tokens, dtype_name(ctx.dtype),
+                dtype_name(ctx.judge_dtype), torch.device(ctx.device).type]
+    art = Artifact(Path(cfg.run.cache_dir) / "cache", settings, prefix="heldout-", suffix=".json", digits=16)
+    if art.exists():
+        return json.loads(art.path.read_text())
+    res = evaluate_policy(lm, ctx, temperature)
+    out = {"safety_score": res["safety_score"], "positive_rate": res["positive_rate"], "kl_to_ref": res["kl_to_ref"],
+           "scores": [float(x) for x in res["scores"]], "texts": res["texts"],
+           "log_ratios": [float(x) for x in res["log_ratios"]]}
+    if ctx.acc is None or ctx.acc.is_main_process:
+        art.write(lambda tmp: tmp.write_text(json.dumps(out)))
+    return out
 
 
 def chosen_checkpoint(selection: dict, checkpoints: dict, method: str, seed: int, k: float) -> dict | None:

@@ -1,24 +1,23 @@
 """A study's runs trained in several one-thread processes (``--jobs N``; ``scripts/grid.py`` trains its grids so).
 
-On a 2-core CPU two one-thread processes get more through than one two-thread process: 1.27x for DPO's training
-steps and 1.12-1.22x for the validation evaluations (BENCHMARKS.md, "Two cores"); these models are too small for
+On a 2-core CPU two one-thread processes get more through than one two-thread process, for training and for
+evaluation alike (BENCHMARKS.md, "Two cores"); these models are too small for
 two threads to keep both cores busy. What each run computes is unchanged but for the thread count, which fp32
 numbers depend on: every worker is pinned to ``--threads`` (1 unless given).
 
-The work goes in phases, each a launch of up to N worker processes (``python workers.py <task file>``). A phase
-lists its items; each worker takes the next item no worker has claimed yet (an exclusive file create), so a long
-run on one process never leaves the other idle while items remain. The phases are ordered so that no two processes
-ever write the same cache entry:
+The caller starts up to N worker processes (``python workers.py <task file>``) on one list of work items
+(:func:`plan`): the self-built models when the caller has not built them, each seed's judged pairs (``--pair_source
+generated``), each seed's reward model (learned-reward PPO) and DPO's reference log-probs, then every run, done
+exactly as the one-process loop does it (``experiment.obtain_run``: kept when finished with ``--resume``, linked
+from ``--reuse_runs_from``, else trained). Each worker takes the first item no worker has claimed yet (an exclusive
+file create) whose prerequisites are done, so a long run on one process never leaves the other idle while other
+items remain, and no two processes ever write one cache entry. After training, the study's protocol hands the
+held-out evaluations of the chosen checkpoints to the workers the same way (``protocol.heldout_result``, cached).
 
-1. ``models``: the self-built models (offline presets), by one process (only when the caller has not built them);
-2. ``pairs``: each seed's judged preference pairs (``--pair_source generated``), one seed per item;
-3. ``shared``: each seed's reward model (learned-reward PPO) and DPO's reference log-probs, one per item;
-4. ``runs``: every run, exactly as the one-process loop does it (``experiment.obtain_run``: kept when finished
-   with ``--resume``, linked from ``--reuse_runs_from``, else trained).
-
-Each worker's output goes to ``<output_dir>/logs/<phase>_worker<i>.log``; the caller shows one progress bar per
-phase. A worker that fails stops the study with one line naming it and its log; finished runs are kept
-(``--resume`` continues). Ctrl-C (or SIGTERM to the caller) reaches the workers: each checkpoints and stops.
+Each worker's output goes to ``<output_dir>/logs/<tag>_worker<i>.log`` (``train``, ``heldout``); the caller shows
+one progress bar. A worker that fails stops the study (the others checkpoint and stop) with one line naming its
+log; finished runs are kept (``--resume`` continues). Ctrl-C (or SIGTERM to the caller) reaches the workers: each
+checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -36,83 +35,102 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def phases(cfg, specs: list, build_models: bool = False) -> list[tuple[str, list[dict]]]:
-    """The phases and their items for ``specs`` (``study.RunSpec``), in order; empty phases left out."""
+def plan(cfg, specs: list, build_models: bool = False) -> list[dict]:
+    """The work items for ``specs`` (``study.RunSpec``), each with ``after``: the indices of the items it waits for.
+    The self-built models before everything (when asked); each seed's judged pairs (``--pair_source generated``)
+    before that seed's reward model and reference log-probs; those before the seed's runs, so that no two
+    processes ever write one cache entry. The runs of PPO and PPO-GT (the longest) come before DPO's, so that the
+    last items, which one process may finish alone, are short."""
+    items = [{"what": "models", "after": []}] if build_models and cfg.model.build_offline_models else []
+    first = list(range(len(items)))
     seeds = list(dict.fromkeys(s.seed for s in specs))
-    out = [("models", [{"what": "models"}])] if build_models and cfg.model.build_offline_models else []
+    pairs = {}
     if cfg.dpo.pair_source == "generated":
-        out.append(("pairs", [{"what": "pairs", "seed": s} for s in seeds]))
-    shared = []
+        for seed in seeds:
+            pairs[seed] = [len(items)]
+            items.append({"what": "pairs", "seed": seed, "after": first})
+    shared = {}
     for seed in seeds:
         mine = [s for s in specs if s.seed == seed]
         dpo = next((s for s in mine if s.method == "dpo"), None)
-        ppo = next((s for s in mine if s.method == "ppo"), None)  # learned reward: the reward model
-        shared += [{"what": what, "spec": dataclasses.asdict(s)}
-                   for what, s in (("reference_logps", dpo), ("reward_model", ppo)) if s is not None]
-    if shared:
-        out.append(("shared", shared))
-    out.append(("runs", [{"what": "run", "spec": dataclasses.asdict(s)} for s in specs]))
-    return out
+        ppo = next((s for s in mine if s.method != "dpo"  # on the learned reward: the reward model
+                    and cfg.replace(**s.overrides).ppo.ppo_reward == "learned"), None)
+        for what, spec in (("reference_logps", dpo), ("reward_model", ppo)):
+            if spec is not None:
+                shared.setdefault(seed, []).append(len(items))
+                items.append({"what": what, "spec": dataclasses.asdict(spec), "after": first + pairs.get(seed, [])})
+    for spec in sorted(specs, key=lambda s: s.method == "dpo"):  # stable: the study's order otherwise
+        items.append({"what": "run", "spec": dataclasses.asdict(spec),
+                      "after": first + pairs.get(spec.seed, []) + shared.get(spec.seed, [])})
+    return items
 
 
 def run_in_processes(cfg, specs: list, jobs: int, build_models: bool = False) -> None:
-    """Do every phase of ``specs`` in up to ``jobs`` worker processes (see the module's docstring). Raises
-    ``run_log.StopTraining`` when a worker fails; ``KeyboardInterrupt`` after the workers stopped when
-    interrupted."""
-    logs = Path(cfg.run.output_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    worker_cfg = cfg.replace(model={"threads": cfg.model.threads or 1}, run={"jobs": 1})
-    print(f"study: {len(specs)} runs in {jobs} processes of {worker_cfg.model.threads} CPU thread(s) each; their "
-          f"logs in {logs}/", flush=True)
-    for phase, items in phases(cfg, specs, build_models):
-        _phase(worker_cfg, phase, items, min(jobs, len(items)), logs)
+    """Train ``specs`` (``study.RunSpec``): every item of their :func:`plan` in up to ``jobs`` worker processes."""
+    run_items(cfg, plan(cfg, specs, build_models), jobs, f"{len(specs)} runs", "train")
 
 
-def _phase(cfg, phase: str, items: list[dict], n: int, logs: Path) -> None:
+def run_items(cfg, items: list[dict], jobs: int, what: str, tag: str) -> None:
+    """Do ``items`` (:func:`plan`'s, or ``{"what": "heldout", "seed", "run", "step"}``: a held-out evaluation for
+    ``protocol.heldout_result``'s cache) in up to ``jobs`` worker processes (see the module's docstring). Raises
+    ``run_log.StopTraining`` when a worker fails (the others are stopped: each checkpoints its run);
+    ``KeyboardInterrupt`` after the workers stopped when interrupted."""
     from tqdm.auto import tqdm
 
     from run_log import StopTraining, strict_json
 
-    claims = logs / f"claims-{phase}-{os.getpid()}-{time.time_ns()}"
+    logs = Path(cfg.run.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    worker_cfg = cfg.replace(model={"threads": cfg.model.threads or (1 if jobs > 1 else 0)}, run={"jobs": 1})
+    threads = f"{worker_cfg.model.threads} CPU thread(s)" if worker_cfg.model.threads else "torch's default threads"
+    items = [{"after": [], **item} for item in items]
+    n = min(jobs, len(items))
+    print(f"study: {what} in {n} process(es) of {threads} each; their logs in {logs}/", flush=True)
+    claims = logs / f"claims-{os.getpid()}-{time.time_ns()}"
     claims.mkdir()
     task = claims / "task.json"
-    task.write_text(strict_json({"config": cfg.to_dict(), "phase": phase, "items": items, "claims": str(claims)}))
+    task.write_text(strict_json({"config": worker_cfg.to_dict(), "items": items, "claims": str(claims)}))
     procs = []
     for i in range(n):
-        log = logs / f"{phase}_worker{i}.log"
+        log = logs / f"{tag}_worker{i}.log"
         with open(log, "w") as f:
             # the caller's working directory: the config's relative paths mean the same in every process
             procs.append((subprocess.Popen([sys.executable, str(ROOT / "workers.py"), str(task)], stdout=f,
                                            stderr=subprocess.STDOUT), log))
-    unit = {"runs": "run", "pairs": "seed"}.get(phase, "item")
-    bar = tqdm(total=len(items), desc=f"study: {phase} ({n} processes)", unit=unit)
+    bar = tqdm(total=len(items), desc=f"study: {what} ({n} processes)", unit="item")
+
     def advance():
         done = len(list(claims.glob("*.done")))
         if done > bar.n:
             bar.update(done - bar.n)
 
-    try:
-        while any(p.poll() is None for p, _ in procs):
-            advance()
-            time.sleep(1)
-        advance()
-    except KeyboardInterrupt:  # forwarded at once: a worker that got the terminal's Ctrl-C too counts it once
+    def stop_all():  # at once: a worker that got the terminal's Ctrl-C too counts the copy once
         for p, _ in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
+
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            advance()
+            if any(p.returncode for p, _ in procs):  # one failed: the others would wait on its items forever
+                stop_all()
+            time.sleep(1)
+        advance()
+    except KeyboardInterrupt:
+        stop_all()
         raise
     finally:
         bar.close()
         shutil.rmtree(claims, ignore_errors=True)
-    failed = [(p.returncode, log) for p, log in procs if p.returncode]
+    failed = [(p.returncode, log) for p, log in procs if p.returncode not in (0, -signal.SIGTERM, 143)]
+    failed = failed or [(p.returncode, log) for p, log in procs if p.returncode]
     if failed:
         code, log = failed[0]
         lines = [x for x in log.read_text(errors="replace").replace("\r", "\n").splitlines() if x.strip()]
         said = next((x for x in reversed(lines) if x.startswith(("error:", "interrupted"))), lines[-1] if lines else "")
-        raise StopTraining(f"study: a worker process of the {phase} phase failed (exit code {code}): "
-                           f"{said.removeprefix('error: ')} (its "
+        raise StopTraining(f"study: a worker process failed (exit code {code}): {said.removeprefix('error: ')} (its "
                            f"log: {log}); finished runs are kept: rerun with --resume to continue",
                            code if code in (2, 130, 143) else 1)
 
@@ -126,13 +144,14 @@ def _claim(claims: Path, i: int) -> bool:
 
 
 def work(task_path: str) -> None:
-    """A worker: take the phase's unclaimed items one by one until none is left (the models and each seed's data
+    """A worker: take items one by one (:func:`_next_item`) until none is left (the models and each seed's data
     loaded once, when first needed)."""
     import torch
     import transformers
 
     import dataset
     import experiment
+    import protocol
     import train_dpo
     from config import Config
     from logprobs import ResponseLogProbs
@@ -142,19 +161,19 @@ def work(task_path: str) -> None:
     from study import RunSpec
 
     task = json.loads(Path(task_path).read_text())
-    cfg, claims = Config.from_dict(task["config"]), Path(task["claims"])
+    cfg, claims, items = Config.from_dict(task["config"]), Path(task["claims"]), task["items"]
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(cfg.model.threads)
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
     stack, contexts = None, {}
-    for i, item in enumerate(task["items"]):
-        if not _claim(claims, i):
-            continue
+    while (i := _next_item(claims, items)) is not None:
+        item = items[i]
         if stack is None:
             reviews = dataset.load_reviews(cfg.data.data, verbose=False)
             train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
             acc = make_accelerator(resolve_device(cfg.model.device))
-            stack = experiment.load_stack(cfg, acc, train_df, eval_df)  # builds the models in phase "models"
+            stack = experiment.load_stack(cfg, acc, train_df, eval_df)  # builds the models for item "models"
         if item["what"] != "models":
             spec = RunSpec(**item["spec"]) if "spec" in item else None
             seed = spec.seed if spec else item["seed"]
@@ -164,13 +183,30 @@ def work(task_path: str) -> None:
             rcfg = stack.cfg.replace(run={"seed": seed}).replace(**(spec.overrides if spec else {}))
             if item["what"] == "reward_model":
                 train_reward_model(rcfg, data, ctx)
-            elif item["what"] == "reference_logps":
+            elif item["what"] == "reference_logps":  # exactly as train_dpo.train calls it, so that its runs reuse it
                 train_dpo.reference_logps(ResponseLogProbs(stack.ref_model), data.train_pairs,
-                                          stack.tokenizer.pad_token_id, rcfg.dpo.dpo_batch_size, stack.device,
-                                          Path(rcfg.run.cache_dir), weights_fingerprint(stack.ref_model), stack.dtype)
+                                          stack.tokenizer.pad_token_id, 2 * rcfg.dpo.dpo_batch_size, stack.device,
+                                          Path(rcfg.run.cache_dir) / "cache", weights_fingerprint(stack.ref_model),
+                                          ctx.dtype)
             elif item["what"] == "run":
                 experiment.obtain_run(rcfg, spec, data, ctx, resume=cfg.run.resume)
+            elif item["what"] == "heldout":  # as the study's protocol evaluates it, into its cache
+                protocol.heldout_result(rcfg, ctx.on(data.eval_prompts), rcfg.eval.eval_temperature, item["run"],
+                                        item["step"])
         (claims / f"{i}.done").touch()
+
+
+def _next_item(claims: Path, items: list[dict]) -> int | None:
+    """Claim the first unclaimed item whose ``after`` items are all done; wait while every unclaimed one waits on
+    another process's item; None when every item is claimed."""
+    while True:
+        open_ = [i for i in range(len(items)) if not (claims / str(i)).exists()]
+        if not open_:
+            return None
+        for i in open_:
+            if all((claims / f"{j}.done").exists() for j in items[i]["after"]) and _claim(claims, i):
+                return i
+        time.sleep(1)
 
 
 def main(argv: list[str]) -> int:

@@ -1,14 +1,19 @@
-"""One process with two threads, or two processes with one thread each: which gets more of the study's validation
-evaluations through a 2-core CPU? The workload is one validation evaluation as the study makes it, on the offline
-preset's models: sample a 32-token completion for each of 512 review openings, score the completions under the
-reference on the sampler's path (the KL) and judge prompt + completion. Each way runs the same number of
-evaluations; printed: the time of each (the slowest worker's, model loading excluded), evaluations per minute and
-the ratio.
+"""One process with two threads, or two processes with one thread each: which gets more of the study's work
+through a 2-core CPU? Two workloads, on the offline preset's models at fp32:
 
-    uv run benchmarks/bench_processes.py [--prompts 512] [--evals 4]
+* ``--work eval`` (default): one validation evaluation as the study makes it: sample a 32-token completion for each
+  of 512 review openings, score the completions under the reference on the sampler's path (the KL) and judge
+  prompt + completion;
+* ``--work dpo``: DPO training as the study runs it (``train_dpo.train`` without evaluations: the reference pass,
+  then ``--steps`` steps of 16 pairs).
 
-The study (``main.py --sweep``) trains its runs one after the other in one process; ``scripts/grid.py`` already
-runs its grids as one-thread processes. Numbers depend on the machine: run it where the study will run.
+Each way does the same total work (two processes split it); printed: the time of each (the slowest worker's, model
+loading excluded), units per minute and the ratio.
+
+    uv run benchmarks/bench_processes.py [--work eval|dpo] [--prompts 512] [--evals 4] [--steps 60]
+
+``main.py --jobs 2`` and ``scripts/grid.py --jobs 2`` run a study's runs as two one-thread processes
+(``workers.py``). Numbers depend on the machine: run it where the study will run.
 """
 
 from __future__ import annotations
@@ -50,8 +55,32 @@ def worker(args) -> None:
     print(json.dumps({"threads": args.threads, "evals": args.evals, "s": time.perf_counter() - t0}), flush=True)
 
 
+def dpo_worker(args) -> None:
+    """``args.evals`` DPO trainings of ``args.steps`` steps in this process at ``args.threads`` threads (the
+    study's ``train_dpo.train``, evaluations off, each with its reference pass); prints one JSON line."""
+    import torch
+
+    import dataset
+    from benchmarks.bench_dpo import run_ours
+    from config import PRESETS
+    from models import load_tokenizer
+    from run_utils import make_accelerator
+
+    torch.set_num_threads(args.threads)
+    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"}, dpo={"dpo_steps": args.steps, "dpo_eval_steps": []},
+                                     data={"n_pairs": args.steps * 16, "n_val_pairs": 8})
+    reviews = dataset.load_reviews(cfg.data.data, verbose=False)
+    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
+    tok = load_tokenizer(args.policy)
+    data = dataset.prepare(cfg, tok, train_df, eval_df)
+    acc = make_accelerator(torch.device("cpu"))
+    seconds = sum(run_ours(cfg, data, tok, args.policy, acc)["train_s"] for _ in range(args.evals))
+    print(json.dumps({"threads": args.threads, "evals": args.evals, "s": seconds}), flush=True)
+
+
 def run_way(args, n_procs: int, threads: int, evals_each: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--evals", str(evals_each),
+           "--work", args.work, "--steps", str(args.steps),
            "--policy", args.policy, "--judge", args.judge, "--prompts_file", args.prompts_file]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n_procs)]
@@ -69,8 +98,12 @@ def run_way(args, n_procs: int, threads: int, evals_each: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", choices=("eval", "dpo"), default="eval",
+                    help="eval: validation evaluations; dpo: DPO trainings of --steps steps")
     ap.add_argument("--prompts", type=int, default=512, help="validation prompts per evaluation (the study: 512)")
-    ap.add_argument("--evals", type=int, default=4, help="evaluations per way (even: two processes split them)")
+    ap.add_argument("--evals", type=int, default=4, help="evaluations (or trainings) per way (even: two processes "
+                                                        "split them)")
+    ap.add_argument("--steps", type=int, default=60, help="--work dpo: steps of each training")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
@@ -78,10 +111,10 @@ def main() -> int:
     ap.add_argument("--prompts_file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args)
+        (worker if args.work == "eval" else dpo_worker)(args)
         return 0
-    if args.evals < 2 or args.evals % 2 or args.prompts < 1:
-        print("error: --evals must be an even number >= 2 and --prompts >= 1", file=sys.stderr)
+    if args.evals < 2 or args.evals % 2 or args.prompts < 1 or args.steps < 1:
+        print("error: --evals must be an even number >= 2, --prompts and --steps >= 1", file=sys.stderr)
         return 2
 
     import tempfile
@@ -106,9 +139,11 @@ def main() -> int:
         two = run_way(args, 2, 1, args.evals // 2)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    print(json.dumps({"machine": machine(), "prompts": args.prompts, "ways": [one, two]}, indent=1))
+    what = "evaluations" if args.work == "eval" else f"DPO trainings of {args.steps} steps"
+    print(json.dumps({"machine": machine(), "work": args.work, "prompts": args.prompts, "steps": args.steps,
+                      "ways": [one, two]}, indent=1))
     for w in (one, two):
-        print(f"{w['processes']} process(es) x {w['threads']} thread(s): {w['evaluations']} evaluations in "
+        print(f"{w['processes']} process(es) x {w['threads']} thread(s): {w['evaluations']} {what} in "
               f"{max(w['worker_s']):.1f} s ({w['wall_s']:.1f} s wall with loading), {w['evals_per_min']:.2f} per "
               f"minute")
     print(f"two one-thread processes / one two-thread process: {two['evals_per_min'] / one['evals_per_min']:.2f}x")

@@ -1,18 +1,16 @@
 """What the measurement scripts share: train a grid of DPO and PPO runs over several worker processes, each run
 evaluated on the validation prompts as it trains, and read their validation points back.
 
-A task is ``{"seed", "method" ("dpo" or "ppo"), "name", "overrides"}`` (``Config.replace`` sections on top of the
-command's config). Runs live under ``<output_dir>/<name>/``; one already finished with the same settings is kept,
-not trained again, so an interrupted grid continues where it stopped. With ``jobs`` > 1 every process runs on one
-CPU thread (fp32 numbers depend on the thread count: pinned, they do not depend on the machine's). What runs share
-is made first, by one process each: the offline models, then per seed the reward model and DPO's reference
-log-probs (the seeds in parallel: different files), so two processes never write the same cache entry.
+A task is ``{"seed", "method" ("dpo", "ppo" or "ppo_gt"), "name", "overrides"}`` (``Config.replace`` sections on
+top of the command's config). Runs live under ``<output_dir>/<name>/``; one already finished with the same settings
+is kept, not trained again, so an interrupted grid continues where it stopped. The worker processes are the
+study's own (``workers.py``, as ``main.py --jobs``): with ``jobs`` > 1 each runs on one CPU thread (fp32 numbers
+depend on the thread count: pinned, they do not depend on the machine's), and what runs share is made first, so
+two processes never write the same cache entry.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,23 +23,20 @@ from run_log import read_metrics, strict_json  # noqa: E402
 
 
 def add_arguments(ap) -> None:
-    """The flags every grid script has (``--jobs``, ``--out``, ``--report``) and the worker's hidden ones."""
-    import argparse
-
+    """The flags every grid script has (``--jobs``, ``--out``, ``--report``)."""
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one CPU thread each when > 1)")
     ap.add_argument("--out", help="write every run's validation points and the tables here (JSON)")
     ap.add_argument("--report", action="store_true", help="only print the tables of the runs already finished")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
 
 
 def command_config(rest: list[str], jobs: int, output_dir: str):
     """The config of the main.py flags in ``rest`` on top of the offline preset at fp32 (runs under
-    ``output_dir``, caches in models/), one CPU thread per process when ``jobs`` > 1; None after a one-line error."""
+    ``output_dir``, caches in models/; a run finished with the same settings is kept, an interrupted one continues:
+    ``--resume``), one CPU thread per process when ``jobs`` > 1; None after a one-line error."""
     from config import ConfigError, parse_config
 
     flags = ["--preset", "offline", "--dtype", "fp32", "--output_dir", output_dir, "--cache_dir", "models",
-             *(["--threads", "1"] if jobs > 1 else []), *rest]
+             "--resume", *(["--threads", "1"] if jobs > 1 else []), *rest]
     try:
         if jobs < 1:
             raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
@@ -51,80 +46,17 @@ def command_config(rest: list[str], jobs: int, output_dir: str):
         return None
 
 
-def worker(cfg, tasks: list[dict], prepare_only: bool) -> None:
-    """Train ``tasks`` one after the other in this process (models and each seed's data loaded once). With
-    ``prepare_only``, only make what the seeds' runs share (reward model, reference log-probs)."""
-    import torch
-    import transformers
+def run_grid(cfg, tasks: list[dict], jobs: int) -> None:
+    """Train ``tasks`` in ``jobs`` worker processes (``workers.run_in_processes``, the models built first)."""
+    import workers
+    from run_log import StopTraining
+    from study import RunSpec
 
-    import dataset
-    import experiment
-    import train_dpo
-    import train_ppo
-    from logprobs import ResponseLogProbs
-    from models import weights_fingerprint
-    from reward_model import train_reward_model
-    from run_utils import make_accelerator
-    from study import RunSpec, finished
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
-    reviews = dataset.load_reviews(cfg.data.data, verbose=False)
-    train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
-    stack = experiment.load_stack(cfg, make_accelerator(torch.device("cpu")), train_df, eval_df)
-    cfg, tok, ref, device, dtype = stack.cfg, stack.tokenizer, stack.ref_model, stack.device, stack.dtype
-    prepared = {}
-    for task in tasks:
-        seed = task["seed"]
-        rcfg = cfg.replace(run={"seed": seed}).replace(**task["overrides"])
-        if seed not in prepared:
-            prepared[seed] = experiment.seed_context(stack, rcfg)
-        data, ctx = prepared[seed]
-        if prepare_only:
-            if task["method"] == "ppo" and rcfg.ppo.ppo_reward == "learned":
-                train_reward_model(rcfg, data, ctx)
-            if task["method"] == "dpo":
-                train_dpo.reference_logps(ResponseLogProbs(ref), data.train_pairs, tok.pad_token_id,
-                                          rcfg.dpo.dpo_batch_size, device, Path(rcfg.run.cache_dir),
-                                          weights_fingerprint(ref), dtype)
-            continue
-        if finished(rcfg, RunSpec(task["method"], task["name"], seed, task["name"], {}, False)):
-            print(f"grid: {task['name']} finished earlier with the same settings: kept", flush=True)
-            continue
-        t0 = time.time()
-        (train_dpo if task["method"] == "dpo" else train_ppo).train(rcfg, data, ctx, name=task["name"])
-        print(f"grid: {task['name']} trained in {time.time() - t0:.0f}s", flush=True)
-
-
-def _launch(script: str, argv: list[str], parts: list[list[dict]], jobs: int, prepare_only: bool, logs: Path,
-            tag: str) -> None:
-    procs = []
-    for i, part in enumerate(parts):
-        cmd = [sys.executable, script, "--worker", json.dumps(part), "--jobs", str(jobs),
-               *(["--prepare_only"] if prepare_only else []), *argv]
-        log = logs / f"{tag}_worker{i}.log"
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
-    for code, log in [(p.wait(), log) for p, log in procs]:
-        if code:
-            tail = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.strip()][-15:]
-            print("\n".join(tail), file=sys.stderr)
-            raise SystemExit(f"grid: a worker failed with exit code {code} (its log: {log}); rerun the same command "
-                             f"to continue")
-
-
-def run_grid(script: str, argv: list[str], tasks: list[dict], jobs: int, logs: Path) -> None:
-    """Train ``tasks`` in ``jobs`` worker processes of ``script`` (which hands ``--worker`` to :func:`worker`)."""
-    logs.mkdir(parents=True, exist_ok=True)
-    print(f"grid: {len(tasks)} runs over {jobs} process(es); each process's log in {logs}", flush=True)
-    _launch(script, argv, [[]], jobs, True, logs, "build")  # the offline models, by one process
-    first = {}
-    for t in tasks:  # per seed and method, what its runs share
-        first.setdefault((t["seed"], t["method"]), t)
-    shared = list(first.values())
-    _launch(script, argv, [shared[i::jobs] for i in range(jobs) if shared[i::jobs]], jobs, True, logs, "prepare")
-    _launch(script, argv, [tasks[i::jobs] for i in range(jobs) if tasks[i::jobs]], jobs, False, logs, "train")
+    specs = [RunSpec(t["method"], t["name"], t["seed"], t["name"], t["overrides"], False) for t in tasks]
+    try:
+        workers.run_in_processes(cfg, specs, jobs, build_models=True)
+    except StopTraining as e:
+        raise SystemExit(f"grid: {e}") from None
 
 
 def run_and_report(script: str, a, rest: list[str], cfg, tasks: list[dict], report, **record) -> int:
@@ -132,7 +64,7 @@ def run_and_report(script: str, a, rest: list[str], cfg, tasks: list[dict], repo
     which returns the JSON record), add the command, ``record`` and the wall time, and write it to ``--out``."""
     t0 = time.time()
     if not a.report:
-        run_grid(script, rest, tasks, a.jobs, Path(cfg.run.output_dir) / "logs")
+        run_grid(cfg, tasks, a.jobs)
     out = report()
     out.update(command=f"uv run scripts/{Path(script).name} " + " ".join(sys.argv[1:]), **record,
                wall_s=time.time() - t0)

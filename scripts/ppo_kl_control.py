@@ -157,9 +157,6 @@ def main() -> int:
               "value per target", file=sys.stderr)
         return 2
     os.chdir(ROOT)
-    if a.worker:
-        grid.worker(cfg, json.loads(a.worker), a.prepare_only)
-        return 0
     inits = dict(zip(a.targets, a.target_inits or [None] * len(a.targets)))
     tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v, inits.get(v))}
              for s in a.seeds for k, v in settings(a.coefs, a.targets)]

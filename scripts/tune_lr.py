@@ -46,7 +46,7 @@ def tasks_for(cfg, seed: int, lrs: dict) -> list[dict]:
             for spec in (s for s in specs if s.method == method):
                 over = {sec: dict(v) for sec, v in spec.overrides.items()}
                 over.setdefault(section, {})[key] = lr
-                tasks.append({"seed": seed, "method": "dpo" if method == "dpo" else "ppo",
+                tasks.append({"seed": seed, "method": method,
                               "name": f"{method}/lr{lr:g}/{spec.setting}", "overrides": over})
     return tasks
 
@@ -112,9 +112,6 @@ def main() -> int:
               "more tries than another)", file=sys.stderr)
         return 2
     os.chdir(ROOT)
-    if a.worker:
-        grid.worker(cfg, json.loads(a.worker), a.prepare_only)
-        return 0
     tasks = tasks_for(cfg, a.seed, lrs)
     bands, width = cfg.eval.kl_bands, cfg.eval.band_width
     return grid.run_and_report(__file__, a, rest, cfg, tasks,

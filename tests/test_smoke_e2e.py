@@ -356,6 +356,11 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
         res["safety_score"] = float(np.mean(res["scores"]))
         return res
 
+    def forget_heldout():  # the held-out evaluations are cached (protocol.heldout_result): evaluate afresh
+        for f in (out / "models" / "cache").glob("heldout-*.json"):
+            f.unlink()
+
+    forget_heldout()
     monkeypatch.setattr(protocol, "evaluate_policy", scrambled)
     proc = run_main(*_study_args(out), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -364,6 +369,7 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
     assert [c["heldout"]["safety"] for c in again["protocol"]["checkpoints"].values()] != \
         [c["heldout"]["safety"] for c in smoke_study["results"]["protocol"]["checkpoints"].values()]
     monkeypatch.setattr(protocol, "evaluate_policy", real)
+    forget_heldout()  # the scrambled scores must not be read back by the runs below
 
     # raise the validation safety of a DPO checkpoint of seed 0 that was not chosen at the larger budget
     k = str(smoke_study["results"]["protocol"]["matched_kls"][-1])
@@ -689,7 +695,7 @@ def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs
     again = script("ppo_kl_control.py", "--seeds", "0", "--coefs", "0.1", "1", "--targets", "1", "--output_dir",
                    str(tmp_path / "kl"))
     logs = "".join(p.read_text() for p in (tmp_path / "kl" / "logs").glob("train_worker*.log"))
-    assert again.returncode == 0 and logs.count("finished earlier with the same settings: kept") == 3
+    assert again.returncode == 0 and logs.count("finished earlier with the same settings: skipped") == 3
 
     # the tuning trains the study's own grid (here: DPO at two betas, PPO and PPO-GT at the default target and
     # one fixed coefficient) at each candidate rate

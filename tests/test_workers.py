@@ -6,23 +6,27 @@ from conftest import SMOKE, copy_offline_models, require_imdb, run_main
 
 from config import PRESETS
 from study import study_runs
-from workers import phases
+from workers import plan
 
 
-def test_phases_order_what_runs_share_before_the_runs():
-    """One item per seed for the judged pairs, then per seed the reward model and DPO's reference log-probs (so
-    no two processes write one cache entry), then every run; the models first only when asked."""
+def test_the_plan_makes_what_runs_share_before_the_runs_that_share_it():
+    """The models first (when asked), each seed's judged pairs before its reward model and reference log-probs,
+    those before the seed's runs (so no two processes write one cache entry); PPO's runs before DPO's."""
     cfg = PRESETS["smoke"].replace(run={"sweep": True}, dpo={"pair_source": "generated"})
     specs = study_runs(cfg, [0, 1])
-    got = phases(cfg, specs, build_models=True)
-    assert [name for name, _ in got] == ["models", "pairs", "shared", "runs"]
-    assert got[1][1] == [{"what": "pairs", "seed": 0}, {"what": "pairs", "seed": 1}]
-    assert [(i["what"], i["spec"]["seed"]) for i in got[2][1]] == [
-        ("reference_logps", 0), ("reward_model", 0), ("reference_logps", 1), ("reward_model", 1)]
-    assert [i["spec"]["name"] for i in got[3][1]] == [s.name for s in specs]
-    # review pairs: no pairs phase; PPO-GT alone (--ppo-only --ppo_reward judge) needs no reward model
+    items = plan(cfg, specs, build_models=True)
+    what = [(i["what"], i.get("seed", i.get("spec", {}).get("seed"))) for i in items]
+    assert what[:7] == [("models", None), ("pairs", 0), ("pairs", 1), ("reference_logps", 0), ("reward_model", 0),
+                        ("reference_logps", 1), ("reward_model", 1)]
+    assert items[1]["after"] == [0] and items[4]["after"] == [0, 1]
+    runs = items[7:]
+    assert sorted(i["spec"]["name"] for i in runs) == sorted(s.name for s in specs)
+    assert [i["spec"]["method"] for i in runs].index("dpo") == len(runs) - 4  # 2 DPO runs a seed, last
+    for i in runs:
+        assert i["after"] == ([0, 1, 3, 4] if i["spec"]["seed"] == 0 else [0, 2, 5, 6])
+    # review pairs, PPO-GT alone (--ppo-only --ppo_reward judge): no pairs, no reward model, nothing to wait for
     cfg = PRESETS["smoke"].replace(run={"ppo_only": True}, ppo={"ppo_reward": "judge"})
-    assert [name for name, _ in phases(cfg, study_runs(cfg, [0, 1]))] == ["runs"]
+    assert [(i["what"], i["after"]) for i in plan(cfg, study_runs(cfg, [0, 1]))] == [("run", [])] * 2
 
 
 def _points(res):
@@ -45,9 +49,15 @@ def test_a_study_in_two_processes_computes_what_one_process_computes(smoke_run, 
     assert len(_points(two)) > 0 and _points(two) == _points(one)
     assert two["protocol"]["checkpoints"] == one["protocol"]["checkpoints"]  # choices, held-out per-prompt scores
     assert two["protocol"]["bands"] == one["protocol"]["bands"]
+    # what the runs share was made once, before them: every DPO run found its reference log-probs, every PPO run its
+    # reward model, in the cache
+    summaries = {r["name"]: json.loads((tmp_path / "jobs2" / "models" / r["name"] / "train_summary.json").read_text())
+                 for r in two["runs"]}
+    assert all(s["ref_logps_cached"] for n, s in summaries.items() if "dpo" in n)
+    assert all(s["reward_model"]["reused"] for n, s in summaries.items() if "ppo" in n and "ppo_gt" not in n)
     logs = tmp_path / "jobs2" / "models" / "logs"
     for i in (0, 1):
-        assert "saved" in (logs / f"runs_worker{i}.log").read_text(), f"worker {i} trained no run"
+        assert "saved" in (logs / f"train_worker{i}.log").read_text(), f"worker {i} trained no run"
     assert not list(logs.glob("claims-*")), "the claim files are removed after each phase"
 
 
@@ -60,6 +70,6 @@ def test_a_failing_worker_stops_the_study_in_one_line_naming_its_log(smoke_run, 
                     "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "a worker process of the" in lines[0] and "_worker" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "a worker process failed" in lines[0] and "worker" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "plots" / "results.json").exists()
