@@ -27,7 +27,7 @@ def test_a_shorter_run_keeps_the_presets_evaluation_schedule_within_it():
     within the run; a schedule given on the command line is checked as given."""
     cfg = parse_config(["--preset", "offline", "--dpo_steps", "100", "--ppo_steps", "6"])
     assert cfg.dpo.dpo_eval_steps == [k for k in PRESETS["offline"].dpo.dpo_eval_steps if k <= 100]
-    assert cfg.dpo.dpo_eval_steps[-1] == 100 and cfg.ppo.ppo_eval_steps == [1, 2, 3, 4, 5, 6]
+    assert cfg.dpo.dpo_eval_steps[-1] == 100 and cfg.ppo.ppo_eval_steps == [2, 3, 4, 5, 6]
     with pytest.raises(ConfigError, match="--dpo_eval_steps"):
         parse_config(["--preset", "offline", "--dpo_steps", "100", "--dpo-eval-steps", "50", "200"])
 
@@ -90,6 +90,8 @@ def test_a_run_depends_on_its_own_method_settings_only():
     (["--judge_window_fraction", "-0.1"], "judge_window_fraction"),
     (["--loss_type", "ipo", "--label_smoothing", "0.1"], "label_smoothing"),
     (["--n_val_pairs", "0"], "n_val_pairs"),
+    (["--n_val_pairs", "128", "--n_val_prompts", "256"], "n_val_prompts"),
+    (["--jobs", "0"], "jobs"),
     (["--rm_patience", "0"], "rm_patience"),
     (["--no-such-flag", "1"], "unrecognized"),
     # exact flag names only: an abbreviation is never taken for the flag it starts
