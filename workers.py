@@ -112,9 +112,9 @@ def run_items(cfg, items: list[dict], jobs: int, what: str, tag: str) -> None:
             p.wait()
 
     try:
-        while any(p.poll() is None for p, _ in procs):
+        while None in (codes := [p.poll() for p, _ in procs]):  # every process polled, each time
             advance()
-            if any(p.returncode for p, _ in procs):  # one failed: the others would wait on its items forever
+            if any(codes):  # one failed: the others would wait on its items forever
                 stop_all()
             time.sleep(1)
         advance()
