@@ -390,9 +390,9 @@ class RunConfig:
                                   "every setting they depend on equal: PPO-GT, which never reads the preference "
                                   "pairs, is the same in both settings of the study.")
     jobs: int = _f(1, "Train the runs of a study (--sweep, --seeds) in this many processes at once, each on "
-                      "--threads CPU threads (1 unless given): on a 2-core CPU 2 one-thread processes get about "
-                      "1.2x more through than one two-thread process (BENCHMARKS.md). The held-out evaluation "
-                      "after training runs in this process.")
+                      "--threads CPU threads (1 unless given), and the study's held-out evaluations likewise: on "
+                      "a 2-core CPU two one-thread processes get 1.1-1.4x more evaluations through than one "
+                      "two-thread process (BENCHMARKS.md, \"Two cores\").")
     log_every: int = _f(10, "One log line every this many steps.")
     save_every: int = _f(50, "Checkpoint every this many steps.")
     keep_checkpoints: int = _f(2, "Checkpoints kept per run (oldest deleted).")

@@ -1,9 +1,8 @@
 """A study's runs trained in several one-thread processes (``--jobs N``; ``scripts/grid.py`` trains its grids so).
 
-On a 2-core CPU two one-thread processes get more through than one two-thread process, for training and for
-evaluation alike (BENCHMARKS.md, "Two cores"); these models are too small for
-two threads to keep both cores busy. What each run computes is unchanged but for the thread count, which fp32
-numbers depend on: every worker is pinned to ``--threads`` (1 unless given).
+On a 2-core CPU two one-thread processes get more through than one two-thread process (BENCHMARKS.md, "Two
+cores"): these models are too small for two threads to keep both cores busy. What each run computes is unchanged
+but for the thread count, which fp32 numbers depend on: every worker is pinned to ``--threads`` (1 unless given).
 
 The caller starts up to N worker processes (``python workers.py <task file>``) on one list of work items
 (:func:`plan`): the self-built models when the caller has not built them, each seed's judged pairs (``--pair_source
