@@ -97,11 +97,12 @@ def check_coverage(cfg) -> None:
 
 def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:
     """What two runs must share for their results to sit in one results.json: the models, data, seeds,
-    precision and the evaluation's prompts and temperatures."""
+    precision and the evaluations' prompts (held-out and validation) and temperatures."""
     return {"preset": cfg.run.preset, "policy_model": cfg.model.policy_model, "judge_model": cfg.model.judge_model,
             "precision": precision, "data": data_fingerprint, "split_seed": cfg.data.split_seed,
             "n_pairs": cfg.data.n_pairs, "pair_source": cfg.dpo.pair_source, "seeds": cfg.run.seeds or [cfg.run.seed],
-            "n_eval_prompts": cfg.eval.n_eval_prompts, "response_tokens": cfg.data.response_tokens,
+            "n_eval_prompts": cfg.eval.n_eval_prompts, "n_val_prompts": cfg.eval.n_val_prompts,
+            "response_tokens": cfg.data.response_tokens,
             "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures)}
 
 
