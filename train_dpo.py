@@ -55,6 +55,13 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     return out["chosen"], out["rejected"], False
 
 
+def run_reference_logps(cfg, pairs: list[dict], model, weights: str, ctx: RunContext, acc=None):
+    """:func:`reference_logps` as a DPO run of ``cfg`` makes and caches them (its batching, cache directory and
+    precision): ``workers.py`` makes them before a seed's DPO runs, which then find them in the cache."""
+    return reference_logps(model, pairs, ctx.tokenizer.pad_token_id, 2 * cfg.dpo.dpo_batch_size, ctx.device,
+                           Path(cfg.run.cache_dir) / "cache", weights, ctx.dtype, acc)
+
+
 def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", evaluate: bool = True) -> dict:
     """Train DPO on ``data.train_pairs``; ``evaluate=False`` skips the evaluations on the
     validation prompts (benchmarks time the training alone). Data-parallel over ``ctx.acc``'s processes: each takes
@@ -83,9 +90,7 @@ def train(cfg, data, ctx: RunContext, name: str = "dpo_toxic_reduced_model", eva
 
     # --- reference log-probs, once (the policy equals the reference before step 1) ---
     t_ref = time.time()
-    ref_chosen_logps, ref_rejected_logps, ref_cached = reference_logps(
-        policy, pairs, tok.pad_token_id, 2 * dc.dpo_batch_size, device, Path(rc.cache_dir) / "cache", weights,
-        ctx.dtype, acc)
+    ref_chosen_logps, ref_rejected_logps, ref_cached = run_reference_logps(cfg, pairs, policy, weights, ctx, acc)
     ref_logps_s = time.time() - t_ref
 
     run.begin(policy, {"scheduler": scheduler})

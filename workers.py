@@ -182,11 +182,9 @@ def work(task_path: str) -> None:
             rcfg = stack.cfg.replace(run={"seed": seed}).replace(**(spec.overrides if spec else {}))
             if item["what"] == "reward_model":
                 train_reward_model(rcfg, data, ctx)
-            elif item["what"] == "reference_logps":  # exactly as train_dpo.train calls it, so that its runs reuse it
-                train_dpo.reference_logps(ResponseLogProbs(stack.ref_model), data.train_pairs,
-                                          stack.tokenizer.pad_token_id, 2 * rcfg.dpo.dpo_batch_size, stack.device,
-                                          Path(rcfg.run.cache_dir) / "cache", weights_fingerprint(stack.ref_model),
-                                          ctx.dtype)
+            elif item["what"] == "reference_logps":  # as train_dpo.train makes them: its runs find them cached
+                train_dpo.run_reference_logps(rcfg, data.train_pairs, ResponseLogProbs(stack.ref_model),
+                                              weights_fingerprint(stack.ref_model), ctx)
             elif item["what"] == "run":
                 experiment.obtain_run(rcfg, spec, data, ctx, resume=cfg.run.resume)
             elif item["what"] == "heldout":  # as the study's protocol evaluates it, into its cache
