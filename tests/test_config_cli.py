@@ -66,7 +66,8 @@ def test_a_run_depends_on_its_own_method_settings_only():
         "dpo.dpo_eval_steps: None -> [5, 10]"]
     assert settings_diff(old, base.to_dict(), "dpo") != []  # the preset's schedule is not 'every 40 steps'
     # PPO-GT's own rate: read by PPO-GT runs (as the rate they train at), never by PPO's
-    gt = fixed.replace(ppo={"ppo_reward": "judge"})
+    assert fixed.replace(ppo={"ppo_reward": "judge"}).ppo.lr == fixed.ppo.ppo_gt_lr != fixed.ppo.ppo_lr  # the preset's
+    gt = fixed.replace(ppo={"ppo_reward": "judge", "ppo_gt_lr": None})  # unset: PPO-GT trains at PPO's rate
     assert gt.ppo.lr == fixed.ppo.ppo_lr and gt.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == 3e-4
     assert fixed.replace(ppo={"ppo_gt_lr": 3e-4}).ppo.lr == fixed.ppo.ppo_lr
     assert settings_diff(saved, fixed.replace(ppo={"ppo_gt_lr": 3e-4}).to_dict(), "ppo") == []
@@ -263,3 +264,24 @@ def test_help_is_grouped_by_stage_with_a_short_usage_and_the_presets_defaults():
 
     assert re.search(r"--ppo_steps PPO_STEPS.*?\(preset: (\d+)\)", ppo, re.S).group(1) == "40"  # offline's 40
     assert "held-out prompts every" not in out and "upper bound" not in out
+
+
+def test_the_offline_preset_runs_the_rates_its_tuning_chose_on_the_grid_it_tuned():
+    # docs/tuning.json is the rule's answer (docs/tuning.md); the preset must hold it, and the tuning must have run
+    # the preset's own grid and run lengths: a change to either calls for the tuning to run again.
+    import json
+    from pathlib import Path
+
+    from scripts.tune_lr import LR_FIELD, tasks_for
+
+    tuning = json.loads((Path(__file__).resolve().parents[1] / "docs" / "tuning.json").read_text())
+    cfg = parse_config(["--preset", "offline", "--dtype", "fp32"])
+    for method, (section, field) in LR_FIELD.items():
+        assert getattr(getattr(cfg, section), field) == tuning["chosen"][method], method
+    assert tuning["run_lengths"] == {k: getattr(cfg.dpo if k.startswith("dpo") else cfg.ppo, k)
+                                     for k in tuning["run_lengths"]}
+    assert tuning["max_kl"] == cfg.eval.max_kl and tuning["bands"] == cfg.eval.kl_bands
+    lrs = {m: [c["lr"] for c in tuning["candidates"].values() if c["method"] == m] for m in LR_FIELD}
+    assert [t["name"] for t in tasks_for(cfg, tuning["seed"], lrs)] == tuning["runs"]
+    # and every candidate ran to the end (the rule picks among complete candidates only)
+    assert all(c["runs_done"] == c["runs_planned"] for c in tuning["candidates"].values())
