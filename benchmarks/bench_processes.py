@@ -68,7 +68,8 @@ def dpo_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = PRESETS["offline"].replace(model={"dtype": "fp32"}, dpo={"dpo_steps": args.steps, "dpo_eval_steps": []},
-                                     data={"n_pairs": args.steps * 16, "n_val_pairs": 8})
+                                     data={"n_pairs": args.steps * 16, "n_val_pairs": 8},
+                                     eval={"n_val_prompts": 8})  # evaluations are off: a token validation split
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     tok = load_tokenizer(args.policy)
