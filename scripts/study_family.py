@@ -3,6 +3,7 @@ family of both settings.
 
     uv run scripts/study_family.py docs/study_review_pairs/results.json docs/study_generated_pairs/results.json
     uv run scripts/study_family.py ... --write      # also store the family's Holm-adjusted p-values in each file
+    uv run scripts/study_family.py ... --tables     # also print each setting's equal-KL tables with the Holm marks
 
 For each results.json it re-derives every band choice from the validation points (``study.select_band_checkpoints``)
 and recomputes every band cell and paired comparison from the chosen checkpoints' per-prompt scores
@@ -12,7 +13,9 @@ comparisons (DPO - PPO, DPO - PPO-GT, PPO - PPO-GT) x every band x every setting
 be made (a band a method did not reach) stays in the family with p = 1, so that the family's size does not depend
 on the outcome. Holm's step-down adjustment over it (``study.holm``, alpha 0.05); with ``--write`` it is stored in
 each file's ``family`` section, without it the stored one (if any) is checked. Prints "all equal" and exits 0 when
-everything recomputes to the stored numbers, exits 1 naming the first difference otherwise.
+everything recomputes to the stored numbers, exits 1 naming the first difference otherwise. ``--tables`` then
+prints each file's equal-KL tables (``plots.band_markdown``) with the family's Holm-adjusted p-values: README's
+Key Results are these tables.
 """
 
 from __future__ import annotations
@@ -72,8 +75,8 @@ def family_pvalues(results: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    write = "--write" in argv
-    paths = [Path(a) for a in argv if a != "--write"]
+    write, tables = "--write" in argv, "--tables" in argv
+    paths = [Path(a) for a in argv if a not in ("--write", "--tables")]
     if not paths:
         print(__doc__.split("\n\n")[1])
         return 2
@@ -121,6 +124,12 @@ def main(argv: list[str]) -> int:
                 return 1
     print("all equal" + ("" if write or all("family" in r for r in files.values()) else
                          " (no family stored yet: --write stores it)"))
+    if tables:
+        from plots import band_markdown
+
+        for path, results in files.items():
+            print(f"\n{path} ({results['setup']['pair_source']} pairs):")
+            print(band_markdown({**results, "family": family}))
     return 0
 
 

@@ -637,6 +637,19 @@ def test_the_family_script_recomputes_both_settings_and_applies_holm_over_them(s
     assert all(h["p_holm"] >= h["p"] for h in fam["holm"].values())
     assert script(*paths).stdout.strip().endswith("all equal")
     assert script(paths[0]).returncode == 1  # one setting alone is not the family stored
+    # --tables: each setting's equal-KL tables (README's Key Results) carry the family's Holm-adjusted p-values
+    proc = script(*paths, "--tables")
+    assert proc.returncode == 0 and proc.stdout.count("| comparison | band | seeds | judge | p | p (Holm) |") == 2
+    shown = {}
+    for setting, part in zip(("dataset", "generated"), proc.stdout.split(" pairs):\n")[1:]):
+        for r in part.splitlines():
+            if r.startswith(("| DPO - ", "| PPO - ")):
+                c = r.split(" | ")
+                a, b = (name.lower().replace("-", "_") for name in c[0][2:].split(" - "))
+                shown[f"{setting}|{a}-{b}|{c[1]}"] = (c[2], c[5])
+    made = {k: holm for k, (seeds, holm) in shown.items() if seeds != "0"}
+    assert len(shown) == 12 and made, proc.stdout  # every comparison made shows its family's Holm-adjusted p
+    assert all(holm.split()[0] == f"{fam['holm'][k]['p_holm']:.3f}" for k, holm in made.items()), proc.stdout
 
     d = next(d for cells in res["protocol"]["bands"]["differences"].values() for d in cells.values() if d["seeds"])
     d["judge"]["p"] = 0.5 * (d["judge"]["p"] or 1.0) + 1e-3
