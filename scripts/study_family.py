@@ -76,6 +76,10 @@ def family_pvalues(results: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     write, tables = "--write" in argv, "--tables" in argv
+    unknown = [a for a in argv if a.startswith("--") and a not in ("--write", "--tables")]
+    if unknown:
+        print(f"error: unknown flag {unknown[0]}: the flags are --write and --tables")
+        return 2
     paths = [Path(a) for a in argv if a not in ("--write", "--tables")]
     if not paths:
         print(__doc__.split("\n\n")[1])

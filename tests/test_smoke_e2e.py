@@ -637,6 +637,9 @@ def test_the_family_script_recomputes_both_settings_and_applies_holm_over_them(s
     assert all(h["p_holm"] >= h["p"] for h in fam["holm"].values())
     assert script(*paths).stdout.strip().endswith("all equal")
     assert script(paths[0]).returncode == 1  # one setting alone is not the family stored
+    typo = script(*paths, "--tabels")  # a mistyped flag is named, not read as a missing file
+    assert typo.returncode == 2
+    assert typo.stdout.strip() == "error: unknown flag --tabels: the flags are --write and --tables"
     # --tables: each setting's equal-KL tables (README's Key Results) carry the family's Holm-adjusted p-values
     proc = script(*paths, "--tables")
     assert proc.returncode == 0 and proc.stdout.count("| comparison | band | seeds | judge | p | p (Holm) |") == 2
