@@ -1,4 +1,5 @@
-"""Configuration: dataclasses with one documented field each, four named presets, and the CLI parser.
+"""Configuration: dataclasses with one documented field each and four named presets (the command line that
+fills them: ``runtime/cli.py``; which settings a saved run is compared on: ``runtime/settings.py``).
 
 Every field can be overridden on the command line (``--beta 0.5 --dpo_steps 200``); the preset chosen with
 ``--preset`` supplies the defaults. Values are validated in ``__post_init__``; a bad value raises
@@ -9,22 +10,17 @@ The presets:
 * ``paper`` (default) -- ``distilgpt2`` policy/reference and the SST-2 DistilBERT judge from the model hub,
   all 50k reviews. Meant for a GPU with network access.
 * ``offline`` -- the tokenizer, a small GPT-2 and a DistilBERT judge are built from IMDb on this machine
-  (``offline_models.py``), so the whole study runs on a CPU with no network.
+  (``modeling/offline_models.py``), so the whole study runs on a CPU with no network.
 * ``quick`` -- a first run worth looking at in under 3 minutes on 2 cores (self-built small models).
 * ``smoke`` -- tiny models and a few hundred reviews; the whole pipeline in well under 90 s. Tests use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
-
-from transformers import HfArgumentParser
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CSV = ROOT / "data" / "IMDB Dataset.csv"  # the IMDb data, when --data is not given
@@ -567,150 +563,6 @@ def _preset(name: str) -> Config:
 PRESETS = {name: _preset(name) for name in PRESET_NAMES}
 
 
-class _Parser(HfArgumentParser):
-    """A bad flag becomes a ConfigError (one line, exit code 2 in main.py), not a usage dump."""
-
-    def error(self, message):
-        raise ConfigError(f"{message} (see --help)")
-
-
-# --help by stage. The groups only arrange the help: every field stays in its configuration section (the saved
-# training_config.json and --resume compare sections).
-HELP_GROUPS = {
-    "run": ("preset", "dpo_only", "ppo_only", "plots_only", "resume", "seed", "output_dir", "plots_dir", "cache_dir",
-            "device", "dtype", "threads", "jobs", "report_to", "log_every", "save_every", "keep_checkpoints",
-            "max_nonfinite_skips", "debug_nan_steps"),
-    "data": tuple(f.name for f in fields(DataConfig)),
-    "models (hub, self-built, optional SFT)": ("policy_model", "judge_model", "build_offline_models",
-                                               *(f.name for f in fields(OfflineConfig)),
-                                               *(f.name for f in fields(SFTConfig))),
-    "DPO": tuple(f.name for f in fields(DPOConfig)),
-    "PPO and its reward model": tuple(f.name for f in fields(PPOConfig)),
-    "evaluation": ("n_eval_prompts", "n_val_prompts", "eval_batch_size", "eval_temperature", "temperatures",
-                   "n_examples"),
-    "study (--sweep)": ("sweep", "seeds", "reuse_runs_from", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt",
-                        "kl_bands", "band_width", "max_kl", "matched_kls", "min_budget_use"),
-}
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults are the preset's: say so."""
-
-    def _get_help_string(self, action):
-        text = super()._get_help_string(action)
-        return text.replace("(default: %(default)s)", "(preset: %(default)s)")
-
-
-def make_parser() -> _Parser:
-    # allow_abbrev=False: an abbreviated flag (--dpo-step for --dpo-steps) is an error, never a silent guess.
-    parser = _Parser(list(SECTIONS.values()), allow_abbrev=False, formatter_class=_HelpFormatter,
-                     usage="uv run main.py [--preset paper|offline|quick|smoke] [--dpo-only | --ppo-only] "
-                           "[--sweep --seeds S ...] [--FLAG VALUE ...]",
-                     description="DPO vs PPO on IMDb: train, evaluate, plot. Every default shown is the preset's "
-                                 "(--preset offline --help shows the offline preset's). A field that may be empty "
-                                 "takes none (--target_kl none: a fixed KL coefficient).")
-    for action in parser._actions:  # the parser gives a boolean's --no_ flag the same text as the flag itself
-        if isinstance(action, argparse._StoreFalseAction):
-            action.help = f"Turn --{action.dest} off (the preset's --{action.dest}: %(default)s)."
-    where = {name: group for group, names in HELP_GROUPS.items() for name in names}
-    groups = {g: parser.add_argument_group(g) for g in HELP_GROUPS}
-    for container in list(parser._action_groups):
-        if container in groups.values():
-            continue
-        for action in list(container._group_actions):
-            if action.dest in where:  # --no_sweep_ppo_gt (dest sweep_ppo_gt) goes with --sweep_ppo_gt
-                container._group_actions.remove(action)
-                groups[where[action.dest]]._group_actions.append(action)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse ``argv`` into a validated :class:`Config`: the preset's values, then the flags given."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", default="paper")
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in PRESET_NAMES:
-        raise ConfigError(f"unknown preset {known.preset!r}: choose one of {', '.join(PRESET_NAMES)}")
-    preset = PRESETS[known.preset]
-    parser = make_parser()
-    # The preset's values become argparse defaults, so only the flags actually given override them.
-    defaults = {k: v for name in SECTIONS for k, v in asdict(getattr(preset, name)).items()}
-    # The paths resolve from the flags actually given (RunConfig.__post_init__), not from the preset's own.
-    defaults.update(output_dir="", plots_dir="", cache_dir="")
-    _fit_schedules(defaults, argv)
-    parser.set_defaults(**defaults)
-    argv, nones = _take_nones(argv)
-    try:
-        *parts, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-    if rest:
-        raise ConfigError(f"unrecognized argument(s): {' '.join(rest)} (see --help)")
-    sections = {name: asdict(part) for name, part in zip(SECTIONS, parts)}
-    for name in nones:  # re-validated with the None in place
-        sections[next(sec for sec, cls in SECTIONS.items() if name in _optional_fields(cls))][name] = None
-    return Config.from_dict(sections)
-
-
-def _fit_schedules(defaults: dict, argv: list[str]) -> None:
-    """The preset's evaluation schedules fit the preset's run lengths: a shorter run asked for on the command line
-    keeps the schedule's steps within it (it still evaluates at its last step). A schedule given is checked as
-    given (``DPOConfig.__post_init__``)."""
-    def values(name):  # what each --name VALUE / --name=VALUE gave (a bad one is the parser's to report)
-        flags, out = (f"--{name}", f"--{name.replace('_', '-')}"), []
-        for i, a in enumerate(argv):
-            flag, eq, value = a.partition("=")
-            if flag in flags:
-                out.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
-        return out
-
-    for total, schedule in (("dpo_steps", "dpo_eval_steps"), ("ppo_steps", "ppo_eval_steps")):
-        steps = values(total)
-        if steps and steps[-1].isdigit() and not values(schedule):
-            defaults[schedule] = [k for k in defaults[schedule] if k <= int(steps[-1])]
-
-
-def _optional_fields(cls) -> set[str]:
-    """The fields of ``cls`` that may be None (``float | None``): ``--FIELD none`` sets them to None."""
-    hints = typing.get_type_hints(cls)
-    return {f.name for f in fields(cls) if type(None) in typing.get_args(hints[f.name])}
-
-
-def _take_nones(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``argv`` without the ``--FIELD none`` (any case; or ``--FIELD=none``) of fields that may be None, and those
-    fields' names. argparse would read ``none`` as a number and refuse it."""
-    optional = set().union(*(_optional_fields(cls) for cls in SECTIONS.values()))
-    out, nones, i = [], [], 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None  # --target-kl is an alias
-        if name in optional and not eq and i + 1 < len(argv) and argv[i + 1].lower() == "none":
-            nones.append(name)
-            i += 2
-            continue
-        if name in optional and eq and value.lower() == "none":
-            nones.append(name)
-            i += 1
-            continue
-        out.append(argv[i])
-        i += 1
-    return out, nones
-
-
-# Settings that only say how results are read out or which runs a sweep has (each run's own beta or KL coefficient
-# is in its dpo / ppo section), or the thread count: changing them neither changes what a run trains nor
-# makes a finished run unfinished.
-READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls",
-                          "min_budget_use", "kl_bands", "band_width"), "model": ("threads",)}
-
-
-PAIR_SETTINGS = ("pair_source", "n_generated_samples")  # the preference pairs' source: DPO's and the reward model's
-ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL controller, which a fixed coefficient ignores
-
-
 def eval_due(step: int, total: int, every: int, at: list[int]) -> bool:
     """Whether a run of ``total`` steps evaluates after ``step``: at the listed steps ``at`` when given, else every
     ``every`` steps; always at the last."""
@@ -721,46 +573,6 @@ def n_evals(total: int, every: int, at: list[int]) -> int:
     """How many evaluations :func:`eval_due` makes in a run of ``total`` steps."""
     return len(set(at) | {total}) if at else total // every + (total % every != 0)
 
-
-def run_settings(config: dict, method: str | None = None) -> dict:
-    """What a training run's results depend on, from a ``Config.to_dict()`` (also an older one): every setting
-    but the run-control flags of ``run`` (the seed is kept) and the :data:`READ_OUT_ONLY` ones. Given the run's
-    ``method`` ("dpo", "ppo", "ppo_gt" or "rm", the reward model), also not the other method's section, nor, for
-    PPO at a fixed coefficient, the adaptive controller's settings, nor, for the reward model, PPO's own: a run
-    does not depend on settings it never reads."""
-    out = {sec: {k: v for k, v in values.items() if k not in READ_OUT_ONLY.get(sec, ())}
-           for sec, values in config.items() if sec != "run"}
-    out["run"] = {"seed": config["run"]["seed"]}
-    for sec, key in (("dpo", "dpo_eval_steps"), ("ppo", "ppo_eval_steps")):
-        if not out.get(sec, {}).get(key):  # unset is every --*_eval_every, as before the field existed
-            out.get(sec, {}).pop(key, None)
-    if method == "dpo":
-        out.pop("ppo", None)
-    elif method == "rm":
-        out["dpo"] = {k: v for k, v in out.get("dpo", {}).items() if k in PAIR_SETTINGS}
-        out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k.startswith("rm_")}
-    elif method in ("ppo", "ppo_gt"):
-        # PPO's reward model learns from the preference pairs (their source is a DPO setting); PPO-GT reads none
-        pairs = {k: v for k, v in out.get("dpo", {}).items() if k in PAIR_SETTINGS}
-        out.pop("dpo", None)
-        if method == "ppo" and pairs:
-            out["dpo"] = pairs
-        if out.get("ppo", {}).get("target_kl") is None:
-            out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k not in ADAPTIVE_ONLY}
-        # the rate it trains at (PPOConfig.lr), whichever field holds it: PPO does not read PPO-GT's rate
-        ppo = out.get("ppo", {})
-        gt_lr = ppo.pop("ppo_gt_lr", None)
-        if method == "ppo_gt" and gt_lr is not None and ppo.get("ppo_reward") == "judge":
-            ppo["ppo_lr"] = gt_lr
-    return out
-
-
-def settings_diff(saved: dict, now: dict, method: str | None = None) -> list[str]:
-    """``section.field: saved -> now`` for each run setting (:func:`run_settings`) that differs."""
-    a, b = run_settings(saved, method), run_settings(now, method)
-    return [f"{sec}.{k}: {a.get(sec, {}).get(k)!r} -> {b.get(sec, {}).get(k)!r}"
-            for sec in sorted(set(a) | set(b)) for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {})))
-            if a.get(sec, {}).get(k) != b.get(sec, {}).get(k)]
 
 
 def field_names() -> list[str]:
@@ -776,4 +588,4 @@ def sanity_check_unique_fields() -> None:
 sanity_check_unique_fields()
 __all__ = ["DEFAULT_CSV", "HUB_DATASET", "PRESETS", "PRESET_NAMES", "ROOT", "Config", "ConfigError", "DataConfig",
            "DPOConfig", "EvalConfig", "ModelConfig", "OfflineConfig", "PPOConfig", "RunConfig", "SFTConfig",
-           "READ_OUT_ONLY", "field_names", "make_parser", "parse_config", "run_settings", "settings_diff"]
+           "field_names"]

@@ -110,7 +110,7 @@ def _read_hub(repo_id: str, notes: list[str]) -> pd.DataFrame:
     """Download (or read from the local cache) the hub dataset's parquet files and read them as above."""
     from huggingface_hub import snapshot_download
 
-    import hub
+    from runtime import hub
 
     try:
         path = snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"],

@@ -14,14 +14,15 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 # Encoding 45k reviews on every core halves its time (measured: 41 s -> 21 s on 2 cores). main.py forks no
 # workers (launchers start their processes before), so the tokenizers' fork warning cannot arise here.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from config import DEFAULT_CSV, HUB_DATASET, Config, ConfigError, parse_config
-from run_log import FATAL, SIGNALS, StopTraining, check_output_dirs
+from config import DEFAULT_CSV, HUB_DATASET, Config, ConfigError
+from runtime.cli import parse_config
+from runtime.exits import ending
+from runtime.run_log import FATAL, SIGNALS, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
@@ -37,7 +38,7 @@ def check_outputs(cfg: Config) -> None:
 
 def hub_preflight(cfg: Config) -> None:
     """Hub ids first: an unreachable hub is reported in seconds, before the data is read or torch imported."""
-    import hub
+    from runtime import hub
 
     needed = [] if cfg.model.build_offline_models else [("model", "--policy_model", cfg.model.policy_model),
                                                         ("judge", "--judge_model", cfg.model.judge_model)]
@@ -50,12 +51,12 @@ def run(cfg: Config, argv: list[str]) -> int:
     # Imports are staged so that --help, --plots-only and bad input answer without loading the (slow to
     # import) modelling stack.
     if cfg.run.sweep:  # the study's grid, checked before anything is loaded
-        import study
+        from study import grid
 
-        study.check_coverage(cfg)
+        grid.check_coverage(cfg)
     check_outputs(cfg)
     if cfg.run.plots_only:
-        import plots
+        from study import plots
 
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(f"plots: redrew {path}")
@@ -63,8 +64,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     t_start = time.time()
     hub_preflight(cfg)
 
-    from models import resolve_device
-    from run_utils import make_accelerator
+    from modeling.models import resolve_device
+    from runtime.run_utils import make_accelerator
 
     # One process, or one of N under `accelerate launch` / `torchrun`, each with its own device; only the
     # main process prints.
@@ -81,13 +82,10 @@ def run(cfg: Config, argv: list[str]) -> int:
     import torch
     import transformers
 
-    import eval_utils
-    import experiment
-    import plots
-    import protocol
-    import study
-    from models import dtype_name
-    from run_utils import seed_everything
+    from modeling.models import dtype_name
+    from runtime.run_utils import seed_everything
+    from study import experiment, grid, plots, protocol
+    from study.results import final_evaluation
 
     # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
     transformers.utils.logging.set_verbosity_error()
@@ -102,19 +100,19 @@ def run(cfg: Config, argv: list[str]) -> int:
 
     # --- the runs: the default DPO and PPO, with --sweep the grids and PPO-GT, for every seed ---
     seeds = cfg.run.seeds or [cfg.run.seed]
-    specs = study.study_runs(cfg, seeds)
+    specs = grid.study_runs(cfg, seeds)
     if len(specs) > 2 or len(seeds) > 1:
         print(f"study: {len(specs)} runs over seeds {seeds}")
     # --dpo-only after --ppo-only (or the reverse) on the same setup: the earlier method's runs stay in the
     # results. Checked before any training: a results.json of another setup is refused, never overwritten.
-    setup = study.run_setup(cfg, dtype_name(stack.dtype),
+    setup = grid.run_setup(cfg, dtype_name(stack.dtype),
                             dataset.data_fingerprint(train_df) + dataset.data_fingerprint(eval_df))
     done = experiment.train_runs(stack, specs, seeds, setup)
 
     # --- the study: checkpoints chosen on validation, only those evaluated on held-out prompts ---
     protocol_results = protocol.study_protocol(cfg, done.runs, done.heldout) if cfg.run.sweep else None
-    order = [m for m in study.METHODS if m in done.first]  # DPO before PPO whichever ran first
-    results = eval_utils.final_evaluation(cfg, done.heldout[seeds[0]], {m: done.first[m] for m in order}, done.runs,
+    order = [m for m in grid.METHODS if m in done.first]  # DPO before PPO whichever ran first
+    results = final_evaluation(cfg, done.heldout[seeds[0]], {m: done.first[m] for m in order}, done.runs,
                                           done.first_data, n_reviews=len(reviews), command=command, setup=setup,
                                           judge_check=judge_check, protocol=protocol_results)
     if acc.is_main_process:  # the main process alone writes results and plots
@@ -125,34 +123,6 @@ def run(cfg: Config, argv: list[str]) -> int:
     acc.wait_for_everyone()  # leave together: rank 1 once aborted, leaving while rank 0 still drew the dashboard
     acc.end_training()
     return 0
-
-
-def error_log(cfg: Config | None, rank: int, text: str) -> Path | None:
-    """Write a failing process's traceback to ``<output_dir>/logs/rank<k>-error.log``; its path, or None when
-    the run's directory is not known (the config did not parse) or cannot be written."""
-    if cfg is None:
-        return None
-    path = Path(cfg.run.output_dir) / "logs" / f"rank{rank}-error.log"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    except OSError:
-        return None
-    return path
-
-
-def peer_died(cfg: Config | None, rank: int, world: int) -> bool:
-    """Under a launcher: did another process die by a fatal signal (``run_log.FatalLogs``)? Then the launcher
-    stopped this one, or a collective failed, because of it: the lowest-ranked process still alive says which
-    process died and why in one line, instead of reporting the consequence."""
-    dead = FATAL.dead_peers(cfg.run.output_dir, rank) if cfg is not None and world > 1 else {}
-    if not dead:
-        return False
-    if rank == min(set(range(world)) - set(dead)):
-        k, first = min(dead.items())
-        print(f"error: rank {k} died: {first} (its Python stack in {Path(cfg.run.output_dir) / 'logs'}"
-              f"/rank{k}-fatal.log); the launcher stopped the other processes", file=sys.stderr, flush=True)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,40 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         SIGNALS.end()
 
-
-def ending(e: BaseException, cfg: Config | None, rank: int, world: int) -> int:
-    """Report how a run that did not finish ended, in one line, and return its exit code (main.py's docstring).
-    Bad input and the collective stops (interrupt, divergence) meet every process alike: the first one alone
-    reports them. Any other error is one process's own: under a launcher each failing process says so in one line
-    naming its rank, its traceback in a log file (a non-main process's output is otherwise silenced)."""
-    report = print if rank == 0 else (lambda *a, **k: None)
-    if isinstance(e, ConfigError):
-        report(f"error: {e}", file=sys.stderr)
-        if rank:  # kept all the same: were it this process's alone, rank 0 would fail on without it
-            error_log(cfg, rank, f"ConfigError: {e}\n")
-        return 2
-    if peer_died(cfg, rank, world):  # e.g. gloo's "Connection closed by peer": a consequence, not the cause
-        return 1
-    if isinstance(e, StopTraining):
-        report(f"error: {e}" if e.code != 130 else str(e), file=sys.stderr)
-        if rank and e.code != 130:
-            error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
-        return e.code
-    if isinstance(e, KeyboardInterrupt):  # outside a training step (loading, the reference pass, the final evaluation)
-        report(f"interrupted ({SIGNALS.name}) outside a training step, nothing half-written: a run cut before its "
-               f"first checkpoint starts over; finished runs are kept (rerun with --resume to skip them)",
-               file=sys.stderr)
-        return SIGNALS.exit_code
-    if world == 1 or not isinstance(e, Exception):
-        raise e
-    import traceback
-
-    text = "".join(traceback.format_exception(e))
-    path = error_log(cfg, rank, text)
-    where = f"traceback in {path}" if path else "traceback:\n" + text
-    first = next(iter(str(e).splitlines()), "")  # one line: a gloo error runs over several
-    print(f"error: rank {rank}: {type(e).__name__}: {first} ({where})", file=sys.stderr, flush=True)
-    return 1
 
 if __name__ == "__main__":
     code = main()

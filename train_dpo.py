@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from artifacts import Artifact
-from batching import concatenated_batch
 from dpo_utils import concatenated_forward, dpo_loss
-from lifecycle import RunContext, TrainingRun
-from logprobs import ResponseLogProbs
-from models import autocast, dtype_name, load_causal_lm, weights_fingerprint
-from run_log import StopTraining
-from run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
+from modeling.batching import concatenated_batch
+from modeling.logprobs import ResponseLogProbs
+from modeling.models import autocast, dtype_name, load_causal_lm, weights_fingerprint
+from runtime.artifacts import Artifact
+from runtime.run_log import StopTraining
+from runtime.run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
+from training.lifecycle import RunContext, TrainingRun
 
 
 @torch.no_grad()
@@ -57,7 +57,8 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
 
 def run_reference_logps(cfg, pairs: list[dict], model, weights: str, ctx: RunContext, acc=None):
     """:func:`reference_logps` as a DPO run of ``cfg`` makes and caches them (its batching, cache directory and
-    precision): ``workers.py`` makes them before a seed's DPO runs, which then find them in the cache."""
+    precision): the worker processes (``study/jobs.py``) make them before a seed's DPO runs, which then find them
+    in the cache."""
     return reference_logps(model, pairs, ctx.tokenizer.pad_token_id, 2 * cfg.dpo.dpo_batch_size, ctx.device,
                            Path(cfg.run.cache_dir) / "cache", weights, ctx.dtype, acc)
 

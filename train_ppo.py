@@ -1,5 +1,5 @@
 """The RLHF baseline: PPO with GAE and a per-token KL penalty to the frozen reference (Ziegler et al. 2019;
-Stiennon et al. 2020), on the reward of ``reward_model.py``. ``train(cfg, data, ctx)``.
+Stiennon et al. 2020), on the reward of ``training/reward_model.py``. ``train(cfg, data, ctx)``.
 
 Value function: a linear value head on the policy's own last hidden state (``ResponseLogProbs(value_head=True)``,
 as TRL's original PPOTrainer and Ziegler et al. do), not a separate value model. On a CPU that halves the
@@ -14,11 +14,10 @@ import math
 import numpy as np
 import torch
 
-from batching import rollout_batch
 from eval_utils import generate
-from lifecycle import RunContext, TrainingRun
-from logprobs import ResponseLogProbs, generation_ready
-from models import autocast, load_causal_lm
+from modeling.batching import rollout_batch
+from modeling.logprobs import ResponseLogProbs, generation_ready
+from modeling.models import autocast, load_causal_lm
 from ppo_utils import (
     exact_kl,
     gae,
@@ -29,8 +28,7 @@ from ppo_utils import (
     value_loss,
     whiten,
 )
-from reward_model import reward_function
-from run_utils import (
+from runtime.run_utils import (
     fsdp_world,
     local_share,
     mean_over_processes,
@@ -38,6 +36,8 @@ from run_utils import (
     spread_over_processes,
     step_indices,
 )
+from training.lifecycle import RunContext, TrainingRun
+from training.reward_model import reward_function
 
 
 def _model_args(b) -> tuple:
@@ -85,6 +85,37 @@ def response_logps_values_kl(policy: ResponseLogProbs, b, ref_logps: torch.Tenso
     token_logps, values, logps = policy(*args, vocab_logps=True)
     kl = ResponseLogProbs.scatter(args[2], exact_kl(logps, ref_logps))
     return token_logps[:, P:], values[:, P:], kl[:, P:]
+
+
+def minibatch_forward(policy, mb: dict, mb_idx, mb_mask, rows, ref_vocab):
+    """The policy's response log-probs and values on a minibatch, both ``(mb, T)``, and each response's KL loss
+    term: with the exact penalty (``ref_vocab``, the batch's reference distributions, and ``rows``, each state's
+    row in it: :func:`state_rows`) the sum over its tokens of the exact per-state KL to the reference, ``(mb,)``:
+    the sequence KL, which the sampled penalty also charges (there against raw scores, here against whitened
+    advantages); with the sampled penalty a zero ``(1,)``, the penalty being in the rewards."""
+    if ref_vocab is None:
+        new_logprobs, new_values = response_logps_values(policy, mb)
+        return new_logprobs, new_values, torch.zeros(1, device=mb_mask.device)
+    mb_rows = rows[mb_idx]
+    new_logprobs, new_values, token_kl = response_logps_values_kl(policy, mb, ref_vocab[mb_rows[mb_rows >= 0]])
+    return new_logprobs, new_values, (token_kl.float() * mb_mask).sum(1)
+
+
+def iteration_row(stats: dict, scores, kl, mask, prompts, kl_coef: float, next_kl_coef: float, seq_kl: float,
+                  logp_gap: float, white_stats, epochs: int, seconds: float, acc) -> dict:
+    """One iteration's metrics.jsonl row: the update's losses and the rollout's objective, means over every
+    process's share (``scores`` ``(B,)``, ``kl`` and ``mask`` ``(B, T)``), and the spread over processes of what
+    every process must agree on (the coefficient and the whitening statistics)."""
+    row = mean_over_processes({**{k: np.mean(v) if v else float("nan") for k, v in stats.items()},
+                               "objective/score": scores.mean().item(),
+                               "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(),
+                               "objective/response_len": mask.sum(1).mean().item()}, acc)
+    n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + epochs)
+    row.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "objective/sampling_logp_gap": logp_gap,
+                # every process must use the same coefficient and whitening statistics: their spread, measured
+                **spread_over_processes(torch.cat([white_stats.float(), torch.tensor([kl_coef, next_kl_coef])]), acc),
+                "charts/tokens_per_s": n_tokens / seconds})  # and the phases' seconds (run.lap)
+    return row
 
 
 def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", evaluate: bool = True) -> dict:
@@ -155,16 +186,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                 mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
                 mb_mask = mask[mb_idx]
                 with autocast(device, ctx.dtype):
-                    if pc.kl_penalty == "exact":
-                        mb_rows = rows[mb_idx]
-                        new_logprobs, new_values, token_kl = response_logps_values_kl(policy, mb,
-                                                                                      ref_vocab[mb_rows[mb_rows >= 0]])
-                        # (B,) each response's KL, the sum over its tokens: the sequence KL, which the sampled
-                        # penalty also charges (there against raw scores, here against whitened advantages).
-                        kl_loss = (token_kl.float() * mb_mask).sum(1)
-                    else:
-                        new_logprobs, new_values = response_logps_values(policy, mb)
-                        kl_loss = torch.zeros(1, device=device)  # the penalty is in the rewards
+                    new_logprobs, new_values, kl_loss = minibatch_forward(policy, mb, mb_idx, mb_mask, rows, ref_vocab)
                 pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask, pc.clip_coef)
                 v_loss = value_loss(new_values.float(), old_values[mb_idx], returns[mb_idx], mb_mask, pc.vf_clip_coef)
                 loss = pg["pg_loss"].mean() + pc.vf_coef * v_loss.mean() + kl_ctl.value * kl_loss.mean()
@@ -186,16 +208,8 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
         kl_ctl.update(seq_kl, pc.ppo_batch_size)
 
         # --- log (means over every process's share) ---
-        row = mean_over_processes({**{k: np.mean(v) if v else float("nan") for k, v in stats.items()},
-                                   "objective/score": scores.mean().item(),
-                                   "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(),
-                                   "objective/response_len": mask.sum(1).mean().item()}, acc)
-        n_tokens = (int(mask.sum().item()) + sum(len(p) for p in prompts)) * acc.num_processes * (1 + pc.ppo_epochs)
-        row.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "objective/sampling_logp_gap": logp_gap,
-                    # every process must use the same coefficient and whitening statistics: their spread, measured
-                    **spread_over_processes(torch.cat([white_stats.float(), torch.tensor([kl_coef, kl_ctl.value])]),
-                                            acc),
-                    "charts/tokens_per_s": n_tokens / run.step_seconds()})  # and the phases' seconds (run.lap)
+        row = iteration_row(stats, scores, kl, mask, prompts, kl_coef, kl_ctl.value, seq_kl, logp_gap, white_stats,
+                            pc.ppo_epochs, run.step_seconds(), acc)
         run.end_step(step, row, nonfinite=bad,
                      log_line=f"ppo iter {step}: score {row['objective/score']:.3f} kl {seq_kl:.2f} kl_coef "
                               f"{kl_coef:.3f} pg {row['losses/policy_loss']:.4f} v {row['losses/value_loss']:.4f}",

@@ -42,8 +42,7 @@ from common import PeakMemory, build_standins, machine, offline_models  # noqa: 
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from lifecycle import RunContext  # noqa: E402
-from models import (  # noqa: E402
+from modeling.models import (  # noqa: E402
     bf16_native,
     dtype_name,
     load_causal_lm,
@@ -52,8 +51,9 @@ from models import (  # noqa: E402
     model_width,
     resolve_dtype,
 )
-from run_log import read_metrics  # noqa: E402
-from run_utils import make_accelerator  # noqa: E402
+from runtime.run_log import read_metrics  # noqa: E402
+from runtime.run_utils import make_accelerator  # noqa: E402
+from training.lifecycle import RunContext  # noqa: E402
 
 TRAINERS = ("ours", "trl_defaults", "trl_fp32", "trl_fp32_precompute")
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from models import autocast  # noqa: E402
+from modeling.models import autocast  # noqa: E402
 
 # name: (kind, layers, width, heads, vocab, batch, seq_len); batch and length as in the stage that trains it
 SHAPES = {

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from runtime.run_log import read_metrics  # noqa: E402
+
 SETTINGS = {
     "default": {},
     "threads1": {"OMP_NUM_THREADS": "1"},
@@ -39,8 +42,7 @@ def numbers(out: Path) -> dict:
     """Every non-timing number of the run: metrics rows by (run, step, key), per-prompt scores by model."""
     found = {}
     for path in sorted((out / "models").glob("*_toxic_reduced_model/metrics.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for row in read_metrics(path):
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not any(k.endswith(s) or s == k for s in SKIP):
                     found[(path.parent.name, row["step"], k)] = v
@@ -95,7 +97,7 @@ def main() -> int:
             print(f"{name:9s} fp32 step: " + ", ".join(f"{s['shape']} {s['fp32_step_s'] * 1e3:.0f} ms" for s in shapes),
                   flush=True)
     sys.path.insert(0, str(ROOT))
-    from models import machine_info
+    from modeling.models import machine_info
 
     summary["machine"] = machine_info()
     print(json.dumps(summary))

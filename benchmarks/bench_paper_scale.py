@@ -41,11 +41,11 @@ import train_dpo  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
 from eval_utils import evaluate_policy  # noqa: E402
-from lifecycle import RunContext  # noqa: E402
-from models import dtype_name, load_causal_lm, load_judge, load_tokenizer, resolve_device, resolve_dtype  # noqa: E402
-from reward_model import train_reward_model  # noqa: E402
-from run_log import read_metrics  # noqa: E402
-from run_utils import make_accelerator  # noqa: E402
+from modeling.models import dtype_name, load_causal_lm, load_judge, load_tokenizer, resolve_device, resolve_dtype  # noqa: E402
+from runtime.run_log import read_metrics  # noqa: E402
+from runtime.run_utils import make_accelerator  # noqa: E402
+from training.lifecycle import RunContext  # noqa: E402
+from training.reward_model import train_reward_model  # noqa: E402
 
 
 def step_times(rows: list[dict]) -> list[float]:

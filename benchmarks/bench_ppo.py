@@ -42,11 +42,11 @@ from common import PeakMemory, machine, offline_models  # noqa: E402
 import dataset  # noqa: E402
 import train_ppo  # noqa: E402
 from config import PRESETS  # noqa: E402
-from lifecycle import RunContext  # noqa: E402
-from models import load_causal_lm, load_judge, load_tokenizer  # noqa: E402
-from reward_model import train_reward_model  # noqa: E402
-from run_log import read_metrics  # noqa: E402
-from run_utils import make_accelerator  # noqa: E402
+from modeling.models import load_causal_lm, load_judge, load_tokenizer  # noqa: E402
+from runtime.run_log import read_metrics  # noqa: E402
+from runtime.run_utils import make_accelerator  # noqa: E402
+from training.lifecycle import RunContext  # noqa: E402
+from training.reward_model import train_reward_model  # noqa: E402
 
 PHASES = ("generation_s", "scoring_s", "update_s")
 

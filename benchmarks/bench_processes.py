@@ -13,7 +13,7 @@ loading excluded), units per minute and the ratio.
     uv run benchmarks/bench_processes.py [--work eval|dpo] [--prompts 512] [--evals 4] [--steps 60]
 
 ``main.py --jobs 2`` and ``scripts/grid.py --jobs 2`` run a study's runs as two one-thread processes
-(``workers.py``). Numbers depend on the machine: run it where the study will run.
+(``study/jobs.py``). Numbers depend on the machine: run it where the study will run.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def worker(args) -> None:
     import torch
 
     import eval_utils
-    import models
-    from lifecycle import RunContext
-    from run_utils import make_accelerator
+    from modeling import models
+    from runtime.run_utils import make_accelerator
+    from training.lifecycle import RunContext
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -63,8 +63,8 @@ def dpo_worker(args) -> None:
     import dataset
     from benchmarks.bench_dpo import run_ours
     from config import PRESETS
-    from models import load_tokenizer
-    from run_utils import make_accelerator
+    from modeling.models import load_tokenizer
+    from runtime.run_utils import make_accelerator
 
     torch.set_num_threads(args.threads)
     cfg = PRESETS["offline"].replace(model={"dtype": "fp32"}, dpo={"dpo_steps": args.steps, "dpo_eval_steps": []},
@@ -128,7 +128,7 @@ def main() -> int:
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     dirs = offline_models(train_df, eval_df)
-    from models import load_tokenizer
+    from modeling.models import load_tokenizer
 
     tok = load_tokenizer(dirs["policy_model"])
     prompts = dataset.build_prompts(train_df, tok, cfg.data, 0, args.prompts)  # openings as the study's prompts

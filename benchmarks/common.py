@@ -54,6 +54,7 @@ def offline_models(train_df, eval_df, policy_model: str | None = None, judge_mod
     ones ``uv run main.py --preset offline --dtype fp32`` builds (models/offline/), reused when built and
     otherwise built now, after one line that says how long that takes and how to avoid it."""
     import offline_models as om
+
     from config import PRESETS
 
     cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
@@ -71,7 +72,7 @@ def offline_models(train_df, eval_df, policy_model: str | None = None, judge_mod
 def machine(device="cpu") -> dict:
     """The machine a number was measured on (:func:`models.machine_info`: CPU model and flags, torch's CPU
     capability, threads and version, the GPU when on one)."""
-    from models import machine_info
+    from modeling.models import machine_info
 
     return machine_info(device)
 

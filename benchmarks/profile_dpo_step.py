@@ -19,12 +19,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import dataset  # noqa: E402
-from batching import concatenated_batch  # noqa: E402
 from config import PRESETS  # noqa: E402
 from dpo_utils import concatenated_forward, dpo_loss  # noqa: E402
-from logprobs import ResponseLogProbs  # noqa: E402
-from models import load_causal_lm, load_tokenizer  # noqa: E402
-from offline_models import ensure_offline_models  # noqa: E402
+from modeling.batching import concatenated_batch  # noqa: E402
+from modeling.logprobs import ResponseLogProbs  # noqa: E402
+from modeling.models import load_causal_lm, load_tokenizer  # noqa: E402
+from modeling.offline_models import ensure_offline_models  # noqa: E402
 
 
 def main() -> int:

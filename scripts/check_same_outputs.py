@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from runtime.run_log import read_metrics  # noqa: E402
+
 BASE = ("--preset", "smoke", "--dtype", "fp32", "--threads", "2")
 SCENARIOS = {"smoke": BASE, "sweep": (*BASE, "--sweep", "--seeds", "0", "1")}
 # killed when the run's checkpoints reach this step, then resumed
@@ -131,7 +134,7 @@ def compare_json(a, b, where: str, diffs: list[str]) -> None:
 
 def load_json(path: Path):
     if path.suffix == ".jsonl":
-        return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
+        return read_metrics(path)
     return json.loads(path.read_text())
 
 

@@ -4,7 +4,7 @@
 
 Prints a markdown table, one row per setting (method and beta / KL coefficient / target), one column per
 seed: the run's validation KL at its last evaluation, then "flat" when it changed by less than 10% over the
-run's last fifth (``study.kl_flattened``, recorded in results.json ``runs[...].kl_flattened``) or "moving"
+run's last fifth (``grid.kl_flattened``, recorded in results.json ``runs[...].kl_flattened``) or "moving"
 when not, with the change in percent. Read from results.json and the runs' metrics.jsonl; nothing is written.
 """
 
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_log import read_metrics, read_results  # noqa: E402
-from study import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: E402
+from runtime.run_log import read_metrics, read_results  # noqa: E402
+from study.grid import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: E402
 
 
 def main() -> int:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from run_log import read_metrics, strict_json  # noqa: E402
+from runtime.artifacts import atomic_write_text  # noqa: E402
+from runtime.run_log import read_metrics, strict_json  # noqa: E402
 
 
 def add_arguments(ap) -> None:
@@ -33,7 +34,8 @@ def command_config(rest: list[str], jobs: int, output_dir: str):
     """The config of the main.py flags in ``rest`` on top of the offline preset at fp32 (runs under
     ``output_dir``, caches in models/; a run finished with the same settings is kept, an interrupted one continues:
     ``--resume``), one CPU thread per process when ``jobs`` > 1; None after a one-line error."""
-    from config import ConfigError, parse_config
+    from config import ConfigError
+    from runtime.cli import parse_config
 
     flags = ["--preset", "offline", "--dtype", "fp32", "--output_dir", output_dir, "--cache_dir", "models",
              "--resume", *(["--threads", "1"] if jobs > 1 else []), *rest]
@@ -47,14 +49,14 @@ def command_config(rest: list[str], jobs: int, output_dir: str):
 
 
 def run_grid(cfg, tasks: list[dict], jobs: int) -> None:
-    """Train ``tasks`` in ``jobs`` worker processes (``workers.run_in_processes``, the models built first)."""
-    import workers
-    from run_log import StopTraining
-    from study import RunSpec
+    """Train ``tasks`` in ``jobs`` worker processes (``study.jobs.run_in_processes``, the models built first)."""
+    from runtime.run_log import StopTraining
+    from study.grid import RunSpec
+    from study.jobs import run_in_processes
 
     specs = [RunSpec(t["method"], t["name"], t["seed"], t["name"], t["overrides"], False) for t in tasks]
     try:
-        workers.run_in_processes(cfg, specs, jobs, build_models=True)
+        run_in_processes(cfg, specs, jobs, build_models=True)
     except StopTraining as e:
         raise SystemExit(f"grid: {e}") from None
 
@@ -69,35 +71,22 @@ def run_and_report(script: str, a, rest: list[str], cfg, tasks: list[dict], repo
     out.update(command=f"uv run scripts/{Path(script).name} " + " ".join(sys.argv[1:]), **record,
                wall_s=time.time() - t0)
     if a.out:
-        Path(a.out).write_text(strict_json(out, indent=1))
+        atomic_write_text(Path(a.out), strict_json(out, indent=1))
         print(f"\nwrote {a.out}")
     return 0
 
 
-def validation_points(out_dir: Path, name: str) -> list[dict]:
-    """A finished (or interrupted) run's evaluations: ``{"step", "kl", "safety"}`` on the validation prompts."""
+def run_rows(out_dir: Path, name: str) -> list[dict]:
+    """A finished (or interrupted) grid run's metrics.jsonl rows, wherever the grid put it (``<out>/<name>/`` or
+    ``<out>/runs/<name>/``); its validation points: ``study.grid.validation_points(run_rows(...))``."""
     for path in (out_dir / name / "metrics.jsonl", out_dir / "runs" / name / "metrics.jsonl"):
         rows = read_metrics(path)
         if rows:
-            return [{"step": r["step"], "kl": r["eval/kl_to_ref"], "safety": r["eval/safety_score"]}
-                    for r in rows if "eval/kl_to_ref" in r and r["step"] > 0]
+            return rows
     return []
 
 
 def reference_safety(out_dir: Path, name: str) -> float | None:
     """The reference's validation safety, as the run's step-0 evaluation recorded it."""
-    for path in (out_dir / name / "metrics.jsonl", out_dir / "runs" / name / "metrics.jsonl"):
-        rows = [r for r in read_metrics(path) if r.get("step") == 0 and "eval/safety_score" in r]
-        if rows:
-            return rows[0]["eval/safety_score"]
-    return None
-
-
-def band_best(points: list[dict], k: float, width: float = 0.2) -> dict | None:
-    """The point with the best validation safety among ``points`` whose validation KL is within k ± width * k (the
-    study's bands: ``study.band_bounds``)."""
-    from study import band_bounds
-
-    lo, hi = band_bounds(k, width)
-    inside = [p for p in points if lo <= p["kl"] <= hi]
-    return max(inside, key=lambda p: p["safety"]) if inside else None
+    rows = [r for r in run_rows(out_dir, name) if r.get("step") == 0 and "eval/safety_score" in r]
+    return rows[0]["eval/safety_score"] if rows else None

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_log import read_results  # noqa: E402
-from study import hierarchical_bootstrap  # noqa: E402
+from runtime.run_log import read_results  # noqa: E402
+from study.grid import hierarchical_bootstrap  # noqa: E402
 
 N_RESAMPLES = 2000
 

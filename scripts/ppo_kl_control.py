@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_log import read_results  # noqa: E402
+from runtime.run_log import read_results  # noqa: E402
 from scripts import grid  # noqa: E402
-from scripts.grid import band_best, validation_points  # noqa: E402
+from scripts.grid import run_rows  # noqa: E402
+from study.grid import band_choice, validation_points  # noqa: E402
 
 BANDS = (2.0, 4.0, 8.0)  # the safety comparison: best validation safety with validation KL within ±20%
 BASELINE = ROOT / "docs" / "study_review_pairs" / "results.json"  # PPO before the fixes (AdamW decay 0.01)
@@ -53,7 +54,7 @@ def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[fl
     runs = {}
     for seed in seeds:
         for kind, value in settings(coefs, targets):
-            pts = validation_points(out_dir, run_name(seed, kind, value))
+            pts = validation_points(run_rows(out_dir, run_name(seed, kind, value)))
             if pts:
                 runs[run_name(seed, kind, value)] = {"seed": seed, "kind": kind, "value": value, "points": pts,
                                                      "final_kl": pts[-1]["kl"], "max_kl": max(p["kl"] for p in pts),
@@ -97,8 +98,9 @@ def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[fl
     print(f"| band | these settings | per seed | before the fixes ({BASELINE.parent.name}) | per seed |")
     print("|---|---|---|---|---|")
     for k in BANDS:
-        new = {s: band_best([p for r in runs.values() if r["seed"] == s for p in r["points"]], k) for s in seeds}
-        old = {s: band_best(base.get(s, []), k) for s in seeds}
+        new = {s: band_choice([p for r in runs.values() if r["seed"] == s for p in r["points"]], k, 0.2)[0]
+               for s in seeds}
+        old = {s: band_choice(base.get(s, []), k, 0.2)[0] for s in seeds}
 
         def fmt(d):
             vals = [d[s]["safety"] for s in seeds if d[s]]

@@ -5,13 +5,13 @@ family of both settings.
     uv run scripts/study_family.py ... --write      # also store the family's Holm-adjusted p-values in each file
     uv run scripts/study_family.py ... --tables     # also print each setting's equal-KL tables with the Holm marks
 
-For each results.json it re-derives every band choice from the validation points (``study.select_band_checkpoints``)
+For each results.json it re-derives every band choice from the validation points (``grid.select_band_checkpoints``)
 and recomputes every band cell and paired comparison from the chosen checkpoints' per-prompt scores
 (``protocol.band_tables``: each seed's paired mean, the t interval and p over seeds, the hierarchical bootstrap,
 VADER's), and compares them with the stored ones. Then the family, fixed before the runs: the judge's three paired
 comparisons (DPO - PPO, DPO - PPO-GT, PPO - PPO-GT) x every band x every setting given; a comparison that could not
 be made (a band a method did not reach) stays in the family with p = 1, so that the family's size does not depend
-on the outcome. Holm's step-down adjustment over it (``study.holm``, alpha 0.05); with ``--write`` it is stored in
+on the outcome. Holm's step-down adjustment over it (``grid.holm``, alpha 0.05); with ``--write`` it is stored in
 each file's ``family`` section, without it the stored one (if any) is checked. Prints "all equal" and exits 0 when
 everything recomputes to the stored numbers, exits 1 naming the first difference otherwise. ``--tables`` then
 prints each file's equal-KL tables (``plots.band_markdown``) with the family's Holm-adjusted p-values: README's
@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from protocol import PAIRS, band_tables  # noqa: E402
-from run_log import read_results, strict_json  # noqa: E402
-from study import family_key, holm, select_band_checkpoints  # noqa: E402
+from runtime.artifacts import atomic_write_text  # noqa: E402
+from runtime.run_log import read_results, strict_json  # noqa: E402
+from study.grid import family_key, holm, select_band_checkpoints  # noqa: E402
+from study.protocol import PAIRS, band_tables  # noqa: E402
 
 ALPHA = 0.05
 
@@ -117,9 +118,7 @@ def main(argv: list[str]) -> int:
     for path, results in files.items():
         if write:
             results["family"] = family
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(strict_json(results, indent=2))
-            tmp.replace(path)
+            atomic_write_text(path, strict_json(results, indent=2))
             print(f"{path}: family written")
         elif "family" in results:
             diff = _first_difference(family, results["family"])
@@ -129,7 +128,7 @@ def main(argv: list[str]) -> int:
     print("all equal" + ("" if write or all("family" in r for r in files.values()) else
                          " (no family stored yet: --write stores it)"))
     if tables:
-        from plots import band_markdown
+        from study.plots import band_markdown
 
         for path, results in files.items():
             print(f"\n{path} ({results['setup']['pair_source']} pairs):")

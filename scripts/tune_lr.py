@@ -4,7 +4,7 @@
 * one seed outside the study's (``--seed``, default 100); validation prompts only (every evaluation during
   training is on them; the held-out prompts are never read);
 * the study's own run lengths and grid: at each candidate rate, every run the study (``--sweep``) trains per seed
-  for that method (``study.study_runs``: DPO over its betas, PPO and PPO-GT at their default and fixed KL
+  for that method (``grid.study_runs``: DPO over its betas, PPO and PPO-GT at their default and fixed KL
   coefficients; main.py's ``--sweep_betas`` / ``--sweep_kl_coefs`` change it), evaluated on the study's schedule;
 * one criterion: the mean, over the study's KL bands (``--kl_bands``, ± ``--band_width``; the offline preset's
   1, 2, 4, 8 and 12 nats ± 20%), of the best validation safety among the method's checkpoints (every run of its
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from config import ConfigError  # noqa: E402
 from scripts import grid  # noqa: E402
-from scripts.grid import band_best, reference_safety, validation_points  # noqa: E402
-from study import band_bounds, check_coverage, study_runs  # noqa: E402
+from scripts.grid import reference_safety, run_rows  # noqa: E402
+from study.grid import band_choice, check_coverage, study_runs, validation_points  # noqa: E402
 
 LR_FIELD = {"dpo": ("dpo", "dpo_lr"), "ppo": ("ppo", "ppo_lr"), "ppo_gt": ("ppo", "ppo_gt_lr")}
 
@@ -55,11 +55,9 @@ def criterion(points: list[dict], ref_safety: float, bands: list[float], width: 
     """Mean over ``bands`` of the band's best validation safety (the reference's where none reaches it)."""
     per_band = {}
     for k in bands:
-        best = band_best(points, k, width)
-        lo, hi = band_bounds(k, width)
+        best, inside = band_choice(points, k, width)
         per_band[f"{k:g}"] = {"safety": best["safety"] if best else ref_safety, "reached": best is not None,
-                              "kl": best["kl"] if best else None,
-                              "n_candidates": sum(lo <= p["kl"] <= hi for p in points)}
+                              "kl": best["kl"] if best else None, "n_candidates": len(inside)}
     return sum(b["safety"] for b in per_band.values()) / len(bands), per_band
 
 
@@ -74,7 +72,7 @@ def report(out_dir: Path, tasks: list[dict], lrs: dict, bands: list[float], widt
     for method, rates in lrs.items():
         for lr in rates:
             mine = [t for t in tasks if t["name"].startswith(f"{method}/lr{lr:g}/")]
-            runs = {t["name"]: validation_points(out_dir, t["name"]) for t in mine}
+            runs = {t["name"]: validation_points(run_rows(out_dir, t["name"])) for t in mine}
             points = [p for pts in runs.values() for p in pts]
             score, per_band = criterion(points, ref, bands, width)
             done = sum(bool(p) for p in runs.values())

@@ -66,8 +66,8 @@ def summed_response_logps(lm, prompts, responses, pad_id: int, batch_size: int, 
     """Test oracle: (N,) summed log-probs of each response given its prompt under ``softmax(logits / T)``, from
     the causal LM's whole (B, T, V) log-softmax (the code under test never builds it). The transformer runs at
     ``dtype``, the LM head in fp32."""
-    from batching import response_batch
-    from models import autocast
+    from modeling.batching import response_batch
+    from modeling.models import autocast
 
     out = []
     for s in range(0, len(prompts), batch_size):

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_log import SIGNALS  # noqa: E402
+from runtime.run_log import SIGNALS  # noqa: E402
 
 
 def _wait_for_a_signal():
@@ -45,7 +45,7 @@ elif os.environ["SLOW_PHASE"] == "reference":
 
     train_dpo.reference_logps = _reference_logps
 else:
-    import lifecycle
+    from training import lifecycle
 
     real_evaluate = lifecycle.evaluate_policy
 

@@ -3,8 +3,9 @@
 import pytest
 from conftest import run_cli
 
-from config import PRESETS, Config, ConfigError, parse_config
+from config import PRESETS, Config, ConfigError
 from main import main
+from runtime.cli import parse_config
 
 
 def test_default_preset_is_paper_with_hub_models():
@@ -41,7 +42,7 @@ def test_config_round_trips_through_a_dict():
 def test_a_run_depends_on_its_own_method_settings_only():
     """Reuse and --resume compare the settings a run reads: a DPO run not PPO's, a PPO run not DPO's, and PPO at
     a fixed coefficient not the adaptive controller's (so adding or changing one of those keeps such runs)."""
-    from config import settings_diff
+    from runtime.settings import settings_diff
 
     base = PRESETS["offline"]
     fixed = base.replace(ppo={"target_kl": None, "init_kl_coef": 0.01})
@@ -183,7 +184,7 @@ def test_a_bad_target_kl_is_one_line_and_exit_2(bad):
 def test_a_fixed_coefficient_from_the_command_line_runs_ppo(tmp_path):
     from conftest import SMOKE, run_main
 
-    from run_log import read_metrics
+    from runtime.run_log import read_metrics
 
     proc = run_main(*SMOKE, "--ppo-only", "--target_kl", "none", "--init_kl_coef", "0.3", "--ppo_steps", "2",
                     "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots"))

@@ -225,8 +225,8 @@ def test_encode_openings_equals_tokenizing_whole_texts(tiny_tokenizer):
 
 def test_without_the_csv_or_the_hub_the_error_says_where_the_data_comes_from(monkeypatch, tmp_path):
     import dataset
-    import hub
     from config import ConfigError
+    from runtime import hub
 
     monkeypatch.setattr(hub, "LOCAL_FILES_ONLY", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))

@@ -17,8 +17,8 @@ import torch
 from conftest import ROOT, SMOKE, copy_offline_models, require_imdb, run_main
 from transformers import AutoModelForCausalLM
 
-from lifecycle import latest_checkpoint
-from run_log import read_metrics
+from runtime.run_log import read_metrics
+from training.lifecycle import latest_checkpoint
 
 pytestmark = pytest.mark.distributed
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batching import concatenated_batch
 from dpo_utils import dpo_loss
-from logprobs import selective_log_softmax
+from modeling.batching import concatenated_batch
+from modeling.logprobs import selective_log_softmax
 
 
 def _logps(n=6, seed=0):

@@ -113,7 +113,7 @@ def test_evaluate_policy_kl_is_zero_for_a_copy_of_the_reference_and_positive_for
     import copy
 
     from eval_utils import evaluate_policy
-    from lifecycle import RunContext
+    from training.lifecycle import RunContext
 
     ref = _peaky_lm(1)
     judge_cfg = DistilBertConfig(vocab_size=len(tiny_tokenizer), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
@@ -195,7 +195,7 @@ def test_a_prompts_sample_does_not_depend_on_its_batch_or_position():
 def test_chunks_are_the_same_at_any_process_count():
     from types import SimpleNamespace
 
-    from run_utils import chunk_share
+    from runtime.run_utils import chunk_share
 
     one = chunk_share(23, 5, None)
     assert one == [list(range(s, min(s + 5, 23))) for s in range(0, 23, 5)]

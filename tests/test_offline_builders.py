@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from offline_models import _crop, train_ngram_teacher
+from modeling.offline_models import _crop, train_ngram_teacher
 
 
 def test_crop_is_the_opening_or_a_window_of_the_review():

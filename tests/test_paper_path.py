@@ -8,7 +8,7 @@ from conftest import SMOKE, put_in_hub_cache, run_cli, run_main
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dataset import load_reviews
-from models import load_causal_lm, load_judge, load_tokenizer
+from modeling.models import load_causal_lm, load_judge, load_tokenizer
 
 
 def test_fixtures_have_the_hub_formats(hub_fixtures):

@@ -9,9 +9,9 @@ import torch
 
 import train_ppo
 from config import PRESETS
-from lifecycle import RunContext
-from models import load_causal_lm
-from run_utils import make_accelerator
+from modeling.models import load_causal_lm
+from runtime.run_utils import make_accelerator
+from training.lifecycle import RunContext
 
 
 @pytest.mark.parametrize("kl_penalty, weight_decay", [("sampled", 0.0), ("exact", 0.0), ("sampled", 0.01)])

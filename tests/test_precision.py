@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import copy_offline_models, require_imdb, run_main
 
-import models
-from models import CPU_BF16_MIN_WIDTH, FORCE_CPU_BF16_ENV, auto_dtype, cpu_bf16_units, resolve_dtype
+from modeling import models
+from modeling.models import CPU_BF16_MIN_WIDTH, FORCE_CPU_BF16_ENV, auto_dtype, cpu_bf16_units, resolve_dtype
 
 
 def _probe(monkeypatch, amx: bool, avx512_bf16: bool):

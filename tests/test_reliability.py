@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT, copy_offline_models, require_imdb, run_cli, run_main
 from transformers import AutoModelForCausalLM
 
-from artifacts import atomic_write_dir
-from lifecycle import latest_checkpoint
-from run_log import read_metrics
+from runtime.artifacts import atomic_write_dir
+from runtime.run_log import read_metrics
+from training.lifecycle import latest_checkpoint
 
 TIMING_KEYS = {"pairs_per_s", "time_s", "charts/tokens_per_s", "charts/generation_s", "charts/logps_s",
                "charts/score_s", "charts/update_s"}
@@ -212,7 +212,7 @@ def test_same_seed_bf16_runs_are_identical_too(tmp_path, smoke_run):
 
 
 def test_timer_leaves_evaluation_out_of_training_time():
-    from lifecycle import Timer
+    from training.lifecycle import Timer
 
     timer = Timer(already=5.0)
     time.sleep(0.05)
@@ -226,7 +226,7 @@ def test_timer_leaves_evaluation_out_of_training_time():
 
 
 def test_step_indices_walk_seeded_epochs_without_state():
-    from run_utils import step_indices
+    from runtime.run_utils import step_indices
 
     n, batch = 10, 4
     seen = [i for step in range(1, 6) for i in step_indices(step, batch, n, [0])]  # 20 items = 2 epochs
@@ -325,7 +325,7 @@ def test_plots_only_checks_its_directory_too(tmp_path):
 @pytest.fixture()
 def signals():
     """A fresh process-wide signal policy, the test process's own handlers restored afterwards."""
-    from run_log import Signals
+    from runtime.run_log import Signals
 
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     sig = Signals()
@@ -412,7 +412,7 @@ def test_sigterm_and_a_forwarded_double_sigint_during_ppo_leave_a_checkpoint_res
 
 
 def test_a_run_needing_a_model_another_run_is_building_says_so_once_and_waits_for_it(tmp_path, capsys):
-    from artifacts import Artifact
+    from runtime.artifacts import Artifact
 
     art = Artifact(tmp_path / "offline", {"kind": "judge"}, prefix="judge-")
     builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])

@@ -14,7 +14,7 @@ from conftest import ROOT, SMOKE, copy_offline_models, require_imdb, run_main
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from run_log import read_metrics
+from runtime.run_log import read_metrics
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "pairs_per_s"}
@@ -110,7 +110,7 @@ def _strict(text: str):
 def test_results_and_summaries_are_strict_json_and_empty_cells_are_null(smoke_run, smoke_study):
     """Every parser reads them (Python's json would write NaN); the study's empty cells, the std of a cell's
     one seed, are null, and the tables and plots read null as a missing number."""
-    from run_log import strict_json
+    from runtime.run_log import strict_json
 
     assert strict_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == \
         '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
@@ -122,7 +122,7 @@ def test_results_and_summaries_are_strict_json_and_empty_cells_are_null(smoke_ru
             [_strict(line) for line in path.read_text().splitlines() if line.strip()]
     text = (smoke_study["dir"] / "plots" / "results.json").read_text()
     assert "null" in text  # the study has empty cells (a std over one seed, a budget no checkpoint meets)
-    import plots
+    from study import plots
 
     plots.summary_table(json.loads(text))  # reads null where NaN was
 
@@ -136,8 +136,8 @@ def test_the_dashboard_invites_no_wrong_comparison(smoke_run, smoke_study):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import plots
-    from study import upper_envelope
+    from study import plots
+    from study.grid import upper_envelope
 
     for res in (smoke_run["results"], smoke_study["results"]):
         fig, axes = plt.subplots(1, 3)
@@ -178,7 +178,7 @@ def test_the_study_dashboard_shows_the_band_cells_with_their_seed_intervals(smok
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import plots
+    from study import plots
 
     res = smoke_study["results"]
     cells = [c for by_band in res["protocol"]["bands"]["cells"].values() for c in by_band.values()]
@@ -317,8 +317,8 @@ def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_interval
 
 def test_validation_and_held_out_prompts_come_from_disjoint_reviews(smoke_study):
     import dataset
-    from config import parse_config
-    from models import load_tokenizer
+    from modeling.models import load_tokenizer
+    from runtime.cli import parse_config
 
     res = smoke_study["results"]
     cfg = parse_config(_study_args(smoke_study["dir"]))
@@ -343,7 +343,7 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
     """Through the pipeline (main.py with --resume: every run finished, so only the protocol runs again):
     scrambling every held-out score leaves every choice unchanged; changing one validation score changes it.
     (In the study's own directory: its saved configs name the model directories, so a copy would retrain.)"""
-    import protocol
+    from study import protocol
 
     out = smoke_study["dir"]
     before = _chosen(smoke_study["results"])
@@ -523,7 +523,7 @@ def test_report_to_a_missing_tracker_is_a_one_line_error(monkeypatch, tmp_path):
 
 
 def test_outputs_default_to_per_preset_directories():
-    from config import parse_config
+    from runtime.cli import parse_config
 
     run = parse_config(["--preset", "smoke"]).run
     assert (run.output_dir, run.plots_dir, run.cache_dir) == ("models/smoke", "evaluation_plots/smoke", "models")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from config import PRESETS
-from study import (
+from study.grid import (
     frontier_at,
     hierarchical_bootstrap,
     highest_safety,
@@ -122,7 +122,7 @@ def test_kl_flattened_over_the_last_fifth():
 
 def test_equal_coverage_is_required_of_a_study_grid():
     from config import ConfigError
-    from study import check_coverage, coverage
+    from study.grid import check_coverage, coverage
 
     for name in ("paper", "offline", "smoke"):
         assert len(set(coverage(PRESETS[name]).values())) == 1, name
@@ -165,7 +165,7 @@ def test_study_grid_names_and_seeds():
 
 
 def test_paired_difference_and_its_interval():
-    from study import paired_difference
+    from study.grid import paired_difference
 
     a, b = [0.6, 0.7, 0.8, 0.9], [0.5, 0.5, 0.7, 0.7]
     d = paired_difference(a, b)
@@ -183,7 +183,7 @@ def test_plots_never_magnify_noise():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plots import SAFETY_MIN_SPAN, _noise_note, _safety_axis
+    from study.plots import SAFETY_MIN_SPAN, _noise_note, _safety_axis
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0.4513189, 0.4513201])  # a 1e-6 "effect"
@@ -201,7 +201,7 @@ def test_plots_never_magnify_noise():
 
 
 def test_read_out_only_settings_leave_a_finished_run_finished_and_training_settings_do_not(tmp_path):
-    from study import RunSpec, finished
+    from study.grid import RunSpec, finished
 
     cfg = PRESETS["smoke"].replace(run={"output_dir": str(tmp_path)})
     spec = RunSpec("dpo", "", 0, "dpo_toxic_reduced_model", {}, True)
@@ -224,9 +224,9 @@ def test_read_out_only_settings_leave_a_finished_run_finished_and_training_setti
 
 
 def test_the_protocol_refuses_checkpoints_whose_weights_were_not_kept(tmp_path):
-    from protocol import study_protocol
-    from run_log import StopTraining
-    from study import RunSpec
+    from runtime.run_log import StopTraining
+    from study.grid import RunSpec
+    from study.protocol import study_protocol
 
     cfg = PRESETS["smoke"].replace(run={"output_dir": str(tmp_path), "sweep": True})
     run_dir = tmp_path / "runs" / "dpo_toxic_reduced_model"
@@ -246,7 +246,7 @@ def test_a_corrupt_results_json_is_refused_not_merged_by_dpo_only(tmp_path):
     from types import SimpleNamespace
 
     from config import ConfigError
-    from study import carried_over
+    from study.grid import carried_over
 
     cfg = SimpleNamespace(run=SimpleNamespace(plots_dir=str(tmp_path), dpo_only=True, ppo_only=False))
     for text in ('{"runs": [', "[1, 2]"):

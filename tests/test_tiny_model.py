@@ -3,11 +3,11 @@
 import torch
 from conftest import summed_response_logps as response_logps
 
-from batching import concatenated_batch, rollout_batch
 from dpo_utils import concatenated_forward, dpo_loss
 from eval_utils import generate
-from logprobs import ResponseLogProbs
-from models import weights_fingerprint
+from modeling.batching import concatenated_batch, rollout_batch
+from modeling.logprobs import ResponseLogProbs
+from modeling.models import weights_fingerprint
 from ppo_utils import gae, kl_penalized_rewards, policy_loss, value_loss, whiten
 from train_dpo import reference_logps
 from train_ppo import response_logps_values
@@ -90,7 +90,7 @@ def test_cached_reference_logps_equal_a_fresh_forward(tiny_lm, tmp_path):
 
 def test_reference_cache_is_rebuilt_when_the_weights_change_at_the_same_path(tiny_lm, tmp_path):
     """A model retrained in place keeps its path: the cache must follow the weights, not the name."""
-    from models import load_causal_lm
+    from modeling.models import load_causal_lm
 
     path, cache = tmp_path / "model", tmp_path / "cache"
     tiny_lm.save_pretrained(path)
@@ -222,8 +222,8 @@ def test_lm_fitting_skips_a_non_finite_step_and_stops_after_five(tiny_lm):
     import numpy as np
     import pytest
 
-    from lm_fitting import fit_causal_lm
-    from run_log import StopTraining
+    from modeling.lm_fitting import fit_causal_lm
+    from runtime.run_log import StopTraining
 
     ids = [list(range(5, 25)), list(range(30, 50))] * 4
     kw = dict(batch_size=4, seq_len=12, lr=1e-2, pad_id=0, dtype=torch.float32, desc="fit")

@@ -5,8 +5,8 @@ import json
 from conftest import SMOKE, copy_offline_models, require_imdb, run_main
 
 from config import PRESETS
-from study import study_runs
-from workers import plan
+from study.grid import study_runs
+from study.jobs import plan
 
 
 def test_the_plan_makes_what_runs_share_before_the_runs_that_share_it():

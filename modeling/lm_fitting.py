@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from batching import pad_sequences
-from models import autocast
-from run_utils import NonFiniteGuard
+from modeling.batching import pad_sequences
+from modeling.models import autocast
+from runtime.run_utils import NonFiniteGuard
 
 
 def warmup_cosine(opt, total: int, warmup_frac: float = 0.05):

@@ -1,5 +1,5 @@
 """Seeding, data order and processes: the accelerator, each process's share of a batch, and reductions over
-processes. The lifecycle of a run (checkpoints, metrics, saving) is ``lifecycle.py``."""
+processes. The lifecycle of a run (checkpoints, metrics, saving) is ``training/lifecycle.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from run_log import StopTraining
+from runtime.run_log import StopTraining
 
 
 def seed_everything(seed: int) -> None:

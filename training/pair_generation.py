@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from artifacts import Artifact
 from eval_utils import generate, judge_scores
-from models import dtype_name, weights_fingerprint
+from modeling.models import dtype_name, weights_fingerprint
+from runtime.artifacts import Artifact
 
 N_HELDOUT = 512  # held-out pairs: the reward model's test (it scores at most this many)
 

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.artifacts import atomic_write_text
+
 
 class StopTraining(Exception):
     """Raised to end a run early with a message and an exit code (1: non-finite, 2: bad input, 130:
@@ -276,19 +278,13 @@ class MetricsLog:
         if not self.main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            rows = [r for r in self.path.read_text().splitlines() if r.strip()] if self.path.exists() else []
-            kept = []
-            for r in rows:
-                try:
-                    row = json.loads(r)
-                except json.JSONDecodeError:  # the line being written when the process was killed
-                    continue
-                if row["step"] <= resume_step:
-                    kept.append(r)
-            self.path.write_text("".join(r + "\n" for r in kept))
+        # Written whole or not at all (a kill here leaves the old file for the next resume), its rows read by the
+        # one rule of read_metrics: a cut last line is skipped, any other bad line is an error naming it.
+        try:
+            kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        except ValueError as e:
+            raise StopTraining(f"cannot resume: {e}; move the run's directory away to start it over", 2) from None
+        atomic_write_text(self.path, "".join(strict_json(r) + "\n" for r in kept))
 
     def log(self, row: dict) -> None:
         if self.acc is not None and self.acc.log_with:

@@ -47,17 +47,7 @@ class Artifact:
     def write(self, write) -> None:
         """Build the artifact with ``write(tmp_path)``, then move it into place (a directory, or a file when the
         artifact has a suffix)."""
-        if self.path.suffix:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-            try:
-                write(tmp)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            tmp.replace(self.path)
-        else:
-            atomic_write_dir(self.path, write)
+        atomic_write(self.path, write, directory=not self.path.suffix)
 
     @property
     def lock_path(self) -> Path:
@@ -119,15 +109,35 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_dir(final: Path, write) -> None:
-    """Call ``write(tmp_dir)`` and move the result to ``final``; on any exception ``final`` is untouched."""
+def atomic_write(final: Path, write, directory: bool = False) -> None:
+    """Call ``write(tmp)`` and move the result to ``final``: a file, or with ``directory`` a directory (``tmp``
+    made empty first). ``tmp`` is this process's own sibling of ``final``, never another writer's; on any exception
+    it is removed and ``final`` is untouched, so a reader sees the old version or the new one, whole. The one
+    atomic write of the repository: files (results.json, metrics.jsonl on resume, the scripts' JSON records) and
+    directories (the self-built models, cached artifacts) alike."""
     final = Path(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")  # this process's own: never another builder's
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if directory:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
         raise
-    replace_dir(tmp, final)
+    if directory:
+        replace_dir(tmp, final)
+    else:
+        tmp.replace(final)
+
+
+def atomic_write_dir(final: Path, write) -> None:
+    """Fill a directory with ``write(tmp_dir)`` and move it to ``final`` atomically (:func:`atomic_write`)."""
+    atomic_write(final, write, directory=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,6 +1,7 @@
 """The study's runs, between main.py's checks and its report: the models every run shares (:func:`load_stack`),
 each seed's data and evaluation context (:func:`seed_context`), and the loop over seeds and runs
-(:func:`train_runs`). ``scripts/grid.py`` trains its grids on the same stack and contexts."""
+(:func:`train_runs`), and what a worker process does with each item of ``jobs.plan`` (:func:`make_worker`).
+``scripts/grid.py`` trains its grids on the same stack and contexts."""
 
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ import torch
 
 import dataset
 import eval_utils
-import pair_generation
-import study
 import train_dpo
 import train_ppo
-import train_sft
 from config import ConfigError
-from lifecycle import RunContext
-from models import (
+from modeling import train_sft
+from modeling.models import (
     bf16_native,
     dtype_name,
     load_causal_lm,
@@ -29,7 +27,10 @@ from models import (
     model_width,
     resolve_dtype,
 )
-from offline_models import ensure_offline_models
+from modeling.offline_models import ensure_offline_models
+from study import grid, results
+from training import pair_generation
+from training.lifecycle import RunContext
 
 
 @dataclass
@@ -123,11 +124,11 @@ def obtain_run(rcfg, spec, data, ctx, resume: bool, kept: str = "finished earlie
     """One run of the study, its summary: linked from ``--reuse_runs_from`` where it finished there with every
     setting it depends on equal, kept when ``resume`` and finished here with the same settings (saying ``kept``),
     else trained."""
-    if rcfg.run.reuse_runs_from and (done := study.reuse_run(rcfg, spec, rcfg.run.reuse_runs_from)):
+    if rcfg.run.reuse_runs_from and (done := grid.reuse_run(rcfg, spec, rcfg.run.reuse_runs_from)):
         print(f"study: {spec.name} reused from {rcfg.run.reuse_runs_from} (finished there with every setting it "
               f"depends on equal; linked, not retrained)")
         return done
-    done = study.finished(rcfg, spec) if resume else None
+    done = grid.finished(rcfg, spec) if resume else None
     if done is not None:  # an interrupted study continues where it stopped
         print(f"study: {spec.name} {kept}")
         return {**done, "model_dir": str(Path(rcfg.run.output_dir) / spec.name)}
@@ -148,7 +149,7 @@ class StudyRuns:
 def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> StudyRuns:
     """Train (or, with ``--resume``, reuse when finished with the same settings) every run of ``specs``, seed by
     seed; with --dpo-only or --ppo-only, the other method's runs already in results.json are carried over. With
-    ``--jobs`` > 1 the runs are trained first in worker processes (``workers.py``), then read back here."""
+    ``--jobs`` > 1 the runs are trained first in worker processes (``study/jobs.py``), then read back here."""
     cfg, device, acc = stack.cfg, stack.device, stack.acc
     out = StudyRuns(runs=[], first={}, first_data=None, heldout={})
     in_processes = cfg.run.jobs > 1 and len(specs) > 1
@@ -156,13 +157,13 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
         raise ConfigError(f"--jobs {cfg.run.jobs} starts processes of its own; under a launcher (accelerate launch, "
                           f"torchrun) leave it at 1")
     if in_processes:
-        import workers
+        from study import jobs
 
-        workers.run_in_processes(cfg, specs, cfg.run.jobs)
-    for r in study.carried_over(cfg, setup):
+        jobs.run_in_processes(cfg, specs, cfg.run.jobs)
+    for r in grid.carried_over(cfg, setup):
         model_dir = str(Path(r["metrics"]).parent)
-        out.runs.append({"spec": study.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
-                         "summary": {"model_dir": model_dir, **eval_utils.run_record(r)}})
+        out.runs.append({"spec": grid.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
+                         "summary": {"model_dir": model_dir, **results.run_record(r)}})
         if r["main"] and r["seed"] == seeds[0]:
             out.first[r["method"]] = {**out.runs[-1]["summary"], "policy": load_causal_lm(model_dir, device)}
             print(f"results: keeping {r['method']} from {cfg.run.plots_dir}/results.json ({model_dir})")
@@ -187,3 +188,47 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
         if seed == seeds[0]:
             out.first_data = data
     return out
+
+
+def make_worker(cfg):
+    """The function a worker process calls on each item of ``jobs.plan`` or the protocol's held-out evaluations
+    (``runtime.workers.work``): the models and each seed's data loaded once, when first needed."""
+    import transformers
+
+    from modeling.logprobs import ResponseLogProbs
+    from modeling.models import resolve_device, weights_fingerprint
+    from runtime.run_utils import make_accelerator
+    from study import protocol
+    from training.reward_model import train_reward_model
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    stack, contexts = None, {}
+
+    def do(item: dict) -> None:
+        nonlocal stack
+        if stack is None:
+            reviews = dataset.load_reviews(cfg.data.data, verbose=False)
+            train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
+            acc = make_accelerator(resolve_device(cfg.model.device))
+            stack = load_stack(cfg, acc, train_df, eval_df)  # builds the models for item "models"
+        if item["what"] == "models":
+            return
+        spec = grid.RunSpec(**item["spec"]) if "spec" in item else None
+        seed = spec.seed if spec else item["seed"]
+        if seed not in contexts:
+            contexts[seed] = seed_context(stack, stack.cfg.replace(run={"seed": seed}))
+        data, ctx = contexts[seed]
+        rcfg = stack.cfg.replace(run={"seed": seed}).replace(**(spec.overrides if spec else {}))
+        if item["what"] == "reward_model":
+            train_reward_model(rcfg, data, ctx)
+        elif item["what"] == "reference_logps":  # as train_dpo.train makes them: its runs find them cached
+            train_dpo.run_reference_logps(rcfg, data.train_pairs, ResponseLogProbs(stack.ref_model),
+                                          weights_fingerprint(stack.ref_model), ctx)
+        elif item["what"] == "run":
+            obtain_run(rcfg, spec, data, ctx, resume=cfg.run.resume)
+        elif item["what"] == "heldout":  # as the study's protocol evaluates it, into its cache
+            protocol.heldout_result(rcfg, ctx.on(data.eval_prompts), rcfg.eval.eval_temperature, item["run"],
+                                    item["step"])
+
+    return do

@@ -36,12 +36,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from artifacts import Artifact
-from batching import pad_sequences
 from dataset import data_fingerprint
-from lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids, warmup_cosine
-from models import autocast, dtype_name, machine_info, resolve_dtype
-from run_utils import NonFiniteGuard
+from modeling.batching import pad_sequences
+from modeling.lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids, warmup_cosine
+from modeling.models import autocast, dtype_name, machine_info, resolve_dtype
+from runtime.artifacts import Artifact
+from runtime.run_utils import NonFiniteGuard
 
 EOS = "<|endoftext|>"
 OPENING_TOKENS = 64  # generations are short: the judge must also be right on review openings
@@ -168,23 +168,28 @@ def train_ngram_teacher(train_ids: list[list[int]], labels: torch.Tensor, crop_l
     return teacher
 
 
-def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
-    dtype = builder_dtype(cfg, "judge_")  # the builders run on the CPU
-    oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed + 1)
-    torch.manual_seed(cfg.data.split_seed + 1)
-    t0 = time.time()
+def _judge_tokenizer(train_df, oc, split_seed: int) -> PreTrainedTokenizerFast:
+    """The judge's lowercase WordPiece tokenizer, trained on 15,000 training reviews."""
     wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(_sample_texts(train_df, 15_000, cfg.data.split_seed), vocab_size=oc.judge_vocab_size,
+    wp.train_from_iterator(_sample_texts(train_df, 15_000, split_seed), vocab_size=oc.judge_vocab_size,
                            min_frequency=2, show_progress=False)
     # The WordPiece trainer numbers tokens in a run-dependent order (hash-map ties); renumber them in sorted
     # order so that the same settings give the same judge, bit for bit.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     ordered = specials + sorted(t for t in wp.get_vocab() if t not in specials)
     wp = BertWordPieceTokenizer(vocab={t: i for i, t in enumerate(ordered)}, lowercase=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                  model_max_length=oc.judge_max_length,
-                                  model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=oc.judge_max_length,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build_judge(out: Path, cfg, train_df, eval_df) -> dict:
+    dtype = builder_dtype(cfg, "judge_")  # the builders run on the CPU
+    oc, rng = cfg.offline, np.random.default_rng(cfg.data.split_seed + 1)
+    torch.manual_seed(cfg.data.split_seed + 1)
+    t0 = time.time()
+    tok = _judge_tokenizer(train_df, oc, cfg.data.split_seed)
     L = oc.judge_max_length
     cls_id, sep_id, pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from config import ConfigError
-from run_log import read_metrics, read_results
-from study import METHOD_LABELS, METHODS, family_key, upper_envelope
+from runtime.run_log import read_metrics, read_results
+from study.grid import METHOD_LABELS, METHODS, family_key, upper_envelope
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", **METHOD_LABELS}

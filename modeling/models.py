@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import hub
 from config import ConfigError
+from runtime import hub
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -3,16 +3,16 @@
 1. Every evaluation during training is on the validation prompts (openings of training reviews no pair uses),
    and the weights of every evaluated step are kept (``runs/<run>/evaluated/step-N/``).
 2. At equal KL (the study's reading): for each method, seed and KL band (target k +- ``--band_width``),
-   :func:`study.select_band_checkpoints` picks, among all that method's runs and checkpoints of that seed, the
+   :func:`grid.select_band_checkpoints` picks, among all that method's runs and checkpoints of that seed, the
    best validation safety whose validation KL lies in the band, and records how many candidates it had; the
-   highest validation safety at any KL up to the largest band (:func:`study.highest_safety`) is chosen the same
-   way. Within a budget (the secondary reading): :func:`study.select_checkpoints`, the best with validation
+   highest validation safety at any KL up to the largest band (:func:`grid.highest_safety`) is chosen the same
+   way. Within a budget (the secondary reading): :func:`grid.select_checkpoints`, the best with validation
    KL <= k. Held-out numbers are never looked at to choose, and no maximum is ever taken over them.
 3. Only the chosen checkpoints are evaluated on the held-out prompts (each seed its own sample, every method
    sampled with the same seeds on the same prompts), and their per-prompt judge scores, VADER compound scores
    (the second judge, ``eval_utils.vader_compound``) and log-ratios are saved.
 4. Paired differences between methods at each band: each seed's paired mean difference over its prompts, then a
-   Student-t 95% interval and p-value over the seeds (:func:`study.seed_t_interval`), with the hierarchical
+   Student-t 95% interval and p-value over the seeds (:func:`grid.seed_t_interval`), with the hierarchical
    bootstrap beside it; the same for VADER. Holm's correction over the family (both settings) is applied by
    ``scripts/study_family.py``, which reads every setting's results.json. Budget cells keep the hierarchical
    bootstrap.
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-import study
 from eval_utils import VADER_POSITIVE, evaluate_policy, vader_compound
-from lifecycle import evaluated_dir
-from models import load_causal_lm
-from run_log import StopTraining, read_metrics
+from modeling.models import load_causal_lm
+from runtime.run_log import StopTraining, read_metrics
+from study import grid
+from training.lifecycle import evaluated_dir
 
 PAIRS = (("dpo", "ppo"), ("dpo", "ppo_gt"), ("ppo", "ppo_gt"))  # the paired comparisons of the table
 N_RESAMPLES = 2000
@@ -39,29 +39,50 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
     """Select, evaluate the selected on held-out prompts, and compare.
 
     Args:
-        runs: ``{"spec": study.RunSpec, ...}`` for every run of every seed.
+        runs: ``{"spec": grid.RunSpec, ...}`` for every run of every seed.
         heldout: ``{seed: RunContext}`` with that seed's held-out prompts and sampling seed.
     Returns:
         results.json's ``protocol`` section: the validation points, the chosen checkpoints with their held-out
         numbers and per-prompt scores, each cell per seed and over seeds, and the paired differences.
     """
-    kls, temp = list(cfg.eval.matched_kls), cfg.eval.eval_temperature
+    kls = list(cfg.eval.matched_kls)
     bands, width = list(cfg.eval.kl_bands), cfg.eval.band_width
     points = []
     for r in runs:
         s = r["spec"]
         rows = read_metrics(Path(cfg.run.output_dir) / "runs" / s.name / "metrics.jsonl")
-        points += study.checkpoint_points(s.method, s.setting, s.seed, s.name, rows)
-    chosen = study.select_checkpoints(points, kls, min_use=cfg.eval.min_budget_use)
-    banded = study.select_band_checkpoints(points, bands, width)
+        points += grid.validation_points(rows, method=s.method, label=s.setting, seed=s.seed, run=s.name)
+    chosen = grid.select_checkpoints(points, kls, min_use=cfg.eval.min_budget_use)
+    banded = grid.select_band_checkpoints(points, bands, width)
     top_kl = max(bands) * (1 + width)
-    top = study.highest_safety(points, top_kl)
+    top = grid.highest_safety(points, top_kl)
 
-    # --- held-out evaluation of the chosen checkpoints only, each once ---
-    checkpoints, reference = {}, {}
     picked = [c["point"] for sel in (chosen, banded) for by_seed in sel.values() for cells in by_seed.values()
               for c in cells.values() if c["point"]]
     picked += [p for by_seed in top.values() for p in by_seed.values()]
+    checkpoints, reference = evaluate_chosen(cfg, picked, heldout)
+    seeds = sorted({r["spec"].seed for r in runs})
+    cells, differences = budget_tables(chosen, checkpoints, seeds, kls)
+    bands_out = band_tables(banded, checkpoints, seeds, bands, width)
+    highest = {}
+    for m, by_seed in top.items():
+        for s, p in by_seed.items():
+            ck = checkpoints[f"{p['run']}@{p['step']}"]
+            highest.setdefault(m, {})[str(s)] = {"checkpoint": f"{p['run']}@{p['step']}",
+                                                 "validation": ck["validation"], "heldout": ck["heldout"]}
+    return {"matched_kls": kls, "n_resamples": N_RESAMPLES, "validation_points": points, "cells": cells,
+            "differences": differences, "checkpoints": checkpoints, "reference": reference,
+            "bands": bands_out, "highest": {"max_kl": top_kl, "per_method": highest},
+            "selection": "at equal KL: validation safety among checkpoints whose validation KL is in the band; "
+                         "within a budget (secondary): validation safety, validation KL <= k; held-out prompts "
+                         "evaluated only for the chosen"}
+
+
+def evaluate_chosen(cfg, picked: list[dict], heldout: dict) -> tuple[dict, dict]:
+    """The held-out evaluation of the chosen checkpoints only (``picked``: validation points), each once, and of
+    the reference once per seed (``heldout``: ``{seed: RunContext}``); with ``--jobs`` > 1 made by worker processes
+    and read back from the cache. Returns ``({"run@step": checkpoint entry}, {seed: the reference's entry})``."""
+    checkpoints, reference, temp = {}, {}, cfg.eval.eval_temperature
     todo = {(p["seed"], p["run"], p["step"]): p for p in picked}
     runs_dir = Path(cfg.run.output_dir) / "runs"
     missing = sorted((run, step) for _, run, step in todo if not evaluated_dir(runs_dir / run, step).is_dir())
@@ -71,12 +92,13 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                            f"checkpoint(s)); it was trained without --sweep: train it again with --sweep, or pass "
                            f"another --output_dir", 2)
     if cfg.run.jobs > 1 and len(todo) > 1:  # made by worker processes, read back below from the cache
-        import workers
+        from runtime import workers
+        from study import jobs
 
         refs = [{"what": "heldout", "seed": seed, "run": None, "step": None} for seed in sorted({k[0] for k in todo})]
         workers.run_items(cfg, refs + [{"what": "heldout", "seed": seed, "run": run, "step": step}
-                                       for seed, run, step in sorted(todo)], cfg.run.jobs, "held-out evaluations",
-                          "heldout")
+                                       for seed, run, step in sorted(todo)], cfg.run.jobs, jobs.HANDLER,
+                          "held-out evaluations", "heldout", "study")
     for (seed, run, step), p in tqdm(sorted(todo.items()), desc="study: held-out evaluation of the chosen",
                                      unit="checkpoint"):
         ctx = heldout[seed]
@@ -94,12 +116,15 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                         **_vader_summary(vader), "n_prompts": len(res["scores"])},
             "per_prompt": {"scores": [float(x) for x in res["scores"]], "vader": vader,
                            "log_ratios": list(res["log_ratios"])}}
+    return checkpoints, reference
 
-    # --- the table: per method and budget, each seed's chosen checkpoint, then over seeds ---
+
+def budget_tables(chosen: dict, checkpoints: dict, seeds: list[int], kls: list[float]) -> tuple[dict, dict]:
+    """The secondary within-budget reading: per method and budget, each seed's chosen checkpoint, then over seeds
+    (``cells``), and the paired differences over the seeds both methods have (``differences``)."""
     def per_prompt(method, seed, k):
         return chosen_checkpoint(chosen, checkpoints, method, seed, k)
 
-    seeds = sorted({r["spec"].seed for r in runs})
     cells = {}
     for method, by_seed in chosen.items():
         cells[method] = {}
@@ -116,9 +141,9 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
             ok = [x for x in ok if x is not None]
             cells[method][str(k)] = {
                 "per_seed": rows,
-                "safety": study.hierarchical_bootstrap([x["per_prompt"]["scores"] for x in ok], N_RESAMPLES),
-                "positive_rate": study.mean_and_std([x["heldout"]["positive_rate"] for x in ok])[0] if ok else None,
-                "kl": study.mean_and_std([x["heldout"]["kl"] for x in ok])[0] if ok else None}
+                "safety": grid.hierarchical_bootstrap([x["per_prompt"]["scores"] for x in ok], N_RESAMPLES),
+                "positive_rate": grid.mean_and_std([x["heldout"]["positive_rate"] for x in ok])[0] if ok else None,
+                "kl": grid.mean_and_std([x["heldout"]["kl"] for x in ok])[0] if ok else None}
 
     # --- paired differences, matching seeds only ---
     differences = {}
@@ -133,20 +158,8 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                 if x is not None and y is not None:
                     diffs.append([u - v for u, v in zip(x["per_prompt"]["scores"], y["per_prompt"]["scores"])])
                     used.append(s)
-            differences[f"{a}-{b}"][str(k)] = {**study.hierarchical_bootstrap(diffs, N_RESAMPLES), "seeds": used}
-    bands_out = band_tables(banded, checkpoints, seeds, bands, width)
-    highest = {}
-    for m, by_seed in top.items():
-        for s, p in by_seed.items():
-            ck = checkpoints[f"{p['run']}@{p['step']}"]
-            highest.setdefault(m, {})[str(s)] = {"checkpoint": f"{p['run']}@{p['step']}",
-                                                 "validation": ck["validation"], "heldout": ck["heldout"]}
-    return {"matched_kls": kls, "n_resamples": N_RESAMPLES, "validation_points": points, "cells": cells,
-            "differences": differences, "checkpoints": checkpoints, "reference": reference,
-            "bands": bands_out, "highest": {"max_kl": top_kl, "per_method": highest},
-            "selection": "at equal KL: validation safety among checkpoints whose validation KL is in the band; "
-                         "within a budget (secondary): validation safety, validation KL <= k; held-out prompts "
-                         "evaluated only for the chosen"}
+            differences[f"{a}-{b}"][str(k)] = {**grid.hierarchical_bootstrap(diffs, N_RESAMPLES), "seeds": used}
+    return cells, differences
 
 
 def heldout_result(cfg, ctx, temperature: float, run: str | None = None, step: int | None = None) -> dict:
@@ -161,8 +174,8 @@ def heldout_result(cfg, ctx, temperature: float, run: str | None = None, step: i
 
     import torch
 
-    from artifacts import Artifact
-    from models import dtype_name, weights_fingerprint
+    from modeling.models import dtype_name, weights_fingerprint
+    from runtime.artifacts import Artifact
 
     lm = ctx.ref_model if run is None else load_causal_lm(
         str(evaluated_dir(Path(cfg.run.output_dir) / "runs" / run, step)), ctx.device)
@@ -194,7 +207,7 @@ def _vader_summary(vader: list[float]) -> dict:
 
 
 def band_tables(banded: dict, checkpoints: dict, seeds: list[int], bands: list[float], width: float) -> dict:
-    """The equal-KL reading from the band choices (:func:`study.select_band_checkpoints`) and the chosen
+    """The equal-KL reading from the band choices (:func:`grid.select_band_checkpoints`) and the chosen
     checkpoints' held-out numbers: per method and band its cell (every seed's choice, then held-out safety with a
     t interval over the seeds, KL and VADER), and per pair of methods and band the paired comparison (each seed's
     mean paired difference over its prompts; Student-t interval and p over the seeds; the hierarchical bootstrap
@@ -221,7 +234,7 @@ def band_tables(banded: dict, checkpoints: dict, seeds: list[int], bands: list[f
                     ok.append(ck)
             cells[method][str(k)] = {
                 "per_seed": rows, "n_seeds": len(ok), "all_seeds": len(ok) == len(seeds),
-                "safety": study.seed_t_interval([x["heldout"]["safety"] for x in ok]),
+                "safety": grid.seed_t_interval([x["heldout"]["safety"] for x in ok]),
                 "kl": float(np.mean([x["heldout"]["kl"] for x in ok])) if ok else None,
                 "vader": float(np.mean([x["heldout"]["vader"] for x in ok])) if ok else None,
                 "vader_positive_rate": (float(np.mean([x["heldout"]["vader_positive_rate"] for x in ok]))
@@ -246,10 +259,10 @@ def band_tables(banded: dict, checkpoints: dict, seeds: list[int], bands: list[f
             ka, kb = (float(np.mean(v)) if v else None for v in (kl_a, kl_b))
             differences[f"{a}-{b}"][str(k)] = {
                 "seeds": used, "all_seeds": len(used) == len(seeds),
-                "judge": study.seed_t_interval([d.mean() for d in judge]),
+                "judge": grid.seed_t_interval([d.mean() for d in judge]),
                 "judge_seed_means": [float(d.mean()) for d in judge],
-                "judge_bootstrap": study.hierarchical_bootstrap(judge, N_RESAMPLES),
-                "vader": study.seed_t_interval([d.mean() for d in vader]),
+                "judge_bootstrap": grid.hierarchical_bootstrap(judge, N_RESAMPLES),
+                "vader": grid.seed_t_interval([d.mean() for d in vader]),
                 "vader_seed_means": [float(d.mean()) for d in vader],
                 "kl": {a: ka, b: kb},
                 # "differ by more than 20%": the larger mean held-out KL over the smaller

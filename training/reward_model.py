@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from artifacts import Artifact
-from batching import response_batch
 from eval_utils import judge_logits
-from lifecycle import TrainingRun
-from models import autocast, dtype_name
-from run_log import strict_json
-from run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
+from modeling.batching import response_batch
+from modeling.models import autocast, dtype_name
+from runtime.artifacts import Artifact
+from runtime.run_log import strict_json
+from runtime.run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
+from training.lifecycle import TrainingRun
 
 
 class BestSoFar:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import Artifact
 from dataset import data_fingerprint
-from lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids
-from models import dtype_name, load_causal_lm, load_tokenizer, weights_fingerprint
+from modeling.lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids
+from modeling.models import dtype_name, load_causal_lm, load_tokenizer, weights_fingerprint
+from runtime.artifacts import Artifact
 
 
 def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:

@@ -5,7 +5,7 @@ and PPO and PPO-GT (the judge's reward) at the default adaptive target and at ea
 coefficient of ``--sweep_kl_coefs``. A seed changes the preference-pair sample, the initialisation of the
 reward model's head, every sampling seed and the held-out prompt sample; the base models and the judge stay
 the same. Every evaluation during training (on the validation prompts) is a checkpoint; per method, seed and
-KL budget, :func:`select_checkpoints` chooses among them on validation numbers alone, and ``protocol.py``
+KL budget, :func:`select_checkpoints` chooses among them on validation numbers alone, and ``protocol.py`` (this package)
 evaluates the chosen ones on held-out prompts and compares methods with :func:`hierarchical_bootstrap`.
 
 The selection, bootstrap and frontier functions are pure (lists of points in, numbers out) and tested exactly.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from config import ConfigError, n_evals, settings_diff
-from run_log import read_results
+from config import ConfigError, n_evals
+from runtime.run_log import read_results
+from runtime.settings import settings_diff
 
 METHODS = ("dpo", "ppo", "ppo_gt")
 METHOD_LABELS = {"dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
@@ -140,7 +141,7 @@ def carried_over(cfg, setup: dict) -> list[dict]:
 def finished(run_cfg, spec: RunSpec) -> dict | None:
     """The saved summary of a run that completed with this very configuration (its final model directory is
     only ever written whole), or None. A run whose saved config differs in a setting it depends on
-    (``config.run_settings``: not the run-control flags, nor the read-out-only settings, nor those the method
+    (``settings.run_settings``: not the run-control flags, nor the read-out-only settings, nor those the method
     never reads) is not finished: it is
     trained again; so is one whose evaluations were not on the validation prompts, or a study run that did not
     keep its evaluated weights."""
@@ -158,7 +159,7 @@ def finished(run_cfg, spec: RunSpec) -> dict | None:
 
 def reuse_run(run_cfg, spec: RunSpec, other_dir: str) -> dict | None:
     """Take a run another study finished (``--reuse_runs_from``): when ``<other_dir>/<name>`` is
-    :func:`finished` with every setting this run depends on equal (``config.run_settings``: PPO-GT, which reads no
+    :func:`finished` with every setting this run depends on equal (``settings.run_settings``: PPO-GT, which reads no
     preference pairs, is the same run in both settings of the study), link its final model and its
     ``runs/<name>`` (metrics, evaluated weights) into this study's output directory and return its summary with
     ``reused_from``; otherwise None. A link already there is replaced; a real directory there is left alone
@@ -263,13 +264,14 @@ def default_runs(finals: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------- the protocol (pure parts)
-def checkpoint_points(method: str, setting: str, seed: int, run: str, rows: list[dict]) -> list[dict]:
-    """A run's evaluated checkpoints (its metrics.jsonl rows with an evaluation, step 0 -- the reference -- left
-    out): ``{"method", "label", "seed", "run", "step", "kl", "safety", "positive_rate"}`` each, in validation
-    numbers (every evaluation during training is on the validation prompts)."""
-    return [{"method": method, "label": setting, "seed": seed, "run": run, "step": r["step"], "kl": r["eval/kl_to_ref"],
+def validation_points(rows: list[dict], reference: bool = False, **tags) -> list[dict]:
+    """A run's evaluations, from its metrics.jsonl rows with one: ``{**tags, "step", "time_s", "kl", "safety",
+    "positive_rate"}`` each, in validation numbers (every evaluation during training is on the validation prompts);
+    step 0 (the reference, before any update) only with ``reference``. The one reader of validation points: the
+    study's, results.json's frontier and the grid scripts' (tuning, KL control) all come from here."""
+    return [{**tags, "step": r["step"], "time_s": r.get("time_s", 0.0), "kl": r["eval/kl_to_ref"],
              "safety": r["eval/safety_score"], "positive_rate": r["eval/positive_rate"]}
-            for r in rows if "eval/kl_to_ref" in r and r["step"] > 0]
+            for r in rows if "eval/kl_to_ref" in r and (reference or r["step"] > 0)]
 
 
 def by_method_and_seed(points: list[dict], methods=METHODS):
@@ -375,6 +377,17 @@ def band_bounds(k: float, width: float) -> tuple[float, float]:
     return k * (1 - width), k * (1 + width)
 
 
+def band_choice(points: list[dict], k: float, width: float) -> tuple[dict | None, list[dict]]:
+    """The band choice, the one rule of the study and the tuning: among ``points`` whose validation KL lies in
+    ``k`` ± ``width`` * ``k`` (:func:`band_bounds`), the one with the best validation safety; ties (a judge that
+    cannot tell checkpoints apart) go to the KL nearer ``k``, then the later step. Returns ``(choice or None,
+    the points in the band)``."""
+    lo, hi = band_bounds(k, width)
+    inside = [p for p in points if lo <= p["kl"] <= hi]
+    best = max(inside, key=lambda p: (p["safety"], -abs(p["kl"] - k), p["step"])) if inside else None
+    return best, inside
+
+
 def select_band_checkpoints(points: list[dict], bands: list[float], width: float, methods=METHODS) -> dict:
     """For each method, seed and band (target ``k`` ± ``width``): among all that method's checkpoints of that seed
     (every run of the grid) whose validation KL lies in the band, the one with the best validation safety. Ties
@@ -392,9 +405,8 @@ def select_band_checkpoints(points: list[dict], bands: list[float], width: float
         largest = max(p["kl"] for p in cands)
         for k in bands:
             lo, hi = band_bounds(k, width)
-            inside = [p for p in cands if lo <= p["kl"] <= hi]
+            best, inside = band_choice(cands, k, width)
             if inside:
-                best = max(inside, key=lambda p: (p["safety"], -abs(p["kl"] - k), p["step"]))
                 cells[str(k)] = {"point": best, "status": "ok", "n_candidates": len(inside),
                                  "largest_kl": largest, "reason": ""}
             elif largest < lo:

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from artifacts import atomic_write_dir, replace_dir
-from config import ConfigError, eval_due, settings_diff
+from config import ConfigError, eval_due
 from eval_utils import eval_metrics, evaluate_policy
-from models import dtype_name
-from run_log import SIGNALS, MetricsLog, StopTraining, strict_json
-from run_utils import any_process, seed_everything
+from modeling.models import dtype_name
+from runtime.artifacts import atomic_write_dir, replace_dir
+from runtime.run_log import SIGNALS, MetricsLog, StopTraining, strict_json
+from runtime.run_utils import any_process, seed_everything
+from runtime.settings import settings_diff
 
 
 @dataclass
