@@ -112,6 +112,11 @@ def _check_ranges(section) -> None:
                 raise ConfigError(f"--{f.name} must be {_range_text(RANGES[f.name])} (got {v})")
 
 
+def _check_schedule(flag: str, steps: list[int], total_flag: str, total: int) -> None:
+    _check(steps == sorted(set(steps)) and all(k <= total for k in steps), f"{flag} {steps}: list steps within "
+           f"{total_flag} {total}, each once, in increasing order")
+
+
 def _f(default, help: str, **kw):
     """A dataclass field whose help text is its docstring (shown by ``--help``)."""
     if isinstance(default, list):
@@ -123,8 +128,8 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     policy_model: str = _f("distilgpt2", "Hub id or local directory of the base causal LM: the initial policy "
                            "and the frozen reference.")
-    judge_model: str = _f("distilbert-base-uncased-finetuned-sst-2-english",
-                          "Hub id or local directory of the sentiment judge (evaluation only).")
+    judge_model: str = _f("distilbert-base-uncased-finetuned-sst-2-english", "Hub id or local directory of the "
+                          "sentiment judge: it scores every evaluation, is PPO-GT's reward, labels generated pairs.")
     build_offline_models: bool = _f(False, "Build the tokenizer, base GPT-2 and judge from IMDb under "
                                     "models/offline/ (reused when present) and use them instead of "
                                     "policy_model/judge_model.")
@@ -184,9 +189,9 @@ class DataConfig:
                              "data/IMDB Dataset.csv, else the hub dataset stanfordnlp/imdb.")
     max_reviews: int | None = _f(None, "Use only this many reviews (a seeded sample); None = all.")
     eval_fraction: float = _f(0.1, "Fraction of reviews held out: evaluation prompts and held-out pairs.")
-    split_seed: int = _f(0, "Seed of the review subsample, the train / held-out split, the evaluation prompts and "
-                         "the self-built models: fixed across --seeds, so every seed is scored on the same "
-                         "held-out prompts by the same judge.")
+    split_seed: int = _f(0, "Seed of the review subsample, the train / held-out split, the held-out pairs and the "
+                         "self-built models: fixed across --seeds (each seed draws its own held-out prompts from the "
+                         "same held-out reviews, and every seed is scored by the same judge).")
     prompt_min_tokens: int = _f(2, "Shortest prompt: a review opening of this many tokens.")
     prompt_max_tokens: int = _f(8, "Longest prompt (as in the DPO paper's IMDb task: 2-8 tokens).")
     response_tokens: int = _f(48, "Completion length in tokens: dataset completions are truncated to it "
@@ -247,9 +252,7 @@ class DPOConfig:
 
     def __post_init__(self):
         _check_ranges(self)
-        _check(all(k <= self.dpo_steps for k in self.dpo_eval_steps),
-               f"--dpo_eval_steps {self.dpo_eval_steps} lists steps past --dpo_steps {self.dpo_steps}: list steps "
-               f"within the run")
+        _check_schedule("--dpo_eval_steps", self.dpo_eval_steps, "--dpo_steps", self.dpo_steps)
         _check(not (self.loss_type == "ipo" and self.label_smoothing > 0),
                f"--label_smoothing {self.label_smoothing} has no meaning for --loss_type ipo (it is conservative "
                f"DPO's label-flip rate); drop it or use --loss_type sigmoid")
@@ -308,9 +311,7 @@ class PPOConfig:
 
     def __post_init__(self):
         _check_ranges(self)
-        _check(all(k <= self.ppo_steps for k in self.ppo_eval_steps),
-               f"--ppo_eval_steps {self.ppo_eval_steps} lists iterations past --ppo_steps {self.ppo_steps}: list "
-               f"iterations within the run")
+        _check_schedule("--ppo_eval_steps", self.ppo_eval_steps, "--ppo_steps", self.ppo_steps)
         _check(self.ppo_batch_size % self.ppo_mini_batch_size == 0,
                f"--ppo_batch_size {self.ppo_batch_size} must be a multiple of --ppo_mini_batch_size "
                f"{self.ppo_mini_batch_size}")
@@ -332,12 +333,12 @@ class EvalConfig:
         [0.2, 0.5, 1.0], "--sweep: fixed KL coefficients of extra PPO runs (no adaptive target), PPO's analogue of "
                          "DPO's beta. A sweep of target KLs spans nothing within a short budget: the adaptive "
                          "controller's error is clipped at 0.2, so every target above 1.25x the KL a run reaches "
-                         "drives its coefficient identically (docs/study.md).")
+                         "drives its coefficient identically (docs/protocol.md).")
     sweep_ppo_gt: bool = _f(True, "--sweep: also train PPO with the judge's reward (PPO-GT: it optimises the metric it "
                                   "is scored by).")
-    matched_kls: list[float] = _f([2.0, 4.0, 6.0, 8.0], "KL budgets (nats) of the study's table: per method, seed "
-                                  "and budget k, the checkpoint with the best validation safety whose validation KL "
-                                  "is <= k, reported on held-out prompts.")
+    matched_kls: list[float] = _f([2.0, 4.0, 6.0, 8.0], "KL budgets (nats) of the study's secondary reading (the "
+                                  "headline is --kl_bands'): per method, seed and budget k, the checkpoint with the "
+                                  "best validation safety whose validation KL is <= k, reported on held-out prompts.")
     min_budget_use: float = _f(0.5, "A table cell whose chosen checkpoint's validation KL is below this fraction of "
                                     "its budget is shown as - (the method never went near the budget).")
     kl_bands: list[float] = _f([1.0, 2.0, 4.0, 8.0, 12.0], "Target KLs (nats) of the study's equal-KL comparison: per "
@@ -353,7 +354,8 @@ class EvalConfig:
         _check_ranges(self)
         _check(len(self.temperatures) >= 1, "--temperatures needs at least one value")
         _check(len(self.matched_kls) >= 1, "--matched_kls needs at least one value")
-        _check(len(self.kl_bands) >= 1, "--kl_bands needs at least one value")
+        _check(len(self.kl_bands) >= 1 and self.kl_bands == sorted(set(self.kl_bands)),
+               f"--kl_bands {self.kl_bands}: give at least one value, each once, in increasing order")
 
 
 @dataclass
@@ -362,15 +364,15 @@ class RunConfig:
     dpo_only: bool = _f(False, "Train DPO only (then evaluate).")
     ppo_only: bool = _f(False, "Train PPO only (then evaluate).")
     plots_only: bool = _f(False, "Redraw the dashboard from results.json and the metrics files; no training.")
-    sweep: bool = _f(False, "The study: also train DPO over sweep_betas, PPO over sweep_kl_coefs and PPO-GT, for "
-                            "the frontier and the matched-KL table.")
+    sweep: bool = _f(False, "The study: also train DPO over sweep_betas, PPO over sweep_kl_coefs and PPO-GT, and "
+                            "compare them at equal KL (--kl_bands; --matched_kls: the secondary reading).")
     resume: bool = _f(False, "Continue DPO/PPO from the last checkpoint of an interrupted run.")
     report_to: Literal["none", "tensorboard", "wandb"] = _f(
         "none", "Also send every metrics.jsonl row to an experiment tracker (through accelerate): TensorBoard "
                 "event files under <output_dir>/tracking/<run>/ (uv sync --group tensorboard), or Weights & Biases "
                 "(uv sync --group wandb). The resolved config is logged as hyperparameters.")
-    seed: int = _f(0, "Seed of the preference-pair sample, the reward model's head and every sampling seed (the "
-                   "split and the held-out prompts follow --split_seed).")
+    seed: int = _f(0, "Seed of the preference-pair sample, the held-out prompt sample, the reward model's head and "
+                   "every sampling seed (the split follows --split_seed).")
     seeds: list[int] = _f([], "Run everything once per seed (e.g. --seeds 0 1 2): the study's spread. Default: "
                           "--seed alone.")
     output_dir: str = _f("", "Where this run's models, metrics and checkpoints are written. Default: "
@@ -400,9 +402,11 @@ class RunConfig:
         _check_ranges(self)
         _check(not (self.dpo_only and self.ppo_only), "--dpo-only and --ppo-only exclude each other; pick one")
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds has a repeated seed: {self.seeds}")
-        _check(not self.reuse_runs_from or Path(self.reuse_runs_from).is_dir(),
-               f"--reuse_runs_from {self.reuse_runs_from} is not a directory: give the --output_dir of a study "
-               f"whose runs to reuse")
+        reuse = Path(self.reuse_runs_from) if self.reuse_runs_from else None
+        _check(not reuse or (self.sweep and reuse.is_dir() and any(reuse.glob("*/train_summary.json"))),
+               f"--reuse_runs_from {self.reuse_runs_from}: {'takes a study (--sweep) ' if not self.sweep else ''}"
+               f"needs the --output_dir of a study with finished runs (<dir>/<run>/train_summary.json), which it "
+               f"{'is not' if reuse and reuse.is_dir() else 'does not exist'}")
 
 
 SECTIONS = {"model": ModelConfig, "offline": OfflineConfig, "data": DataConfig, "sft": SFTConfig,
@@ -485,7 +489,7 @@ def _preset(name: str) -> Config:
             # Learning rates: DPO 2e-4, PPO 5e-5, PPO-GT 1e-4, each chosen from {5e-5, 1e-4, 2e-4} on this grid by
             # docs/tuning.md's rule, written before its runs (seed 100, validation prompts, the mean over the 1-12
             # nat bands of the best validation safety; docs/tuning.json). PPO's 5e-5 beat 1e-4 by 0.0001.
-            # The frontier grid (docs/study.md, "The frontier study's grid", measured on the tuning seed): 240 steps,
+            # The frontier grid (docs/grid_history.md, measured on the tuning seed): 240 steps,
             # where beta 0.1 is still rising at 160 and passes 9.6 nats only after it; 16 evaluations, every second
             # step from 10 to 20, where every beta passes 1 nat (beta 0.1 0.6 -> 1.3 nats from step 10 to 15), and
             # every 20 from 60 to 140, where beta 0.1 crosses the 8- and 12-nat bands.
@@ -514,7 +518,7 @@ def _preset(name: str) -> Config:
             # stays below 1.6 nats in 24 iterations, 0.0003 passes 12 by iteration 24). --max_kl 14.4, the largest
             # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the
             # secondary reading. 1,024 held-out prompts per seed for the reported numbers; each evaluation during
-            # training on 256 of the 512 validation prompts (--n_val_pairs), the study's time budget (docs/study.md).
+            # training on 256 of the 512 validation prompts, for the time budget (docs/grid_history.md).
             eval=EvalConfig(n_eval_prompts=1024, n_val_prompts=256, eval_batch_size=256,
                             matched_kls=[1.0, 2.0, 4.0, 6.0], sweep_betas=[0.05, 0.1, 1.0],
                             sweep_kl_coefs=[0.0003, 0.01], max_kl=14.4),

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 # Encoding 45k reviews on every core halves its time (measured: 41 s -> 21 s on 2 cores). main.py forks no
 # workers (launchers start their processes before), so the tokenizers' fork warning cannot arise here.
@@ -26,7 +27,8 @@ from runtime.run_log import FATAL, SIGNALS, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``)."""
+    """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``);
+    a word where a setting means less than it says (``--resume`` with nothing to resume, more jobs than cores)."""
     dirs = {"--plots_dir": cfg.run.plots_dir}
     if not cfg.run.plots_only:
         dirs.update({"--output_dir": cfg.run.output_dir, "--cache_dir": cfg.run.cache_dir})
@@ -34,6 +36,15 @@ def check_outputs(cfg: Config) -> None:
         check_output_dirs(dirs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    out = Path(cfg.run.output_dir)
+    if cfg.run.resume and not cfg.run.plots_only and not any(
+            next(out.glob(pattern), None) for pattern in ("*/train_summary.json", "runs/**/checkpoints/step-*")):
+        print(f"note: --resume: nothing to resume in {out} (no checkpoint, no finished run): every run starts afresh",
+              file=sys.stderr)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.run.jobs > cores:
+        print(f"warning: --jobs {cfg.run.jobs} on {cores} CPU cores: the worker processes share the cores, and each "
+              f"is slower; --jobs {cores} gets as much through", file=sys.stderr)
 
 
 def hub_preflight(cfg: Config) -> None:
@@ -149,10 +160,11 @@ if __name__ == "__main__":
     code = main()
     FATAL.disarm()
     SIGNALS.ignore()  # a signal now (a forwarded copy, the launcher's) must not kill the exit (run_log.Signals.ignore)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or code in (130, 143):
         # Under a launcher everything is written and the process group is gone: leave without the interpreter's
         # teardown, where C++ objects of the distributed stack are destroyed in no set order (an abort there
-        # would fail a finished run).
+        # would fail a finished run). Interrupted, likewise: tearing down the loaded reviews and models took over
+        # a second after the one line, and a signal promises an exit within seconds.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

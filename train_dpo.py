@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from dpo_utils import concatenated_forward, dpo_loss
 from modeling.batching import concatenated_batch
 from modeling.logprobs import ResponseLogProbs
-from modeling.models import autocast, dtype_name, load_causal_lm, weights_fingerprint
+from modeling.models import autocast, dtype_name, load_causal_lm, threads_key, weights_fingerprint
 from runtime.artifacts import Artifact
 from runtime.run_log import StopTraining
 from runtime.run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
@@ -32,7 +32,7 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     not their path, which a model retrained in place keeps), the precision, the device type, the padding id
     and the pairs. Under several processes each computes its share of the pairs and all get every result."""
     art = Artifact(cache_dir, [weights, dtype_name(dtype), torch.device(device).type, pad_id,
-                              [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs]],
+                              [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs], threads_key(device)],
                    prefix="ref_logps-", suffix=".pt", digits=16)
     if art.exists():
         cached = torch.load(art.path)

@@ -104,8 +104,9 @@ def run_trl(cfg, data, tok, model_dir: str, steps: int, variant: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["offline", "paper"], default="offline",
-                    help="offline: the offline preset's base GPT-2; paper: a random-init distilgpt2-shaped stand-in")
+    ap.add_argument("--size", choices=["offline", "paper", "smoke"], default="offline",
+                    help="offline: the offline preset's base GPT-2; paper: a random-init distilgpt2-shaped stand-in; "
+                         "smoke: the smoke preset's tiny GPT-2 (a check that the benchmark runs, not a measurement)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
@@ -119,14 +120,16 @@ def main() -> int:
 
     transformers.utils.logging.set_verbosity_error()
 
+    # 8 validation pairs (never evaluated: nothing is timed but training), so all their prompts: --n_val_prompts 0
     cfg = PRESETS["offline"].replace(dpo={"dpo_steps": a.steps, "dpo_batch_size": a.batch, "dpo_eval_steps": []},
-                                     data={"n_pairs": a.steps * a.batch, "n_val_pairs": 8})
+                                     data={"n_pairs": a.steps * a.batch, "n_val_pairs": 8}, eval={"n_val_prompts": 0})
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     if a.size == "paper":
         model_dir, _ = build_standins(Path(tempfile.mkdtemp(prefix="bench_dpo_")), train_df)
     else:
-        model_dir = offline_models(train_df, eval_df, policy_model=a.model_dir)["policy_model"]
+        model_dir = offline_models(train_df, eval_df, policy_model=a.model_dir,
+                                   preset="smoke" if a.size == "smoke" else "offline")["policy_model"]
     tok = load_tokenizer(model_dir)
     data = dataset.prepare(cfg, tok, train_df, eval_df)
     resp_tokens = sum(len(p["chosen"]) + len(p["rejected"]) for p in data.train_pairs)
@@ -141,7 +144,8 @@ def main() -> int:
 
     n_pairs = a.steps * a.batch
     summary = {"machine": {**machine(), "bf16_matrix_units": bf16_native("cpu")}, "size": a.size,
-               "model": model_dir, "steps": a.steps, "batch": a.batch, "repeats": a.repeats}
+               "model": "(a random-init stand-in in a temporary directory)" if a.size == "paper" else model_dir,
+               "steps": a.steps, "batch": a.batch, "repeats": a.repeats}
     for name, rs in runs.items():
         train_s = statistics.median(r["train_s"] for r in rs)
         summary[name] = {"pairs_per_s": n_pairs / train_s, "response_tokens_per_s": resp_tokens / train_s,

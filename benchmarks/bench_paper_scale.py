@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DISTILGPT2, SST2_JUDGE, PeakMemory, build_standins, machine  # noqa: E402
+from common import DISTILGPT2, SST2_JUDGE, TINY_GPT2, TINY_JUDGE, PeakMemory, build_standins, machine  # noqa: E402
 
 import dataset  # noqa: E402
 import train_dpo  # noqa: E402
@@ -65,6 +65,8 @@ def main() -> int:
                     "the full data's pair count, --full_pairs)")
     ap.add_argument("--full_pairs", type=int, default=None, help="training pairs of the full data, for the "
                     "projection (default: those of the data used)")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes instead of the paper's: a check that the "
+                    "benchmark runs (its smoke test), not a measurement")
     a = ap.parse_args()
     import transformers
 
@@ -72,12 +74,17 @@ def main() -> int:
     device = resolve_device(a.device)
     acc = make_accelerator(device)
     device, dtype = acc.device, resolve_dtype(a.dtype, acc.device)
-    paper = PRESETS["paper"].replace(model={"dtype": a.dtype}, data={"data": a.data, "max_reviews": a.max_reviews})
+    # a sample (--max_reviews) is too small for the paper preset's 512 validation pairs: a token validation split
+    small = {"n_val_pairs": 16} if a.max_reviews else {}
+    paper = PRESETS["paper"].replace(model={"dtype": a.dtype},
+                                     data={"data": a.data, "max_reviews": a.max_reviews, **small},
+                                     eval={"n_val_prompts": 0} if small else {})
     reviews = dataset.load_reviews(paper.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, paper.data, paper.data.split_seed)
     out = Path(tempfile.mkdtemp(prefix="bench_paper_"))
     t0 = time.time()
-    policy_dir, judge_dir = build_standins(out, train_df)
+    shapes = {"policy": TINY_GPT2, "judge": TINY_JUDGE} if a.tiny else {"policy": DISTILGPT2, "judge": SST2_JUDGE}
+    policy_dir, judge_dir = build_standins(out, train_df, shapes["policy"], shapes["judge"])
     print(f"stand-ins built in {time.time() - t0:.0f}s (not timed below)", file=sys.stderr)
 
     cfg = paper.replace(model={"policy_model": policy_dir, "judge_model": judge_dir},
@@ -92,7 +99,7 @@ def main() -> int:
                      batch_size=cfg.eval.eval_batch_size, judge_tok=judge_tok, judge=judge, prompts=data.eval_prompts,
                      max_new_tokens=cfg.data.response_tokens, seed=cfg.run.seed)
     res = {"machine": machine(device), "device": str(device), "precision": dtype_name(dtype),
-           "shapes": {"policy": DISTILGPT2, "judge": SST2_JUDGE}, "full_pairs": full_pairs}
+           "shapes": shapes, "full_pairs": full_pairs}
 
     # --- DPO: a few steps on just enough pairs (their reference pass is timed per pair) ---
     dc = cfg.dpo

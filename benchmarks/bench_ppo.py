@@ -127,6 +127,9 @@ def main() -> int:
     ap.add_argument("--model_dir", help="an existing policy model directory (default: the offline preset's fp32 "
                                         "base GPT-2, built first if missing: about 14 min)")
     ap.add_argument("--judge_dir", help="an existing judge directory (default: the offline preset's)")
+    ap.add_argument("--size", choices=["offline", "smoke"], default="offline",
+                    help="smoke: the smoke preset's tiny models and settings (a check that the benchmark runs, not "
+                         "a measurement)")
     a = ap.parse_args()
     import transformers
 
@@ -141,10 +144,10 @@ def main() -> int:
         print("TRL 1.12 not importable: timing ours only (run with --with \"trl==1.12.*\" to compare)",
               file=sys.stderr)
 
-    base = PRESETS["offline"]
+    base = PRESETS[a.size]
     reviews = dataset.load_reviews(base.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, base.data, base.data.split_seed)
-    paths = offline_models(train_df, eval_df, a.model_dir, a.judge_dir)
+    paths = offline_models(train_df, eval_df, a.model_dir, a.judge_dir, preset=a.size)
     tok = load_tokenizer(paths["policy_model"])
     acc = make_accelerator(torch.device("cpu"))
     ref = load_causal_lm(paths["policy_model"])

@@ -67,7 +67,7 @@ def dpo_worker(args) -> None:
     from runtime.run_utils import make_accelerator
 
     torch.set_num_threads(args.threads)
-    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"}, dpo={"dpo_steps": args.steps, "dpo_eval_steps": []},
+    cfg = PRESETS[args.size].replace(model={"dtype": "fp32"}, dpo={"dpo_steps": args.steps, "dpo_eval_steps": []},
                                      data={"n_pairs": args.steps * 16, "n_val_pairs": 8},
                                      eval={"n_val_prompts": 8})  # evaluations are off: a token validation split
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
@@ -81,7 +81,7 @@ def dpo_worker(args) -> None:
 
 def run_way(args, n_procs: int, threads: int, evals_each: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--evals", str(evals_each),
-           "--work", args.work, "--steps", str(args.steps),
+           "--work", args.work, "--steps", str(args.steps), "--size", args.size,
            "--policy", args.policy, "--judge", args.judge, "--prompts_file", args.prompts_file]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n_procs)]
@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--evals", type=int, default=4, help="evaluations (or trainings) per way (even: two processes "
                                                         "split them)")
     ap.add_argument("--steps", type=int, default=60, help="--work dpo: steps of each training")
+    ap.add_argument("--size", choices=["offline", "smoke"], default="offline",
+                    help="smoke: the smoke preset's tiny models (a check that the benchmark runs, not a measurement)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
@@ -124,10 +126,10 @@ def main() -> int:
     from benchmarks.common import machine, offline_models
     from config import PRESETS
 
-    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
+    cfg = PRESETS[args.size].replace(model={"dtype": "fp32"})
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
-    dirs = offline_models(train_df, eval_df)
+    dirs = offline_models(train_df, eval_df, preset=args.size)
     from modeling.models import load_tokenizer
 
     tok = load_tokenizer(dirs["policy_model"])

@@ -49,19 +49,20 @@ class PeakMemory:
 OFFLINE_BUILD_MIN = 14
 
 
-def offline_models(train_df, eval_df, policy_model: str | None = None, judge_model: str | None = None) -> dict:
+def offline_models(train_df, eval_df, policy_model: str | None = None, judge_model: str | None = None,
+                   preset: str = "offline") -> dict:
     """The offline preset's ``{"policy_model": dir, "judge_model": dir}``: the directories given, else the
     ones ``uv run main.py --preset offline --dtype fp32`` builds (models/offline/), reused when built and
-    otherwise built now, after one line that says how long that takes and how to avoid it."""
-    import offline_models as om
-
+    otherwise built now, after one line that says how long that takes and how to avoid it. ``preset="smoke"``:
+    the smoke preset's tiny models instead (built in seconds: the benchmarks' own smoke test)."""
     from config import PRESETS
+    from modeling import offline_models as om
 
-    cfg = PRESETS["offline"].replace(model={"dtype": "fp32"})
+    cfg = PRESETS[preset].replace(model={"dtype": "fp32"})
     given = {"policy_model": policy_model, "judge_model": judge_model}
     needed = {name: art.path for name, art in om.offline_artifacts(cfg, train_df).items()}
     missing = [str(p) for name, p in needed.items() if given[name] is None and not p.is_dir()]
-    if missing:
+    if missing and preset == "offline":
         print(f"benchmark: the offline models are not built ({', '.join(missing)}): building them first at fp32, "
               f"about {OFFLINE_BUILD_MIN} min on 2 cores. To skip that, pass --model_dir (and --judge_dir) with "
               f"existing model directories", file=sys.stderr, flush=True)
@@ -82,8 +83,16 @@ SST2_JUDGE = {"n_layers": 6, "dim": 768, "n_heads": 12, "hidden_dim": 3072, "voc
               "max_position_embeddings": 512}
 
 
-def build_standins(root: Path, train_df) -> tuple[str, str]:
-    """Random-init models of the paper's shapes, saved like hub models, with tokenizers trained on reviews."""
+# --tiny: the same code paths at toy shapes (a check that a benchmark runs, not a measurement)
+TINY_GPT2 = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 1000, "n_positions": 256}
+TINY_JUDGE = {"n_layers": 1, "dim": 32, "n_heads": 2, "hidden_dim": 64, "vocab_size": 1000,
+              "max_position_embeddings": 512}
+
+
+def build_standins(root: Path, train_df, lm_shape: dict = DISTILGPT2, judge_shape: dict = SST2_JUDGE
+                   ) -> tuple[str, str]:
+    """Random-init models of the paper's shapes (or ``lm_shape``, ``judge_shape``), saved like hub models, with
+    tokenizers trained on reviews."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.implementations import BertWordPieceTokenizer
     from transformers import (
@@ -98,21 +107,21 @@ def build_standins(root: Path, train_df) -> tuple[str, str]:
     texts = train_df["review"].sample(n=min(8000, len(train_df)), random_state=0).tolist()
     eot = "<|endoftext|>"
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=DISTILGPT2["vocab_size"], min_frequency=2, special_tokens=[eot],
+    bpe.train_from_iterator(texts, vocab_size=lm_shape["vocab_size"], min_frequency=2, special_tokens=[eot],
                             show_progress=False)
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, unk_token=eot)
     torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(**DISTILGPT2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    lm = GPT2LMHeadModel(GPT2Config(**lm_shape, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
     tok.save_pretrained(root / "policy")
     lm.save_pretrained(root / "policy")
 
     wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(texts, vocab_size=SST2_JUDGE["vocab_size"], min_frequency=2, show_progress=False)
+    wp.train_from_iterator(texts, vocab_size=judge_shape["vocab_size"], min_frequency=2, show_progress=False)
     jtok = DistilBertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True,
                                    model_max_length=512)
     judge = DistilBertForSequenceClassification(DistilBertConfig(
-        **SST2_JUDGE, pad_token_id=jtok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        **judge_shape, pad_token_id=jtok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
         label2id={"NEGATIVE": 0, "POSITIVE": 1}))
     jtok.save_pretrained(root / "judge")
     judge.save_pretrained(root / "judge")

@@ -31,8 +31,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--size", choices=["offline", "smoke"], default="offline",
+                    help="smoke: the smoke preset's tiny GPT-2 (a check that the profile runs, not a measurement)")
     a = ap.parse_args()
-    cfg = PRESETS["offline"]
+    cfg = PRESETS[a.size]
     reviews = dataset.load_reviews(cfg.data.data, verbose=False)
     train_df, eval_df = dataset.split_reviews(reviews, cfg.data, cfg.data.split_seed)
     path = ensure_offline_models(cfg, train_df, eval_df)["policy_model"]

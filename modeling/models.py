@@ -159,6 +159,15 @@ def load_config(name: str):
     return _load(AutoConfig, name, "model config")
 
 
+def threads_key(device) -> dict:
+    """``{"torch_threads": n}``: the CPU thread count, on which fp32 sums depend on some CPUs (an AVX2-only EPYC
+    differed in the 8th digit at 1 and 2 threads); None off the CPU. Part of every cache key whose numbers it
+    changes (reference log-probs, reward models, judged pairs, SFT, held-out evaluations), so that a cached number
+    is never mixed with one made at another thread count. The self-built models are the exception: built once and
+    reused at any thread count, they record theirs in their report."""
+    return {"torch_threads": torch.get_num_threads() if torch.device(device).type == "cpu" else None}
+
+
 def machine_info(device="cpu") -> dict:
     """What a number's reproduction depends on besides the code and the data: the CPU model, the flags that
     change which kernels run, torch's CPU capability, thread count and version, and the GPU when on one."""

@@ -18,6 +18,7 @@ written; a build with the same settings is reused.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -282,6 +283,8 @@ def _built_at_other_precision(root: Path, kind: str, settings: dict) -> tuple[Pa
     its build seconds or None)."""
     same = {k: v for k, v in settings.items() if k != "precision"}
     for d in sorted(root.glob(f"{kind}-*")):
+        if not re.fullmatch(rf"{kind}-[0-9a-f]{{12}}", d.name):  # a build in progress or cut (.tmp-<pid>), a lock
+            continue
         try:
             theirs = json.loads((d / "build_settings.json").read_text())
         except (OSError, ValueError):
@@ -326,6 +329,9 @@ def ensure_offline_models(cfg, train_df, eval_df) -> dict[str, str]:
             (tmp / "build_settings.json").write_text(json.dumps(settings, indent=2))
             return b(tmp, cfg, train_df, eval_df)
 
-        with art.building():
-            art.write(build)
+        with art.building("offline") as mine:
+            if mine:
+                art.write(build)
+            else:
+                print(f"offline: reusing {art.path} (built meanwhile by another run)")
     return {name: str(art.path) for name, art in arts.items()}

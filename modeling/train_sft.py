@@ -19,7 +19,7 @@ import torch
 
 from dataset import data_fingerprint
 from modeling.lm_fitting import fit_causal_lm, heldout_lm_loss, review_token_ids
-from modeling.models import dtype_name, load_causal_lm, load_tokenizer, weights_fingerprint
+from modeling.models import dtype_name, load_causal_lm, load_tokenizer, threads_key, weights_fingerprint
 from runtime.artifacts import Artifact
 
 
@@ -30,7 +30,7 @@ def ensure_sft_model(cfg, train_df, eval_df, device, dtype) -> str:
     settings = {"sft": asdict(sc), "base": cfg.model.policy_model, "base_weights": weights_fingerprint(base),
                 "seq_len": cfg.data.max_length, "precision": dtype_name(dtype), "seed": cfg.run.seed,
                 "split_seed": cfg.data.split_seed, "n_train_reviews": len(train_df),
-                "data_fingerprint": data_fingerprint(train_df)}
+                "data_fingerprint": data_fingerprint(train_df), **threads_key(device)}
     art = Artifact(Path(cfg.run.cache_dir) / "sft", settings, done="sft_report.json")
     if art.exists():
         report = art.report()

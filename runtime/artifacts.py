@@ -12,12 +12,17 @@ for it. Free of torch.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
+
+from config import ConfigError
 
 
 def settings_key(settings, digits: int = 12) -> str:
@@ -54,58 +59,102 @@ class Artifact:
         return self.path.with_name(self.path.name + ".lock")
 
     def builder(self) -> int | None:
-        """The process id in this artifact's lock when that process is alive (another run building it), else
-        None."""
+        """The process id of another live process that holds this artifact's lock (building it), else None. The
+        lock is an ``flock`` on the lock file: the kernel drops it when its holder dies, however it dies, so a
+        killed builder's lock, or one whose process id has been reused since, holds nobody up."""
         try:
-            pid = int(self.lock_path.read_text().strip() or 0)
-        except (OSError, ValueError):
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
             return None
-        return pid if pid and pid != os.getpid() and _alive(pid) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # free: nobody builds
+            return None
+        except BlockingIOError:
+            try:
+                pid = int(os.read(fd, 32).decode().strip() or 0) or -1
+            except ValueError:
+                pid = -1
+            return None if pid == os.getpid() else pid  # this process's own lock is no other builder
+        finally:
+            os.close(fd)
 
-    def wait_for_builder(self, what: str, poll_s: float = 2.0) -> None:
+    def wait_for_builder(self, what: str, poll_s: float = 2.0, limit_s: float = 4 * 3600) -> None:
         """If another live process is building this artifact, say so in one line and wait until it is done (or
-        gone); the caller then checks :meth:`exists` again."""
+        gone), at most ``limit_s`` (then a ConfigError naming the lock); the caller then checks :meth:`exists`
+        again."""
         pid = self.builder()
         if pid is None:
             return
-        print(f"{what}: another run (process {pid}) is building {self.path}; waiting for it (lock "
-              f"{self.lock_path})", flush=True)
+        print(f"{what}: another run (process {pid}) is building {self.path}; waiting for it, at most "
+              f"{limit_s / 3600:g} h (lock {self.lock_path})", flush=True)
+        deadline = time.monotonic() + limit_s
         while self.builder() is not None:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{what}: process {pid} has held {self.lock_path} for over {limit_s / 3600:g} h "
+                                  f"while building {self.path}; stop it, or pass another --cache_dir")
             time.sleep(poll_s)
 
     @contextlib.contextmanager
-    def building(self):
-        """Hold this artifact's lock (a file with this process's id) while building it."""
+    def building(self, what: str = "build", poll_s: float = 2.0, limit_s: float = 4 * 3600):
+        """Hold this artifact's lock, exclusively, while building it: yields True when this process should build
+        (it holds the lock and the artifact is not there), False when another process built it meanwhile (this
+        one waited for it: :meth:`wait_for_builder`). Two runs started together never both build."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_path.write_text(str(os.getpid()))
+        while True:
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.wait_for_builder(what, poll_s, limit_s)
+                if self.exists():
+                    yield False
+                    return
+                continue
+            # The file locked may have been unlinked by its last holder after this process opened it: then
+            # another process may hold a lock on a new file at the same path. Lock the file that is there.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            break
         try:
-            yield
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield not self.exists()
         finally:
-            if self.lock_path.exists() and self.lock_path.read_text().strip() == str(os.getpid()):
-                self.lock_path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()  # while still holding it: a waiter then locks a new file
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, finished but not yet reaped by its parent, does not)."""
+    """Whether process ``pid`` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
+    except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): trust the signal
-        return True
+    return True
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into ``final`` so that at every moment one complete version exists on disk."""
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    # No signal between the two renames (a Ctrl-C there would leave no version at ``final``): SIGINT and SIGTERM
+    # are held back for the two system calls and delivered after them.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -117,6 +166,10 @@ def atomic_write(final: Path, write, directory: bool = False) -> None:
     directories (the self-built models, cached artifacts) alike."""
     final = Path(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    for stale in final.parent.glob(f"{glob.escape(final.name)}.tmp-*"):  # left by a killed writer: it is gone
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if directory:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -59,7 +59,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = super()._get_help_string(action)
-        return text.replace("(default: %(default)s)", "(preset: %(default)s)")
+        if action.default == "":  # a path resolved from the preset and the flags (the text says how)
+            return text.replace(" (default: %(default)s)", "")
+        return text.replace("(default: %(default)s)", "(preset: none)" if action.default == [] else
+                            "(preset: %(default)s)")
 
 
 def make_parser() -> _Parser:
@@ -73,6 +76,8 @@ def make_parser() -> _Parser:
     for action in parser._actions:  # the parser gives a boolean's --no_ flag the same text as the flag itself
         if isinstance(action, argparse._StoreFalseAction):
             action.help = f"Turn --{action.dest} off (the preset's --{action.dest}: %(default)s)."
+        elif action.nargs == "?" and action.const is True:  # a boolean: --flag alone, or --flag true|false
+            action.metavar = "true|false"
     where = {name: group for group, names in HELP_GROUPS.items() for name in names}
     groups = {g: parser.add_argument_group(g) for g in HELP_GROUPS}
     for container in list(parser._action_groups):
@@ -113,24 +118,31 @@ def parse_config(argv: list[str] | None = None) -> Config:
     sections = {name: asdict(part) for name, part in zip(SECTIONS, parts)}
     for name in nones:  # re-validated with the None in place
         sections[next(sec for sec, cls in SECTIONS.items() if name in _optional_fields(cls))][name] = None
+    given = [f for f in ("policy_model", "judge_model") if _values(argv, f)]
+    if given and sections["model"]["build_offline_models"]:  # else silently replaced by the self-built model
+        raise ConfigError(f"--{given[0]} is not used by --preset {known.preset}, which builds its own models; to "
+                          f"use yours, add --no_build_offline_models, or use --preset paper")
     return Config.from_dict(sections)
+
+
+def _values(argv: list[str], name: str) -> list[str]:
+    """What each ``--name VALUE`` / ``--name=VALUE`` (or the dashed alias) in ``argv`` gave (a bad one is the
+    parser's to report)."""
+    flags, out = (f"--{name}", f"--{name.replace('_', '-')}"), []
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in flags:
+            out.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return out
 
 
 def _fit_schedules(defaults: dict, argv: list[str]) -> None:
     """The preset's evaluation schedules fit the preset's run lengths: a shorter run asked for on the command line
     keeps the schedule's steps within it (it still evaluates at its last step). A schedule given is checked as
     given (``DPOConfig.__post_init__``)."""
-    def values(name):  # what each --name VALUE / --name=VALUE gave (a bad one is the parser's to report)
-        flags, out = (f"--{name}", f"--{name.replace('_', '-')}"), []
-        for i, a in enumerate(argv):
-            flag, eq, value = a.partition("=")
-            if flag in flags:
-                out.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
-        return out
-
     for total, schedule in (("dpo_steps", "dpo_eval_steps"), ("ppo_steps", "ppo_eval_steps")):
-        steps = values(total)
-        if steps and steps[-1].isdigit() and not values(schedule):
+        steps = _values(argv, total)
+        if steps and steps[-1].isdigit() and not _values(argv, schedule):
             defaults[schedule] = [k for k in defaults[schedule] if k <= int(steps[-1])]
 
 

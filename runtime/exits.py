@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from config import Config, ConfigError
-from runtime.run_log import FATAL, SIGNALS, StopTraining
+from runtime.run_log import FATAL, SIGNALS, StopTraining, interrupted_line
 
 
 def error_log(cfg: Config | None, rank: int, text: str) -> Path | None:
@@ -61,9 +61,7 @@ def ending(e: BaseException, cfg: Config | None, rank: int, world: int) -> int:
             error_log(cfg, rank, f"StopTraining (exit {e.code}): {e}\n")
         return e.code
     if isinstance(e, KeyboardInterrupt):  # outside a training step (loading, the reference pass, the final evaluation)
-        report(f"interrupted ({SIGNALS.name}) outside a training step, nothing half-written: a run cut before its "
-               f"first checkpoint starts over; finished runs are kept (rerun with --resume to skip them)",
-               file=sys.stderr)
+        report(interrupted_line(SIGNALS.name), file=sys.stderr)
         return SIGNALS.exit_code
     if world == 1 or not isinstance(e, Exception):
         raise e

@@ -61,6 +61,10 @@ def hub_preflight(needed: list[tuple[str, str, str]]) -> None:
         out. When every id is cached but the hub is unusable, later loads read the cache only.
     """
     global LOCAL_FILES_ONLY
+    for what, flag, name in needed:
+        if what != "dataset" and looks_local(name) and not Path(name).expanduser().is_dir():
+            raise ConfigError(f"{flag} {name}: no such directory; give a directory with a saved {what}, or a hub id "
+                              f"(such as {'distilgpt2' if flag == '--policy_model' else 'the default'})")
     ids = [(what, flag, name) for what, flag, name in needed if not looks_local(name)]
     if not ids:
         return

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,13 @@ class StopTraining(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def interrupted_line(name: str) -> str:
+    """The one line of a run interrupted outside a training step (by the main thread, or by the signal watchdog
+    while the main thread is stuck in native code)."""
+    return (f"interrupted ({name}) outside a training step, nothing half-written: a run cut before its first "
+            f"checkpoint starts over; finished runs are kept (rerun with --resume to skip them)")
 
 
 class Signals:
@@ -41,6 +50,7 @@ class Signals:
       launcher the SIGTERM that follows a peer's death must not cut the report of it."""
 
     window_s = 2.0
+    grace_s = 0.75  # how long the watchdog lets the main thread stop by itself
 
     def __init__(self):
         self.signum: int | None = None  # the first signal received, or None
@@ -50,13 +60,49 @@ class Signals:
         self._pending = False
         self._installed = False
         self._ending = False
+        self._handled_t = -float("inf")  # when the main thread last ran the handler
 
     def install(self) -> None:
-        """Take over SIGINT and SIGTERM (once; only the main thread may)."""
+        """Take over SIGINT and SIGTERM (once; only the main thread may), and start the watchdog thread."""
         if not self._installed:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._handle)
             self._installed = True
+            self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        """Python runs a signal handler in the main thread between bytecodes only: in a long native call (the
+        tokenizers' training and batch encoding, a pandas or torch operation) it would wait for the call to end,
+        seconds to minutes. The C-level handler writes each signal's number to a pipe at once (``set_wakeup_fd``);
+        this thread reads it, and when the main thread has not ended within :attr:`grace_s` of a signal that
+        should have stopped it (outside a training loop, no checkpoint being written), it prints the one line
+        and ends the process. Every file is written atomically, so nothing half-written is left to be read."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            os.close(r)
+            os.close(w)
+            return
+        threading.Thread(target=self._watch, args=(r,), name="signal-watchdog", daemon=True).start()
+
+    def _watch(self, fd: int) -> None:
+        while data := os.read(fd, 64):
+            t_read, signum, collecting = time.monotonic(), data[-1], self._collecting
+            if signum not in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(signum) != self._handle:
+                continue  # another handler's signal (this policy was replaced)
+            while time.monotonic() < t_read + self.grace_s or self._critical:
+                time.sleep(0.05)
+            # The main thread ran the handler for this signal (it stops, or a training loop checkpoints after its
+            # step), or the outcome is being reported: nothing to do. Else it is stuck in native code: end it here.
+            if collecting or self._collecting or self._ending or self._handled_t > t_read - 0.25:
+                continue
+            self._ending = True
+            print(interrupted_line(signal.Signals(self.signum or signum).name), file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            FATAL.disarm()  # not a fatal signal: peers under a launcher must not report this process as dead
+            os._exit(128 + (self.signum or signum))
 
     def reset(self) -> None:
         self.signum, self._first_t, self._pending, self._ending = None, None, False, False
@@ -66,6 +112,7 @@ class Signals:
         self._ending = True
 
     def _handle(self, signum, frame):
+        self._handled_t = time.monotonic()  # the main thread is not stuck: the watchdog leaves it be
         if self._ending:
             return
         now = time.monotonic()
@@ -245,6 +292,11 @@ def check_output_dirs(dirs: dict[str, str]) -> None:
 
     for flag, path in dirs.items():
         p = Path(path).absolute()
+        long = next((part for part in p.parts if len(part.encode()) > 255), None)  # NAME_MAX of every common FS
+        if len(str(p).encode()) >= 4096 or long:
+            raise ValueError(f"{flag} is too long a path ({len(str(p))} characters"
+                             f"{f', one name of {len(long)}' if long else ''}; the system takes 255 a name and 4095 "
+                             f"in all): give {flag} a shorter path")
         if p.exists() and not p.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory: give {flag} a directory")
         found = next(q for q in (p, *p.parents) if q.exists())

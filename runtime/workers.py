@@ -31,6 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the handler's package is found from it
 
 
+def worker_threads(cfg, jobs: int) -> int:
+    """The thread count of each worker process: ``--threads``, else 1 when there are several (0: torch's default).
+    The caller computes at the same count once the workers are done (``experiment.train_runs``), so that every
+    number of one study is made at one thread count."""
+    return cfg.model.threads or (1 if jobs > 1 else 0)
+
+
 def run_items(cfg, items: list[dict], jobs: int, handler: str, what: str, tag: str, stage: str) -> None:
     """Do ``items`` (JSON dicts, each with ``after``: the indices of the items it waits for) in up to ``jobs``
     worker processes, each passing them to ``importlib.import_module(handler).make_worker(cfg)`` (see the
@@ -43,7 +50,7 @@ def run_items(cfg, items: list[dict], jobs: int, handler: str, what: str, tag: s
 
     logs = Path(cfg.run.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    worker_cfg = cfg.replace(model={"threads": cfg.model.threads or (1 if jobs > 1 else 0)}, run={"jobs": 1})
+    worker_cfg = cfg.replace(model={"threads": worker_threads(cfg, jobs)}, run={"jobs": 1})
     threads = f"{worker_cfg.model.threads} CPU thread(s)" if worker_cfg.model.threads else "torch's default threads"
     items = [{"after": [], **item} for item in items]
     n = min(jobs, len(items))
@@ -69,12 +76,8 @@ def run_items(cfg, items: list[dict], jobs: int, handler: str, what: str, tag: s
         if done > bar.n:
             bar.update(done - bar.n)
 
-    def stop_all():  # at once: a worker that got the terminal's Ctrl-C too counts the copy once
-        for p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p, _ in procs:
-            p.wait()
+    def stop_all():
+        stop([p for p, _ in procs])
 
     try:
         while None in (codes := [p.poll() for p, _ in procs]):  # every process polled, each time
@@ -98,6 +101,23 @@ def run_items(cfg, items: list[dict], jobs: int, handler: str, what: str, tag: s
         raise StopTraining(f"{stage}: a worker process failed (exit code {code}): {said.removeprefix('error: ')} (its "
                            f"log: {log}); finished runs are kept: rerun with --resume to continue",
                            code if code in (2, 130, 143) else 1)
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 120.0) -> None:
+    """Stop worker processes: SIGTERM to each at once (a worker that got the terminal's Ctrl-C too counts the
+    copy once), then up to ``grace_s`` for each to checkpoint its run and leave, then SIGKILL for one that did
+    not: never a wait without a limit."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"study: worker process {p.pid} did not stop within {grace_s:.0f} s of SIGTERM: killed", flush=True)
+            p.kill()
+            p.wait()
 
 
 def _claim(claims: Path, i: int) -> bool:

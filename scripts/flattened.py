@@ -1,4 +1,4 @@
-"""Per run of a study: had its validation KL flattened by its last step? (docs/study.md)
+"""Per run of a study: had its validation KL flattened by its last step? (docs/studies.md)
 
     uv run scripts/flattened.py evaluation_plots/offline/results.json
 
@@ -19,6 +19,9 @@ from study.grid import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: 
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if len(sys.argv) != 2:
         print("usage: uv run scripts/flattened.py PATH/results.json (a study's)")
         return 2

@@ -42,6 +42,9 @@ def per_seed_differences(protocol: dict, a: str, b: str, k: str) -> list[np.ndar
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if len(sys.argv) != 2:
         print("usage: uv run scripts/interval_levels.py PATH/results.json (a study's, made with --sweep)")
         return 2

@@ -3,6 +3,7 @@
 # priority (as on a loaded 2-core CI machine). Prints each run's result and wall time; exits 1 at the first
 # failure, with that run's log kept in stress-<k>.log.   Usage: bash scripts/stress_distributed.sh [N]
 set -u
+case "${1:-}" in -h|--help) sed -n '2,4p' "$0" | cut -c3-; exit 0;; esac
 n=${1:-10}
 python3 -c "while True: pass" & b1=$!
 python3 -c "while True: pass" & b2=$!

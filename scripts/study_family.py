@@ -76,6 +76,9 @@ def family_pvalues(results: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
     write, tables = "--write" in argv, "--tables" in argv
     unknown = [a for a in argv if a.startswith("--") and a not in ("--write", "--tables")]
     if unknown:

@@ -61,6 +61,13 @@ def criterion(points: list[dict], ref_safety: float, bands: list[float], width: 
     return sum(b["safety"] for b in per_band.values()) / len(bands), per_band
 
 
+def choose(rows: list[dict]) -> float:
+    """The rule's choice among one method's complete candidates (``{"lr", "criterion"}`` each): the highest
+    criterion, compared to 10 decimals (a difference below that is rounding, not safety); a tie goes to the smaller
+    rate."""
+    return max(rows, key=lambda r: (round(r["criterion"], 10), -r["lr"]))["lr"]
+
+
 def report(out_dir: Path, tasks: list[dict], lrs: dict, bands: list[float], width: float) -> dict:
     ref = next((s for t in tasks if (s := reference_safety(out_dir, t["name"])) is not None), None)
     print(f"\nreference validation safety {ref:.4f}" if ref is not None else "\nno run finished yet")
@@ -81,9 +88,8 @@ def report(out_dir: Path, tasks: list[dict], lrs: dict, bands: list[float], widt
             cells = [f"{b['safety']:.3f}" + ("" if b["reached"] else " (ref)") for b in per_band.values()]
             print(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {score:.4f} | {done}/{len(mine)} |")
         rows = [r for r in table.values() if r["method"] == method and r["runs_done"] == r["runs_planned"]]
-        if len(rows) == len(rates):  # every candidate complete: the rule picks (ties to the smaller rate)
-            best = max(rows, key=lambda r: (round(r["criterion"], 10), -r["lr"]))
-            chosen[method] = best["lr"]
+        if len(rows) == len(rates):  # every candidate complete: the rule picks
+            chosen[method] = choose(rows)
     print("\nchosen: " + (json.dumps(chosen) if chosen else "none yet (a method's candidates are not all done)"))
     return {"reference_safety": ref, "bands": list(bands), "band_width": width, "candidates": table, "chosen": chosen}
 

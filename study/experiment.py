@@ -156,11 +156,18 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
     if in_processes and acc.num_processes > 1:
         raise ConfigError(f"--jobs {cfg.run.jobs} starts processes of its own; under a launcher (accelerate launch, "
                           f"torchrun) leave it at 1")
+    # Another setup's results.json is refused here, before any training, the worker processes' too.
+    kept = grid.carried_over(cfg, setup)
     if in_processes:
+        from runtime.workers import worker_threads
         from study import jobs
 
         jobs.run_in_processes(cfg, specs, cfg.run.jobs)
-    for r in grid.carried_over(cfg, setup):
+        # What this process computes from here (judged pairs read back, held-out evaluations, the final
+        # evaluation) at the workers' thread count: their cached numbers are found, and none is mixed with another
+        # thread count's (fp32 sums depend on it).
+        torch.set_num_threads(worker_threads(cfg, cfg.run.jobs))
+    for r in kept:
         model_dir = str(Path(r["metrics"]).parent)
         out.runs.append({"spec": grid.RunSpec(r["method"], r["label"], r["seed"], r["name"], {}, r["main"]),
                          "summary": {"model_dir": model_dir, **results.run_record(r)}})

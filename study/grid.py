@@ -87,7 +87,13 @@ def coverage(cfg) -> dict:
 
 
 def check_coverage(cfg) -> None:
-    """Refuse a study grid in which the methods have unequal numbers of runs or evaluations (ConfigError)."""
+    """Refuse a study grid in which the methods have unequal numbers of runs or evaluations, or whose ``--max_kl``
+    stops the runs before the top band can be reached (ConfigError)."""
+    ec = cfg.eval
+    top = max(ec.kl_bands) * (1 + ec.band_width)
+    if ec.max_kl is not None and ec.max_kl < top:
+        raise ConfigError(f"--max_kl {ec.max_kl:g} stops the study's runs before its top band ({max(ec.kl_bands):g} "
+                          f"nats, up to {top:g}) is reached: raise it to {top:g} or more, or leave it out")
     cov = coverage(cfg)
     if len(set(cov.values())) > 1:
         said = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {n} runs x {e} evaluations" for m, (n, e) in cov.items())

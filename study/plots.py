@@ -58,6 +58,11 @@ def _pm(mean: float | None, std: float | None, fmt: str) -> str:
     return fmt.format(mean) + ("" if _missing(std) else " ± " + fmt.format(std))
 
 
+# Printed under every table that puts default runs side by side: their KLs differ, so their safeties do not compare.
+KL_NOTE = ("these runs sit at different KLs (kl_to_ref): side by side they are not a comparison of the methods; the "
+           "study (--sweep) compares them at equal KL")
+
+
 def summary_table(results: dict) -> str:
     """The default single runs of the first seed (every temperature), then, for several seeds or a sweep, the
     default runs over seeds and the matched-KL table."""
@@ -77,6 +82,8 @@ def summary_table(results: dict) -> str:
     temp = str(results["eval_temperature"])
     lines.append(f"| win rate vs ref (T={temp}) | " + " | ".join(
         "{:.3f}".format(results[n]["win_rate_vs_ref"].get(temp, float("nan"))) for n in names) + " |")
+    if len(names) > 2:  # two methods side by side
+        lines.append(KL_NOTE)
     study = results.get("study", {})
     if len(study.get("seeds", [])) > 1:
         lines += ["", f"default runs over seeds {study['seeds']} (last evaluation, validation prompts; mean ± std):",
@@ -84,6 +91,7 @@ def summary_table(results: dict) -> str:
         for m, row in study["default_runs"].items():
             lines.append(f"| {LABELS[m]} | {_pm(*row['safety'], '{:.3f}')} | {_pm(*row['positive_rate'], '{:.3f}')} "
                          f"| {_pm(*row['kl'], '{:.2f}')} | {_pm(*row['train_time_s'], '{:.0f}')} |")
+        lines.append(KL_NOTE)
     if "protocol" in results:
         if "bands" in results["protocol"]:
             lines += ["", band_markdown(results)]

@@ -168,20 +168,20 @@ def heldout_result(cfg, ctx, temperature: float, run: str | None = None, step: i
 
     Cached as ``<cache_dir>/cache/heldout-<key>.json``, the key everything the numbers depend on (the weights of
     the checkpoint, the reference and the judge, the prompts, their batching, the temperature, the sampling seed,
-    the completion length, the precisions, the device type; not the thread count), so that worker processes
+    the completion length, the precisions, the device type, the CPU thread count), so that worker processes
     (``--jobs``) make them and the study reads them, and a study interrupted here continues where it stopped."""
     import json
 
     import torch
 
-    from modeling.models import dtype_name, weights_fingerprint
+    from modeling.models import dtype_name, threads_key, weights_fingerprint
     from runtime.artifacts import Artifact
 
     lm = ctx.ref_model if run is None else load_causal_lm(
         str(evaluated_dir(Path(cfg.run.output_dir) / "runs" / run, step)), ctx.device)
     settings = [weights_fingerprint(lm), weights_fingerprint(ctx.ref_model), weights_fingerprint(ctx.judge),
                 ctx.prompts, ctx.batch_size, temperature, ctx.seed, ctx.max_new_tokens, dtype_name(ctx.dtype),
-                dtype_name(ctx.judge_dtype), torch.device(ctx.device).type]
+                dtype_name(ctx.judge_dtype), torch.device(ctx.device).type, threads_key(ctx.device)]
     art = Artifact(Path(cfg.run.cache_dir) / "cache", settings, prefix="heldout-", suffix=".json", digits=16)
     if art.exists():
         return json.loads(art.path.read_text())

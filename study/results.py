@@ -24,7 +24,7 @@ def _examples(ctx, result: dict, indices: list[int]) -> list[dict]:
 
 
 TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_test_s")
-# what results.json keeps of a learned reward model's report (docs/study.md quotes its accuracies from here)
+# what results.json keeps of a learned reward model's report (docs/studies.md quotes its accuracies from here)
 RM_KEYS = ("heldout_pair_accuracy", "n_heldout_pairs", "val_pair_accuracy", "n_val_pairs", "best_step", "reused")
 
 

@@ -60,7 +60,9 @@ def test_ppo_model_and_metrics(smoke_run):
     assert rows and all(PPO_KEYS <= set(r) for r in rows)
     summary = json.loads((d / "train_summary.json").read_text())
     rm = summary["reward_model"]
-    assert 0 <= rm["heldout_pair_accuracy"] <= 1 and rm["curve"] and rm["best_step"] >= 1
+    n = rm["n_heldout_pairs"]  # an accuracy is a count of pairs out of n: a fraction that is not one is a bug
+    assert n > 0 and abs(rm["heldout_pair_accuracy"] * n - round(rm["heldout_pair_accuracy"] * n)) < 1e-6
+    assert rm["curve"] and rm["best_step"] >= 1
     assert len(list((smoke_run["dir"] / "models" / "reward_models").glob("*/rm_report.json"))) == 1
     # training time counts the reward model's training, not its held-out scoring nor PPO's evaluations
     assert summary["rm_train_s"] == rm["train_s"] and summary["train_time_s"] >= summary["rm_train_s"]
@@ -308,7 +310,10 @@ def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_interval
     # Each seed's reward model is trained once and its time charged once: to the run that trained it.
     for seed in (0, 1):
         learned = [r for r in res["runs"] if r["method"] == "ppo" and r["seed"] == seed]
-        assert len(learned) == 2 and all(0 <= r["reward_model"]["heldout_pair_accuracy"] <= 1 for r in learned)
+        assert len(learned) == 2 and all(r["reward_model"]["n_heldout_pairs"] > 0 for r in learned)
+        for r in learned:  # a count of pairs out of n_heldout_pairs
+            acc = r["reward_model"]["heldout_pair_accuracy"] * r["reward_model"]["n_heldout_pairs"]
+            assert abs(acc - round(acc)) < 1e-6
         assert [r["reward_model"]["reused"] for r in learned] == [False, True]
         assert learned[0]["rm_train_s"] > 0 and learned[1]["rm_train_s"] == 0.0
         assert len({r["reward_model"]["heldout_pair_accuracy"] for r in learned}) == 1
@@ -707,7 +712,8 @@ def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"seed0/klcoef0.1", "seed0/klcoef1", "seed0/target1"}
     assert all(len(r["points"]) == 4 for r in res["runs"].values())  # the smoke preset evaluates every iteration
-    assert "coefficients_order_the_kl_on_every_seed" in res["checks"]
+    finals = [res["runs"][f"seed0/klcoef{c}"]["final_kl"] for c in ("0.1", "1")]
+    assert res["checks"]["coefficients_order_the_kl_on_every_seed"] == (finals[0] > finals[1])
     again = script("ppo_kl_control.py", "--seeds", "0", "--coefs", "0.1", "1", "--targets", "1", "--output_dir",
                    str(tmp_path / "kl"))
     logs = "".join(p.read_text() for p in (tmp_path / "kl" / "logs").glob("train_worker*.log"))
@@ -715,19 +721,50 @@ def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs
 
     # the tuning trains the study's own grid (here: DPO at two betas, PPO and PPO-GT at the default target and
     # one fixed coefficient) at each candidate rate
-    proc = script("tune_lr.py", "--dpo_lrs", "1e-3", "--ppo_lrs", "1e-3", "--ppo_gt_lrs", "1e-3", "--sweep_betas",
-                  "0.1", "1", "--sweep_kl_coefs", "0.1", "--output_dir", str(tmp_path / "tune"), "--out",
-                  str(tmp_path / "tune.json"))
+    proc = script("tune_lr.py", "--dpo_lrs", "1e-3", "3e-3", "--ppo_lrs", "1e-3", "3e-3", "--ppo_gt_lrs", "1e-3",
+                  "3e-3", "--sweep_betas", "0.1", "1", "--sweep_kl_coefs", "0.1", "--output_dir",
+                  str(tmp_path / "tune"), "--out", str(tmp_path / "tune.json"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "tune.json").read_text())
-    assert set(res["chosen"]) == {"dpo", "ppo", "ppo_gt"} and set(res["candidates"]) == {
-        "dpo/lr0.001", "ppo/lr0.001", "ppo_gt/lr0.001"}
-    assert res["bands"] == [0.2, 0.5] and res["runs"] == [  # the smoke preset's bands; the study's runs
-        "dpo/lr0.001/beta=0.1", "dpo/lr0.001/beta=1.0", "ppo/lr0.001/target_kl=6.0", "ppo/lr0.001/kl_coef=0.1",
-        "ppo_gt/lr0.001/target_kl=6.0", "ppo_gt/lr0.001/kl_coef=0.1"]
+    assert set(res["candidates"]) == {f"{m}/lr{lr}" for m in ("dpo", "ppo", "ppo_gt") for lr in ("0.001", "0.003")}
+    assert res["bands"] == [0.2, 0.5] and res["runs"][:6] == [  # the smoke preset's bands; the study's runs
+        "dpo/lr0.001/beta=0.1", "dpo/lr0.001/beta=1.0", "dpo/lr0.003/beta=0.1", "dpo/lr0.003/beta=1.0",
+        "ppo/lr0.001/target_kl=6.0", "ppo/lr0.001/kl_coef=0.1"]
+    # the choice between two rates, recomputed from each candidate's stored validation points by the rule
+    from scripts.tune_lr import choose, criterion
+
+    for method in ("dpo", "ppo", "ppo_gt"):
+        rows = [c for c in res["candidates"].values() if c["method"] == method]
+        for c in rows:
+            points = [p for pts in c["runs"].values() for p in pts]
+            assert criterion(points, res["reference_safety"], res["bands"], res["band_width"])[0] == c["criterion"]
+        assert res["chosen"][method] == choose(rows)
     gt = json.loads((tmp_path / "tune" / "ppo_gt" / "lr0.001" / "kl_coef=0.1" / "training_config.json").read_text())
     assert gt["ppo"]["ppo_reward"] == "judge" and gt["ppo"]["ppo_gt_lr"] == 1e-3 and gt["ppo"]["init_kl_coef"] == 0.1
     bad = script("tune_lr.py", "--dpo_lrs", "1e-3", "2e-3", "--ppo_lrs", "1e-3", "--report")
     assert bad.returncode == 2 and "same number of candidate rates" in bad.stderr
     bad = script("tune_lr.py", "--ppo_eval_every", "2", "--report")  # PPO 2 evaluations, DPO 4
     assert bad.returncode == 2 and "equal coverage" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_jobs_refuse_another_setup_before_any_worker_trains(tmp_path, smoke_run):
+    """``--jobs 2`` with ``--ppo-only``: a results.json of another setup is refused in one line before the worker
+    processes start (they trained the whole grid first, and the refusal came after)."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    common = [*SMOKE, "--output_dir", str(tmp_path / "models"), "--plots_dir", str(tmp_path / "plots")]
+    dpo = run_main(*common, "--dpo-only", "--dpo_steps", "4")
+    assert dpo.returncode == 0, dpo.stderr[-2000:]
+    before = (tmp_path / "plots" / "results.json").read_bytes()
+    other = run_main(*common, "--ppo-only", "--sweep", "--seeds", "1", "--jobs", "2")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
+    assert "another setup" in other.stderr
+    assert not list((tmp_path / "models" / "logs").glob("train_worker*.log")), "no worker was started"
+    assert (tmp_path / "plots" / "results.json").read_bytes() == before
+
+
+def test_runs_at_different_kls_side_by_side_are_said_not_to_be_a_comparison(smoke_run):
+    from study.plots import KL_NOTE
+
+    out = smoke_run["proc"].stdout
+    assert "| kl_to_ref |" in out and out.count(KL_NOTE) == 1

@@ -15,15 +15,26 @@ def test_the_plan_makes_what_runs_share_before_the_runs_that_share_it():
     cfg = PRESETS["smoke"].replace(run={"sweep": True}, dpo={"pair_source": "generated"})
     specs = study_runs(cfg, [0, 1])
     items = plan(cfg, specs, build_models=True)
-    what = [(i["what"], i.get("seed", i.get("spec", {}).get("seed"))) for i in items]
-    assert what[:7] == [("models", None), ("pairs", 0), ("pairs", 1), ("reference_logps", 0), ("reward_model", 0),
-                        ("reference_logps", 1), ("reward_model", 1)]
-    assert items[1]["after"] == [0] and items[4]["after"] == [0, 1]
-    runs = items[7:]
+
+    def seed(i):
+        return i.get("seed", i.get("spec", {}).get("seed"))
+
+    def where(what, s=None):  # the indices of the items of a kind (and seed)
+        return [k for k, i in enumerate(items) if i["what"] == what and (s is None or seed(i) == s)]
+
+    models = where("models")
+    assert models == [0] and items[0]["after"] == []
+    for s in (0, 1):
+        pairs, shared = where("pairs", s), where("reference_logps", s) + where("reward_model", s)
+        assert len(pairs) == 1 and len(shared) == 2 and items[pairs[0]]["after"] == models
+        for k in shared:  # what the seed's runs share waits for the models and the seed's own pairs, no more
+            assert items[k]["after"] == models + pairs
+        for k in where("run", s):  # a run waits for all that, and comes after it in the list
+            assert sorted(items[k]["after"]) == sorted(models + pairs + shared) and k > max(items[k]["after"])
+    runs = [items[k] for k in where("run")]
     assert sorted(i["spec"]["name"] for i in runs) == sorted(s.name for s in specs)
-    assert [i["spec"]["method"] for i in runs].index("dpo") == len(runs) - 4  # 2 DPO runs a seed, last
-    for i in runs:
-        assert i["after"] == ([0, 1, 3, 4] if i["spec"]["seed"] == 0 else [0, 2, 5, 6])
+    methods = [i["spec"]["method"] for i in runs]
+    assert "dpo" in methods and set(methods[methods.index("dpo"):]) == {"dpo"}  # DPO's runs (the shortest) last
     # review pairs, PPO-GT alone (--ppo-only --ppo_reward judge): no pairs, no reward model, nothing to wait for
     cfg = PRESETS["smoke"].replace(run={"ppo_only": True}, ppo={"ppo_reward": "judge"})
     assert [(i["what"], i["after"]) for i in plan(cfg, study_runs(cfg, [0, 1]))] == [("run", [])] * 2
@@ -73,3 +84,21 @@ def test_a_failing_worker_stops_the_study_in_one_line_naming_its_log(smoke_run, 
     assert len(lines) == 1 and "a worker process failed" in lines[0] and "worker" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "plots" / "results.json").exists()
+
+
+def test_stopping_workers_has_a_limit():
+    """A worker that does not leave on SIGTERM (stuck in native code, say) is killed after the grace period:
+    the caller never waits on a worker without a limit (it waited forever)."""
+    import subprocess
+    import sys
+    import time
+
+    from runtime.workers import stop
+
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(60)")
+    stuck = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert stuck.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    stop([stuck], grace_s=0.5)
+    assert stuck.returncode == -9 and time.monotonic() - t0 < 10

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval_utils import generate, judge_scores
-from modeling.models import dtype_name, weights_fingerprint
+from modeling.models import dtype_name, threads_key, weights_fingerprint
 from runtime.artifacts import Artifact
 
 N_HELDOUT = 512  # held-out pairs: the reward model's test (it scores at most this many)
@@ -45,7 +45,7 @@ def generated_data(cfg, data, ctx):
             "heldout": [p["prompt"] for p in data.eval_pairs[:N_HELDOUT]]}
     settings = [weights_fingerprint(ctx.ref_model), weights_fingerprint(ctx.judge), dtype_name(ctx.dtype),
                 dtype_name(ctx.judge_dtype), torch.device(ctx.device).type,
-                k, n_tokens, seed, sets]
+                k, n_tokens, seed, sets, threads_key(ctx.device)]
     art = Artifact(Path(cfg.run.cache_dir) / "cache", settings, prefix="generated_pairs-", suffix=".json", digits=16)
     if art.exists():
         pairs = json.loads(art.path.read_text())

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from eval_utils import judge_logits
 from modeling.batching import response_batch
-from modeling.models import autocast, dtype_name
+from modeling.models import autocast, dtype_name, threads_key
 from runtime.artifacts import Artifact
 from runtime.run_log import strict_json
 from runtime.run_utils import gather_share, local_share, mean_over_processes, padded_share, step_indices
@@ -57,7 +57,7 @@ def train_reward_model(cfg, data, ctx):
     settings = {"base": cfg.model.policy_model, "steps": pc.rm_steps, "batch": pc.rm_batch_size, "lr": pc.rm_lr,
                 "weight_decay": pc.rm_weight_decay,
                 "eval_every": pc.rm_eval_every, "patience": pc.rm_patience, "seed": cfg.run.seed,
-                "precision": dtype_name(ctx.dtype),
+                "precision": dtype_name(ctx.dtype), **threads_key(device),
                 "pairs": hashlib.sha256(json.dumps([data.train_pairs, data.val_pairs]).encode()).hexdigest()[:16]}
     art = Artifact(Path(cfg.run.cache_dir) / "reward_models", settings, done="rm_report.json")
     if art.exists():
