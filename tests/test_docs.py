@@ -30,3 +30,51 @@ def test_readme_is_short_with_the_quick_start_and_the_headline_first():
     assert heads.index("## Headline result") < heads.index("## Quick start")  # the claim first, then how to run it
     for page in (ROOT / "docs").glob("*.md"):
         assert len(page.read_text().splitlines()) <= 600, page.name
+
+
+def _comparison_tables(text: str) -> list[list[str]]:
+    """Every markdown table of paired comparisons (header ``| comparison | band ...``), as lists of rows."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("| comparison | band"):
+            current = [line]
+            tables.append(current)
+        elif current is not None and line.startswith("|"):
+            current.append(line)
+        else:
+            current = None
+    return tables
+
+
+def test_readme_result_tables_are_what_the_family_script_prints():
+    """README's Key results tables are the output of the command printed above them: a change to either results
+    file, to the analysis or to README that makes them differ fails here."""
+    import subprocess
+    import sys
+
+    files = ["docs/frontier_review_pairs/results.json", "docs/frontier_generated_pairs/results.json"]
+    proc = subprocess.run([sys.executable, "scripts/study_family.py", *files, "--tables"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "all equal" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    printed = _comparison_tables(proc.stdout)
+    assert len(printed) == 2 and all(len(t) == 17 for t in printed)  # 2 settings x (header, rule, 15 comparisons)
+    assert _comparison_tables((ROOT / "README.md").read_text()) == printed
+    readme = (ROOT / "README.md").read_text()
+    assert "uv run scripts/study_family.py docs/frontier_review_pairs/results.json" in readme  # the command beside
+
+
+def test_no_committed_text_holds_an_absolute_path():
+    """Committed text and JSON name paths relative to the repository (or none): a machine's own paths (its
+    checkouts, its temporary directories) mean nothing elsewhere."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [f for f in files if f.endswith((".md", ".json", ".txt", ".toml", ".yaml", ".py", ".sh"))]
+    pattern = re.compile(r"(?<![\w.~])/(home|work|tmp|root|Users|mnt|private|var/folders)/[\w.-]+")
+    found = []
+    for f in texts:
+        for n, line in enumerate((ROOT / f).read_text(errors="replace").splitlines(), 1):
+            if (m := pattern.search(line)) and not f.startswith("tests/"):  # tests make and name their own temp paths
+                found.append(f"{f}:{n}: {m.group(0)}")
+    assert texts and not found, found
