@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, argv)
     except BaseException as e:
         # The outcome is decided: a signal from now on (under a launcher, the SIGTERM that follows a peer's death,
-        # landing mid-report) must not cut the one line that says what happened.
-        SIGNALS.end()
+        # landing mid-report) must not cut the one line that says what happened. A plain store, not a call
+        # (run_log.Signals.end says why).
+        SIGNALS.ending = True
         if isinstance(e, SystemExit):  # --help, or argparse's own exit
             raise
         return ending(e, cfg, rank, world)

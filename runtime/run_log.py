@@ -59,7 +59,7 @@ class Signals:
         self._critical = 0
         self._pending = False
         self._installed = False
-        self._ending = False
+        self.ending = False
         self._handled_t = -float("inf")  # when the main thread last ran the handler
 
     def install(self) -> None:
@@ -96,24 +96,28 @@ class Signals:
                 time.sleep(0.05)
             # The main thread ran the handler for this signal (it stops, or a training loop checkpoints after its
             # step), or the outcome is being reported: nothing to do. Else it is stuck in native code: end it here.
-            if collecting or self._collecting or self._ending or self._handled_t > t_read - 0.25:
+            if collecting or self._collecting or self.ending or self._handled_t > t_read - 0.25:
                 continue
-            self._ending = True
+            self.ending = True
             print(interrupted_line(signal.Signals(self.signum or signum).name), file=sys.stderr, flush=True)
             sys.stdout.flush()
             FATAL.disarm()  # not a fatal signal: peers under a launcher must not report this process as dead
             os._exit(128 + (self.signum or signum))
 
     def reset(self) -> None:
-        self.signum, self._first_t, self._pending, self._ending = None, None, False, False
+        self.signum, self._first_t, self._pending, self.ending = None, None, False, False
 
     def end(self) -> None:
-        """The process is ending (its outcome decided, being reported): signals from now on are dropped."""
-        self._ending = True
+        """The process is ending (its outcome decided, being reported): signals from now on are dropped. Where a
+        signal may already be on its way (the first statement of an ``except`` that reports), set :attr:`ending`
+        with a plain store instead: Python runs a pending handler at a call's entry, so ``end()`` itself could
+        raise the very interrupt it is meant to drop (seen once under a launcher, whose SIGINT to rank 0 followed
+        rank 1's death)."""
+        self.ending = True
 
     def _handle(self, signum, frame):
         self._handled_t = time.monotonic()  # the main thread is not stuck: the watchdog leaves it be
-        if self._ending:
+        if self.ending:
             return
         now = time.monotonic()
         if self._first_t is not None and now - self._first_t < self.window_s:

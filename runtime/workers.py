@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
         work(argv[0])
         return 0
     except BaseException as e:
-        SIGNALS.end()
+        SIGNALS.ending = True  # a plain store, not a call (run_log.Signals.end says why)
         return ending(e, None, 0, 1)
 
 
