@@ -65,7 +65,7 @@ RANGES = {
                      "ppo_mini_batch_size", "ppo_epochs", "kl_horizon", "ppo_eval_every", "ppo_eval_steps"), _COUNT),
     **dict.fromkeys(("rm_weight_decay", "ppo_weight_decay"), (0, 1, False, True)),
     "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
-    "init_kl_coef": _NONNEG, "target_kl": _POS,
+    "init_kl_coef": _NONNEG, "target_kl": _POS, "kl_damping": _NONNEG,
     # evaluation
     "n_eval_prompts": _COUNT, "n_val_prompts": _NONNEG, "eval_batch_size": _COUNT, "eval_temperature": _POS,
     "temperatures": _POS,
@@ -285,19 +285,26 @@ class PPOConfig:
     vf_coef: float = _f(0.1, "Weight of the value loss.")
     gamma: float = _f(1.0, "Discount factor.")
     gae_lambda: float = _f(0.95, "GAE lambda.")
-    kl_penalty: Literal["sampled", "exact"] = _f(
-        "sampled", "How the KL to the reference is penalised. sampled: -kl_coef x the sampled token's log-ratio in "
-                   "every token's reward (Ziegler et al. 2019, TRL). exact: the rewards are the score alone, and "
-                   "kl_coef x the exact KL over the vocabulary, summed over the response's tokens, is a term of "
-                   "the loss, so its pull toward the reference is neither sampled noise nor whitened away.")
-    init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the KL penalty.")
+    kl_penalty: Literal["full", "sampled", "loss"] = _f(
+        "full", "How the KL to the reference enters; PPO maximises E[score] - kl_coef x KL (docs/method.md). full: "
+                "-kl_coef x the exact KL over the vocabulary at each token's state in that token's reward, plus "
+                "that KL's own gradient as a loss term on the policy term's scale. sampled: -kl_coef x the sampled "
+                "token's log-ratio in the reward (Ziegler et al. 2019). loss: a variant, not PPO as the field runs "
+                "it: the rewards are the score alone and kl_coef x the exact KL (per-token mean) is a loss term only "
+                "(GRPO, OpenRLHF's --use_kl_loss).")
+    init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the KL penalty: reward units per nat of "
+                                  "sequence KL (loss: per nat per token, against whitened advantages).")
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
-    kl_hold: bool = _f(False, "Hold the adaptive coefficient at init_kl_coef until the KL first reaches "
-                       "target_kl (anti-windup: PPO's KL rises over tens of iterations, and the controller "
-                       "would otherwise lower the coefficient all the while, so the KL overshoots). Start "
-                       "init_kl_coef at or below the coefficient that holds the target.")
+    kl_hold: bool = _f(True, "Hold the adaptive coefficient at init_kl_coef until the KL first reaches target_kl, "
+                       "then adapt both ways (anti-windup: PPO's KL rises over tens of iterations, and Ziegler et "
+                       "al.'s controller would lower the coefficient all the while, so the KL overshoots). Start "
+                       "init_kl_coef below the coefficient that holds the target, so that the KL gets there.")
+    kl_damping: float = _f(4.0, "Proportional gain of the adaptive controller on the log coefficient: kl_coef = "
+                           "its integral x exp(kl_damping x e), e the clipped relative KL error; 0 is Ziegler et "
+                           "al.'s integral-only controller, which overshoots and oscillates (PPO's KL answers its "
+                           "coefficient over tens of iterations: docs/ppo_kl_control.md).")
     ppo_eval_every: int = _f(8, "Evaluate on the validation prompts every this many iterations (and at "
                              "the end): the study's checkpoints.")
     ppo_eval_steps: list[int] = _f([], "Evaluate at these iterations (and at the end) instead of every "
@@ -497,31 +504,27 @@ def _preset(name: str) -> Config:
                           dpo_eval_steps=[10, 12, 14, 16, 18, 20, 25, 30, 40, 60, 80, 100, 120, 140, 180]),
             # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out).
             # 40 iterations, not 20: at 20, 7 of the 8 PPO and PPO-GT runs of a seed-0 study were still moving their
-            # validation KL by more than 10% over their last fifth. The exact KL penalty: with the sampled one the
-            # coefficient could not hold the KL down (coefficient 5 drifted to 3.1 nats in 40 iterations, seed 0),
-            # with the exact one the coefficient sets it, 0.0003 to 0.1 spanning about 0.5 to 12 nats in 40
-            # iterations (docs/ppo_kl_control.md). The adaptive controller holds its start until the KL first
-            # reaches the target (Ziegler et al.'s update lowered the coefficient through the slow rise, and the
-            # KL overshot 6 nats to 10-11), starting at 0.003, which reaches 6 nats in 22-30 iterations, and
-            # may then move 10% an iteration (kl_horizon 128 rollouts).
+            # validation KL by more than 10% over their last fifth. PPO is every preset's: the exact KL in the
+            # reward with its loss term (--kl_penalty full). On seed 0 its coefficient sets its KL, 0.01 to 1
+            # ending at 15.9 to 0.59 nats (docs/ppo_kl_control.md, 3 seeds). The adaptive run holds 0.02, which
+            # reaches 8 nats in about 22 iterations, until the KL first gets there (Ziegler et al.'s update alone
+            # lowers the coefficient through the slow rise, and the KL overshoots), then adapts it both ways.
             # The frontier grid: the adaptive run targets 8 nats (a band's centre: it holds there once reached), and
             # 16 evaluations over the 40 iterations, every iteration from 2 to 6 (PPO-GT passes 1 nat at iterations
-            # 3-4) and every second from 20 to 24 (at 0.0003 and 1e-4 PPO went from 7.3 to 15.3 nats in those 4
-            # iterations; at the tuned rates, PPO's 0.0003 run was at 10.7 and 13.6 nats at iterations 28 and 32,
-            # PPO-GT's at 9.6 and 12.0 at 20 and 22: docs/tuning.md).
+            # 3-4) and every second from 20 to 24 (where the smallest coefficient's KL moves fastest).
             ppo=PPOConfig(rm_steps=400, rm_batch_size=32, rm_lr=3e-4, rm_eval_every=50, rm_patience=3,
-                          ppo_steps=40, ppo_lr=5e-5, ppo_gt_lr=1e-4, kl_penalty="exact", init_kl_coef=0.003,
-                          target_kl=8.0, kl_horizon=128, kl_hold=True, ppo_eval_every=10,
+                          ppo_steps=40, ppo_lr=5e-5, ppo_gt_lr=1e-4, init_kl_coef=0.02,
+                          target_kl=8.0, kl_horizon=128, ppo_eval_every=10,
                           ppo_eval_steps=[2, 3, 4, 5, 6, 8, 10, 12, 14, 17, 20, 22, 24, 28, 32]),
             # The study's grid gives every method 3 runs of 16 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at
-            # the adaptive target 8 and the fixed coefficients 0.0003 and 0.01 (on the tuning seed at 1e-4, 0.01
-            # stays below 1.6 nats in 24 iterations, 0.0003 passes 12 by iteration 24). --max_kl 14.4, the largest
+            # the adaptive target 8 and the fixed coefficients 0.01 and 0.3 (seed 0: 0.01 passes 12 nats at
+            # iteration 28, 0.3 ends below 2; the frontier issue re-chooses this grid). --max_kl 14.4, the largest
             # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the
             # secondary reading. 1,024 held-out prompts per seed for the reported numbers; each evaluation during
             # training on 256 of the 512 validation prompts, for the time budget (docs/grid_history.md).
             eval=EvalConfig(n_eval_prompts=1024, n_val_prompts=256, eval_batch_size=256,
                             matched_kls=[1.0, 2.0, 4.0, 6.0], sweep_betas=[0.05, 0.1, 1.0],
-                            sweep_kl_coefs=[0.0003, 0.01], max_kl=14.4),
+                            sweep_kl_coefs=[0.01, 0.3], max_kl=14.4),
             run=RunConfig(preset="offline"))
     if name == "quick":
         # A first run worth looking at on a 2-core CPU in under 3 minutes, model builds included (README, Quick start):

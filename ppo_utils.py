@@ -40,26 +40,27 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, sum_over_processes=None, return_
     return (out * m, torch.stack([n, mean, var])) if return_stats else out * m
 
 
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards r_t = -kl_coef * (log pi - log pi_ref), plus the sequence score on the last token.
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> torch.Tensor:
+    """Per-token rewards r_t = -kl_coef * kl_t, plus the sequence score on the last response token.
 
-    Eq. 2 of Ziegler et al. 2019: R(x, y) = r(x, y) - kl_coef * log(pi(y|x) / pi_ref(y|x)), spread over
-    tokens (the paper's beta; DPO's beta is another quantity).
+    Eq. 2 of Ziegler et al. 2019, R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)), spread over the tokens
+    (``kl_coef`` is that beta, in reward units per nat of sequence KL; DPO's beta is another quantity). ``kl``
+    is either the sampled token's log-ratio, log pi(y_t) - log pi_ref(y_t) (the paper's; TRL's k1), or the exact
+    KL over the vocabulary at the state that emitted y_t (:func:`exact_kl`; TRL's legacy ``kl_penalty="full"``).
+    Either sums, in expectation, to the sequence KL.
     Args:
         scores: (B,) reward-model (or judge) score of each full completion.
-        logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the rollout policy / reference.
-        mask: (B, T) response mask.
+        kl: (B, T) per-token KL estimate; mask: (B, T) response mask.
     Returns:
-        (rewards, kl), each (B, T) and zero on padding; kl is the per-token log-ratio.
+        (B, T) rewards, zero on padding.
     """
-    m = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * m
-    rewards = -kl_coef * kl
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
     # The score belongs to the whole sequence: put it on the last non-padding response token.
     last = (mask.long().sum(1) - 1).clamp(min=0)
     rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
-    return rewards * m, kl
+    return rewards * m
 
 
 def exact_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -133,18 +134,63 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask, dim=1)
 
 
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, token_kl: torch.Tensor | None, mask: torch.Tensor,
+             clip_coef: float, vf_clip_coef: float, vf_coef: float, kl_loss_coef: float) -> dict[str, torch.Tensor]:
+    """PPO's loss per example: ``pg_loss + vf_coef * v_loss + kl_loss_coef * kl_loss``, each a per-token mean.
+
+    ``kl_loss`` is the masked token mean of ``token_kl`` (B, T), the exact KL to the reference at each response
+    token's state under the policy being updated (:func:`exact_kl`, differentiable), or 0 when ``token_kl`` is None.
+    Where the KL is also in the rewards (``--kl_penalty full``) this term adds what a policy gradient cannot see: a
+    reward reaches the policy only through the actions before it, so KL_t in the reward credits the actions that
+    led to state t, and grad KL_t at that state is this term's. Its weight is then beta / sigma, sigma the
+    advantages' whitening scale (:func:`whitening_std`): the policy term is a token mean of advantages divided by
+    sigma, and the two must sum to a gradient of E[score] - beta * KL. Alone (``--kl_penalty loss``, the GRPO
+    style) it is a penalty beside the policy term, in nats per token against whitened advantages.
+    Args:
+        logprobs, values: (B, T) under the policy being updated; old_logprobs, old_values: (B, T) at rollout.
+        advantages, returns: (B, T); mask: (B, T).
+    Returns:
+        ``loss`` (B,) and its terms ``pg_loss``, ``v_loss``, ``kl_loss`` (B,), with ``approx_kl`` and ``clipfrac``
+        (:func:`policy_loss`).
+    """
+    pg = policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef)
+    v_loss = value_loss(values, old_values, returns, mask, vf_clip_coef)
+    kl_loss = masked_mean(token_kl, mask, dim=1) if token_kl is not None else torch.zeros_like(v_loss)
+    return {**pg, "v_loss": v_loss, "kl_loss": kl_loss,
+            "loss": pg["pg_loss"] + vf_coef * v_loss + kl_loss_coef * kl_loss}
+
+
+def whitening_std(white_stats: torch.Tensor) -> float:
+    """The scale :func:`whiten` divided by, sqrt(variance + 1e-8), from its ``return_stats`` (count, mean, var)."""
+    return math.sqrt(float(white_stats[2]) + 1e-8)
+
+
+def kl_loss_coef(kl_penalty: str, kl_coef: float, adv_std: float) -> float:
+    """The weight of :func:`ppo_loss`'s ``kl_loss`` under each ``--kl_penalty``: ``full``, kl_coef / adv_std (the
+    policy term's scale: the advantages are divided by ``adv_std``, :func:`whitening_std`; 1 without whitening);
+    ``loss``, kl_coef itself; ``sampled``, 0 (the sampled log-ratio's gradient is all in the rewards)."""
+    return {"full": kl_coef / adv_std, "loss": kl_coef, "sampled": 0.0}[kl_penalty]
+
+
 class AdaptiveKLController:
-    """Adaptive KL coefficient (Sec. 2.2, Ziegler et al. 2019): kl_coef <- kl_coef * (1 + K * e), where
-    e = clip(KL / target - 1, -0.2, 0.2) and K = n_steps / horizon.
+    """Adaptive KL coefficient: Ziegler et al.'s controller (Sec. 2.2, 2019; TRL's) with a proportional term.
+
+    Ziegler et al. integrate the clipped relative error e = clip(KL / target - 1, -0.2, 0.2) into the coefficient,
+    base <- base * (1 + K * e) with K = n_steps / horizon. PPO's KL answers its coefficient only over tens of
+    iterations, so that integral alone overshoots and oscillates (docs/ppo_kl_control.md: from target 2, the KL
+    swung between 1.3 and 3.5 nats at horizon 32; at 128 it is too slow to stop a rising KL). ``damping`` adds a
+    proportional term on the log coefficient, kl_coef = base * exp(damping * e): it answers the error at once and
+    damps the loop (PI control; 0 is Ziegler et al.'s).
 
     ``hold=True`` keeps the coefficient at its start until the KL first reaches the target (conditional
-    integration, the usual anti-windup). PPO's KL takes tens of iterations to rise; integrating the error of that
-    rise winds the coefficient far below the one that holds the target, and the KL then overshoots it
-    (docs/ppo_kl_control.md: target 6 overshot to 10-11 nats). With the hold, start at or below the coefficient
-    that holds the target, so that the KL gets there."""
+    integration, the usual anti-windup): integrating the error of PPO's slow rise would wind the coefficient far
+    below the one that holds the target, and the KL would then overshoot it. Start below the coefficient that
+    holds the target, so that the KL gets there."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int, hold: bool = False):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, hold: bool = False, damping: float = 0.0):
+        self.value = self.base = init_kl_coef
+        self.target, self.horizon, self.damping = target, horizon, damping
         self.reached = not hold  # whether the update runs (always without the hold)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -152,13 +198,15 @@ class AdaptiveKLController:
         if not self.reached:
             return
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + error * n_steps / self.horizon
+        self.base *= 1 + error * n_steps / self.horizon
+        self.value = self.base * math.exp(self.damping * error)
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "reached": self.reached}
+        return {"value": self.value, "base": self.base, "reached": self.reached}
 
     def load_state_dict(self, d: dict) -> None:
         self.value, self.reached = d["value"], d.get("reached", self.reached)
+        self.base = d.get("base", self.value)
 
 
 class FixedKLController:
@@ -177,10 +225,10 @@ class FixedKLController:
         self.value = d["value"]
 
 
-def kl_controller(init_kl_coef: float, target: float | None, horizon: int, hold: bool = False):
-    """The fixed controller when ``target`` is None, else the adaptive one (``hold``: see its docstring)."""
+def kl_controller(init_kl_coef: float, target: float | None, horizon: int, hold: bool = False, damping: float = 0.0):
+    """The fixed controller when ``target`` is None, else the adaptive one (``hold``, ``damping``: its docstring)."""
     return (FixedKLController(init_kl_coef) if target is None
-            else AdaptiveKLController(init_kl_coef, target, horizon, hold))
+            else AdaptiveKLController(init_kl_coef, target, horizon, hold, damping))
 
 
 def sampling_logp_gap(sampled_logps: list[list[float]], logprobs: torch.Tensor) -> float:

@@ -1,5 +1,12 @@
-"""The RLHF baseline: PPO with GAE and a per-token KL penalty to the frozen reference (Ziegler et al. 2019;
-Stiennon et al. 2020), on the reward of ``training/reward_model.py``. ``train(cfg, data, ctx)``.
+"""The RLHF baseline: PPO with GAE and the KL to the frozen reference in every token's reward (Ziegler et al. 2019;
+Stiennon et al. 2020; InstructGPT; TRL), on the reward of ``training/reward_model.py``. ``train(cfg, data, ctx)``.
+
+It maximises E[score] - kl_coef * KL(pi || pi_ref) of the whole response (kl_coef in reward units per nat).
+``--kl_penalty`` says how the KL enters: ``full`` (every preset's), each token's reward is -kl_coef x the exact KL
+over the vocabulary at its state, and that KL's own gradient is a loss term on the policy term's scale
+(``ppo_utils.ppo_loss``); ``sampled``, Ziegler et al.'s -kl_coef x the sampled token's log-ratio; ``loss``, a
+variant, not the field's PPO: the rewards are the score alone and the exact KL is a loss term only (GRPO's and
+OpenRLHF's ``--use_kl_loss``), which drops the effect of an action on the KL of the states after it.
 
 Value function: a linear value head on the policy's own last hidden state (``ResponseLogProbs(value_head=True)``,
 as TRL's original PPOTrainer and Ziegler et al. do), not a separate value model. On a CPU that halves the
@@ -22,11 +29,12 @@ from ppo_utils import (
     exact_kl,
     gae,
     kl_controller,
+    kl_loss_coef,
     kl_penalized_rewards,
-    policy_loss,
+    ppo_loss,
     sampling_logp_gap,
-    value_loss,
     whiten,
+    whitening_std,
 )
 from runtime.run_utils import (
     fsdp_world,
@@ -38,6 +46,10 @@ from runtime.run_utils import (
 )
 from training.lifecycle import RunContext, TrainingRun
 from training.reward_model import reward_function
+
+# metrics.jsonl's loss keys and the :func:`ppo_utils.ppo_loss` terms they average
+LOGGED = {"losses/policy_loss": "pg_loss", "losses/value_loss": "v_loss", "losses/approx_kl": "approx_kl",
+          "losses/clipfrac": "clipfrac", "losses/kl_loss": "kl_loss"}
 
 
 def _model_args(b) -> tuple:
@@ -87,18 +99,32 @@ def response_logps_values_kl(policy: ResponseLogProbs, b, ref_logps: torch.Tenso
     return token_logps[:, P:], values[:, P:], kl[:, P:]
 
 
-def minibatch_forward(policy, mb: dict, mb_idx, mb_mask, rows, ref_vocab):
-    """The policy's response log-probs and values on a minibatch, both ``(mb, T)``, and each response's KL loss
-    term: with the exact penalty (``ref_vocab``, the batch's reference distributions, and ``rows``, each state's
-    row in it: :func:`state_rows`) the sum over its tokens of the exact per-state KL to the reference, ``(mb,)``:
-    the sequence KL, which the sampled penalty also charges (there against raw scores, here against whitened
-    advantages); with the sampled penalty a zero ``(1,)``, the penalty being in the rewards."""
+def rollout_pass(policy: ResponseLogProbs, ref: ResponseLogProbs, b, kl_penalty: str):
+    """The rollout's no-grad pass: the policy's (B, T) log-probs and values, the reference's vocabulary log-probs at
+    the batch's response states ((N, V), :func:`reference_pass`; None with the sampled penalty), and (B, T) each
+    token's KL to the reference, zero on padding: the exact KL over the vocabulary at the state that emitted it
+    (``full`` and ``loss``), or the sampled token's log-ratio (``sampled``). Policy and reference run the same
+    forward pass on the same batch, so at the reference every KL is exactly 0."""
+    mask = b["response_mask"].float()
+    ref_logprobs, ref_vocab = reference_pass(ref, b, vocab=kl_penalty != "sampled")
     if ref_vocab is None:
-        new_logprobs, new_values = response_logps_values(policy, mb)
-        return new_logprobs, new_values, torch.zeros(1, device=mb_mask.device)
+        logprobs, values = response_logps_values(policy, b)
+        kl = logprobs - ref_logprobs
+    else:
+        logprobs, values, kl = response_logps_values_kl(policy, b, ref_vocab)
+    return logprobs, values.float() * mask, ref_vocab, kl.float() * mask
+
+
+def minibatch_forward(policy, mb: dict, mb_idx, rows, ref_vocab):
+    """The policy's response log-probs and values on a minibatch, both ``(mb, T)``, and, with the exact KL
+    (``ref_vocab``, the batch's reference distributions, and ``rows``, each state's row in it: :func:`state_rows`),
+    ``(mb, T)`` the exact per-state KL to the reference with its gradient, for :func:`ppo_utils.ppo_loss`'s KL
+    term; None with the sampled penalty, which is all in the rewards."""
+    if ref_vocab is None:
+        return (*response_logps_values(policy, mb), None)
     mb_rows = rows[mb_idx]
     new_logprobs, new_values, token_kl = response_logps_values_kl(policy, mb, ref_vocab[mb_rows[mb_rows >= 0]])
-    return new_logprobs, new_values, (token_kl.float() * mb_mask).sum(1)
+    return new_logprobs, new_values, token_kl.float()
 
 
 def iteration_row(stats: dict, scores, kl, mask, prompts, kl_coef: float, next_kl_coef: float, seq_kl: float,
@@ -135,7 +161,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr, eps=1e-5, weight_decay=pc.ppo_weight_decay)
     policy, optimizer = acc.prepare(policy, optimizer)
     ref = ResponseLogProbs(ctx.ref_model)
-    kl_ctl = kl_controller(pc.init_kl_coef, pc.target_kl, pc.kl_horizon, pc.kl_hold)
+    kl_ctl = kl_controller(pc.init_kl_coef, pc.target_kl, pc.kl_horizon, pc.kl_hold, pc.kl_damping)
     # PPO's training time starts with its reward model's, the stage DPO does without (0 s when reused).
     rm_train_s = rm_report["train_s"] if rm_report else 0.0
     run.begin(policy, {"kl_ctl": kl_ctl}, setup_s=rm_train_s)
@@ -155,41 +181,35 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
         b = rollout_batch(prompts, responses, tok.pad_token_id, device)
         mask = b["response_mask"].float()
         with torch.no_grad(), autocast(device, ctx.dtype):
-            old_logprobs, old_values = response_logps_values(policy, b)
-            ref_logprobs, ref_vocab = reference_pass(ref, b, vocab=pc.kl_penalty == "exact")
-        rows = state_rows(b) if ref_vocab is not None else None  # the exact penalty's lookup only
-        old_values = old_values.float() * mask
-        # The KL term's log-probs come from a second pass, not from sampling: their gap is measured, not assumed.
+            old_logprobs, old_values, ref_vocab, kl = rollout_pass(policy, ref, b, pc.kl_penalty)
+        rows = state_rows(b) if ref_vocab is not None else None  # the exact KL's lookup only
+        # The KL's log-probs come from a second pass, not from sampling: their gap is measured, not assumed.
         logp_gap = mean_over_processes(sampling_logp_gap(gen_logps, old_logprobs), acc)
         run.lap("logps")
 
-        # --- score, then advantages (whitened over the global batch) ---
+        # --- score, then rewards -kl_coef * KL_t + score at the end, and advantages whitened over the global batch ---
         scores = score_fn(prompts, responses).to(device)
         run.lap("score")
-        # sampled: the KL penalty is a per-token reward, -kl_coef * log-ratio of the sampled token (Ziegler et al.);
-        # exact: the rewards are the score alone and the penalty is a loss term below, the exact KL over the
-        # vocabulary with its own gradient, so its pull toward the reference is not whitened into noise.
-        penalty = kl_ctl.value if pc.kl_penalty == "sampled" else 0.0
-        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, penalty)
+        rewards = kl_penalized_rewards(scores, kl, mask, 0.0 if pc.kl_penalty == "loss" else kl_ctl.value)
         advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.gae_lambda)
         advantages, white_stats = whiten(advantages, mask, sum_over_processes=process_sum(acc), return_stats=True)
+        kl_weight = kl_loss_coef(pc.kl_penalty, kl_ctl.value, whitening_std(white_stats))  # the KL loss term's
         seq_kl = mean_over_processes(kl.sum(1).mean().item(), acc)
 
         # --- update ---
-        stats = {"losses/policy_loss": [], "losses/value_loss": [], "losses/approx_kl": [], "losses/clipfrac": [],
-                 "losses/kl_loss": []}
+        stats = {k: [] for k in LOGGED}
         bad = False
         rng = np.random.default_rng([rc.seed, 11, step])
         for _epoch in range(pc.ppo_epochs):
             for mb_idx in np.split(rng.permutation(B), B // mb_size):
                 mb_idx = torch.as_tensor(mb_idx, device=device)
                 mb = {k: (v[mb_idx] if torch.is_tensor(v) else v) for k, v in b.items()}
-                mb_mask = mask[mb_idx]
                 with autocast(device, ctx.dtype):
-                    new_logprobs, new_values, kl_loss = minibatch_forward(policy, mb, mb_idx, mb_mask, rows, ref_vocab)
-                pg = policy_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], mb_mask, pc.clip_coef)
-                v_loss = value_loss(new_values.float(), old_values[mb_idx], returns[mb_idx], mb_mask, pc.vf_clip_coef)
-                loss = pg["pg_loss"].mean() + pc.vf_coef * v_loss.mean() + kl_ctl.value * kl_loss.mean()
+                    new_logprobs, new_values, token_kl = minibatch_forward(policy, mb, mb_idx, rows, ref_vocab)
+                out = ppo_loss(new_logprobs.float(), old_logprobs[mb_idx], advantages[mb_idx], new_values.float(),
+                               old_values[mb_idx], returns[mb_idx], token_kl, mask[mb_idx], pc.clip_coef,
+                               pc.vf_clip_coef, pc.vf_coef, kl_weight)
+                loss = out["loss"].mean()
                 if step in rc.debug_nan_steps:  # test hook for the non-finite guard
                     loss = loss * float("nan")
                 optimizer.zero_grad(set_to_none=True)
@@ -200,8 +220,8 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
                     bad = True  # skip this minibatch; never step on a non-finite gradient
                     continue
                 optimizer.step()
-                for k, v in zip(stats, (pg["pg_loss"], v_loss, pg["approx_kl"], pg["clipfrac"], kl_loss.detach())):
-                    stats[k].append(v.mean().item())
+                for k, term in LOGGED.items():
+                    stats[k].append(out[term].mean().item())
         optimizer.zero_grad(set_to_none=True)
         run.lap("update")
         kl_coef = kl_ctl.value  # the coefficient this iteration's rewards used

@@ -10,8 +10,9 @@ micro-batches of 16 (ours steps the optimiser after each; TRL 1.12, whose rollou
 times its gradient accumulation, once per epoch: the same model work, fewer optimiser steps), the same
 learning rate, clip ranges, gamma and lambda, fp32 on the CPU, and the same number of iterations. TRL
 adds a separate value model (its design; ours is a value head on the policy) and a fixed KL coefficient (ours
-adapts; the cost is the same). Ours charges the KL as TRL does, per sampled token in the rewards
-(``--kl_penalty sampled``), unless ``--kl_penalty exact`` (the offline preset's) is given.
+adapts; the cost is the same). Ours charges the KL as every preset does (``--kl_penalty full``: the exact KL over
+the vocabulary in each token's reward, plus its gradient as a loss term; it reads both models' vocabulary
+log-probs at the response tokens), or with ``--kl_penalty sampled`` as TRL does, per sampled token: TRL's work.
 
 Timed: ours from the first iteration to the last (the reward model, trained once or reused from the offline
 preset's cache ``models/reward_models/``, is not timed); TRL's
@@ -119,10 +120,10 @@ def run_trl(cfg, data, tok, policy_dir: str, rm_dir: str, iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--kl_penalty", choices=("sampled", "exact"), default="sampled",
-                    help="ours: sampled (default) charges the KL as TRL does, in the rewards: the same work; exact "
-                         "(the offline preset's) adds the vocabulary's log-probs per minibatch (the reference's from "
-                         "one pass per rollout batch)")
+    ap.add_argument("--kl_penalty", choices=("full", "sampled", "loss"), default="full",
+                    help="ours: full (every preset's PPO) reads the vocabulary's log-probs at the response tokens, "
+                         "the reference's from one pass per rollout batch; sampled charges the KL as TRL does, per "
+                         "sampled token: TRL's work; loss: the loss-term variant")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer; medians are reported")
     ap.add_argument("--model_dir", help="an existing policy model directory (default: the offline preset's fp32 "
                                         "base GPT-2, built first if missing: about 14 min)")

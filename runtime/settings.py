@@ -12,8 +12,20 @@ READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl
                           "min_budget_use", "kl_bands", "band_width"), "model": ("threads",)}
 
 
+# Values a setting had once, whose name now means something else or nothing: a run saved under one is refused by
+# --resume in one line, not compared field by field.
+RETIRED = {("ppo", "kl_penalty", "exact"): "--kl_penalty exact (the KL as a loss term summed over the response, "
+                                           "before 2026-12-06; now --kl_penalty loss, a per-token mean)"}
+RETIRED_AT = "0d57f64"  # the last commit that runs them
+
+
+def retired_setting(saved: dict) -> str | None:
+    """What of :data:`RETIRED` a saved ``Config.to_dict()`` holds, in words, or None."""
+    return next((words for (sec, key, value), words in RETIRED.items() if saved.get(sec, {}).get(key) == value), None)
+
+
 PAIR_SETTINGS = ("pair_source", "n_generated_samples")  # the preference pairs' source: DPO's and the reward model's
-ADAPTIVE_ONLY = ("kl_horizon", "kl_hold")  # settings of the adaptive KL controller, which a fixed coefficient ignores
+ADAPTIVE_ONLY = ("kl_horizon", "kl_hold", "kl_damping")  # the adaptive controller's: a fixed coefficient ignores them
 
 
 def run_settings(config: dict, method: str | None = None) -> dict:

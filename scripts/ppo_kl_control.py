@@ -148,6 +148,8 @@ def main() -> int:
     ap.add_argument("--targets", type=float, nargs="*", default=[2.0, 6.0])
     ap.add_argument("--target_inits", type=float, nargs="*", default=[],
                     help="the adaptive runs' starting coefficients, one per target (default: --init_kl_coef)")
+    ap.add_argument("--ppo_gt", action="store_true",
+                    help="PPO-GT (PPO on the judge's logit, whose scale is another) instead of PPO on the reward model")
     grid.add_arguments(ap)
     a, rest = ap.parse_known_args()
     cfg = grid.command_config(rest, a.jobs, "models/kl_control")
@@ -160,11 +162,13 @@ def main() -> int:
         return 2
     os.chdir(ROOT)
     inits = dict(zip(a.targets, a.target_inits or [None] * len(a.targets)))
-    tasks = [{"seed": s, "method": "ppo", "name": run_name(s, k, v), "overrides": overrides(k, v, inits.get(v))}
+    method, reward = ("ppo_gt", {"ppo_reward": "judge"}) if a.ppo_gt else ("ppo", {})
+    tasks = [{"seed": s, "method": method, "name": run_name(s, k, v),
+              "overrides": {"ppo": {**overrides(k, v, inits.get(v))["ppo"], **reward}}}
              for s in a.seeds for k, v in settings(a.coefs, a.targets)]
     return grid.run_and_report(__file__, a, rest, cfg, tasks,
                                lambda: report(Path(cfg.run.output_dir), a.seeds, a.coefs, a.targets),
-                               target_inits=a.target_inits, config=cfg.to_dict()["ppo"])
+                               target_inits=a.target_inits, method=method, config=cfg.to_dict()["ppo"])
 
 
 if __name__ == "__main__":

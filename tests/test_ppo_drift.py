@@ -14,7 +14,7 @@ from runtime.run_utils import make_accelerator
 from training.lifecycle import RunContext
 
 
-@pytest.mark.parametrize("kl_penalty, weight_decay", [("sampled", 0.0), ("exact", 0.0), ("sampled", 0.01)])
+@pytest.mark.parametrize("kl_penalty, weight_decay", [("full", 0.0), ("sampled", 0.0), ("loss", 0.0), ("full", 0.01)])
 def test_with_a_zero_reward_ppo_stays_bit_identical_to_the_reference(tiny_lm, tiny_tokenizer, tmp_path,
                                                                       monkeypatch, kl_penalty, weight_decay):
     """With a zero reward the reference is the optimum and PPO's KL penalty is exactly 0 there: the value head

@@ -52,12 +52,10 @@ def test_gae_with_unit_gamma_lambda_and_zero_values_is_reward_to_go():
 
 
 def test_score_lands_on_the_last_response_token_and_kl_is_penalised():
-    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
-    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -2.0, -2.0]])
+    kl = torch.tensor([[0.5, 0.0, -0.5], [0.3, 7.0, 7.0]])  # the second row's padding must not count
     mask = _mask([3, 1], 3)
-    rewards, kl = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, mask, kl_coef=0.1)
-    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]]))
-    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 10.05], [20.0, 0.0, 0.0]]))
+    rewards = kl_penalized_rewards(torch.tensor([10.0, 20.0]), kl, mask, kl_coef=0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 10.05], [19.97, 0.0, 0.0]]))
 
 
 def test_clipped_policy_loss_at_and_beyond_the_clip_range():
@@ -127,6 +125,25 @@ def test_held_kl_controller_waits_for_the_target_then_adapts_both_ways_and_resum
     assert unheld.value < 0.1
 
 
+def test_the_controllers_proportional_term_answers_the_error_at_once_and_leaves_the_integral_as_ziegler_s():
+    import math
+
+    pi = AdaptiveKLController(0.1, target=4.0, horizon=64, hold=True, damping=4.0)
+    ziegler = AdaptiveKLController(0.1, target=4.0, horizon=64, hold=True)
+    pi.update(1.0, n_steps=64)
+    assert pi.value == 0.1  # held below the target
+    for kl in (4.4, 4.4, 3.0, 4.0):
+        pi.update(kl, n_steps=64)
+        ziegler.update(kl, n_steps=64)
+        error = min(max(kl / 4.0 - 1, -0.2), 0.2)
+        assert pi.base == pytest.approx(ziegler.value)  # the integral is Ziegler et al.'s update
+        assert pi.value == pytest.approx(ziegler.value * math.exp(4.0 * error))
+    assert pi.value == pytest.approx(pi.base)  # on target: the proportional term is 1
+    resumed = AdaptiveKLController(0.7, target=4.0, horizon=64, damping=4.0)
+    resumed.load_state_dict(pi.state_dict())
+    assert (resumed.value, resumed.base, resumed.reached) == (pi.value, pi.base, pi.reached)
+
+
 def test_whiten_over_process_shares_equals_whitening_the_global_batch():
     """Each process whitens its share with the global batch's mean and variance (sums over processes)."""
     g = torch.Generator().manual_seed(0)
@@ -180,3 +197,75 @@ def test_exact_kl_has_the_gradient_of_the_kl_and_none_at_the_reference():
     at_ref = ref_logp.clone().requires_grad_(True)
     exact_kl(at_ref.log_softmax(-1), at_ref.detach().log_softmax(-1)).sum().backward()
     assert (at_ref.grad == 0).all()  # exactly: nothing moves a policy that equals the reference
+
+
+def _toy_first_update(kl_penalty: str, beta: float, seed: int, kl_loss: bool = True):
+    """A toy policy whose every response can be listed: 3 tokens, responses of 2, a table of logits per state
+    (the first state, and one per first token). Returns (the gradient of PPO's expected first update, whitening
+    off, gamma = lambda = 1, a zero value: the loss of each response weighted by its probability; the autograd
+    gradient of E[score] - beta * KL(pi || pi_ref) of the whole response; T)."""
+    import itertools
+
+    from ppo_utils import exact_kl, kl_loss_coef, ppo_loss
+
+    g = torch.Generator().manual_seed(seed)
+    V, T = 3, 2
+    theta = torch.randn(1 + V, V, generator=g, dtype=torch.float64).requires_grad_()
+    ref_logits = torch.randn(1 + V, V, generator=g, dtype=torch.float64)
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))  # (S, T): all 9 responses
+    scores = torch.randn(len(seqs), generator=g, dtype=torch.float64)
+    states = torch.stack([torch.zeros(len(seqs), dtype=torch.long), 1 + seqs[:, 0]], 1)  # (S, T) state ids
+    vocab = theta.log_softmax(-1)[states]  # (S, T, V)
+    ref_vocab = ref_logits.log_softmax(-1)[states]
+    logp = vocab.gather(-1, seqs[..., None])[..., 0]  # (S, T)
+    ref_logp = ref_vocab.gather(-1, seqs[..., None])[..., 0]
+    prob = logp.sum(1).exp()  # pi(y), sums to 1 over the list
+
+    objective = (prob * (scores - beta * (logp - ref_logp).sum(1))).sum()
+    (grad_objective,) = torch.autograd.grad(objective, theta, retain_graph=True)
+
+    mask = torch.ones(len(seqs), T, dtype=torch.float64)
+    token_kl = exact_kl(vocab.reshape(-1, V), ref_vocab.reshape(-1, V)).reshape(len(seqs), T)
+    kl = (logp - ref_logp).detach() if kl_penalty == "sampled" else token_kl.detach()
+    rewards = kl_penalized_rewards(scores, kl, mask, 0.0 if kl_penalty == "loss" else beta)
+    zero = torch.zeros_like(mask)
+    advantages, returns = gae(rewards, zero, mask, gamma=1.0, gae_lambda=1.0)
+    out = ppo_loss(logp, logp.detach(), advantages, zero, zero, returns,
+                   None if kl_penalty == "sampled" else token_kl, mask, clip_coef=0.2, vf_clip_coef=0.2, vf_coef=0.1,
+                   kl_loss_coef=kl_loss_coef(kl_penalty, beta, adv_std=1.0) if kl_loss else 0.0)
+    (grad_update,) = torch.autograd.grad((prob.detach() * out["loss"]).sum(), theta)
+    return grad_update, grad_objective, T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kl_penalty", ["full", "sampled"])
+def test_ppos_expected_first_update_is_the_gradient_of_score_minus_beta_kl(kl_penalty, seed):
+    """Both ways of putting the KL in the reward give, in expectation, a step along the gradient of
+    E[score] - beta * KL (the loss's gradient is minus it, over the response length: the policy term is a
+    per-token mean)."""
+    grad_update, grad_objective, T = _toy_first_update(kl_penalty, beta=0.7, seed=seed)
+    assert grad_objective.abs().max() > 0.05  # something to match
+    assert torch.allclose(-T * grad_update, grad_objective, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("what", ["full without its loss term", "loss"])
+def test_the_kl_as_a_loss_term_alone_or_in_the_reward_alone_is_not_that_gradient(what):
+    """The exact KL in the reward credits only the actions before each state; without its direct gradient, or with
+    the direct gradient alone (the loss-term variant), the update is not the objective's: the test above can fail."""
+    grad_update, grad_objective, T = _toy_first_update("loss" if what == "loss" else "full", beta=0.7, seed=0,
+                                                       kl_loss=what == "loss")
+    assert (-T * grad_update - grad_objective).abs().max() > 1e-3
+    exact_update, *_ = _toy_first_update("full", beta=0.0, seed=0)  # at beta 0 every variant is plain PPO
+    assert torch.allclose(-T * exact_update, _toy_first_update("loss", beta=0.0, seed=0)[1], atol=1e-12)
+
+
+def test_the_kl_loss_weights_put_the_term_on_the_policy_terms_scale():
+    from ppo_utils import kl_loss_coef, whitening_std
+
+    stats = torch.tensor([10.0, 0.3, 4.0])  # whiten's (count, mean, variance): it divides by sqrt(4 + 1e-8)
+    assert whitening_std(stats) == pytest.approx(2.0)
+    assert kl_loss_coef("full", 0.5, whitening_std(stats)) == pytest.approx(0.25)
+    assert kl_loss_coef("loss", 0.5, 2.0) == 0.5 and kl_loss_coef("sampled", 0.5, 2.0) == 0.0
+    x, m = torch.randn(4, 5), torch.ones(4, 5)
+    _, stats = whiten(x, m, return_stats=True)
+    assert torch.allclose(whiten(x, m) * whitening_std(stats) + stats[1], x, atol=1e-5)

@@ -273,6 +273,26 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path, smoke
     assert same.returncode == 0 and "finished earlier with the same settings: skipped" in same.stdout
 
 
+def test_resume_refuses_a_ppo_run_saved_under_the_retired_kl_penalty_name(tmp_path, smoke_run):
+    """--kl_penalty exact once meant the KL as a loss term summed over the response; the name is gone (full, sampled
+    and loss now), so a checkpoint saved under it is refused in one line that says where it can still run."""
+    require_imdb()
+    copy_offline_models(smoke_run["dir"] / "models", tmp_path / "models")
+    args = _args(tmp_path, "--ppo-only", "--ppo_steps", "2", "--save_every", "1")
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # every copy of the run's settings: the finished model's, the run's, its checkpoints'
+    for saved in (tmp_path / "models").glob("**/ppo_toxic_reduced_model/**/training_config.json"):
+        old = json.loads(saved.read_text())
+        assert old["ppo"]["kl_penalty"] == "full"  # every preset's default
+        old["ppo"]["kl_penalty"] = "exact"
+        saved.write_text(json.dumps(old))
+    proc = run_main(*args, "--resume")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "--kl_penalty exact" in err[0] and "resume it at commit" in err[0] and "Traceback" not in proc.stderr
+
+
 def test_a_metrics_file_whose_last_line_was_cut_is_read_without_it(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')

@@ -1,5 +1,6 @@
 """Checks with a tiny randomly initialised GPT-2 (seconds, no data files)."""
 
+import pytest
 import torch
 from conftest import summed_response_logps as response_logps
 
@@ -137,7 +138,7 @@ def test_value_head_shape_and_one_ppo_update_changes_the_policy(tiny_lm):
     with torch.no_grad():
         old_lp, old_v = response_logps_values(policy, b)
     assert old_lp.shape == (2, 3) and old_v.shape == (2, 3)
-    rewards, _ = kl_penalized_rewards(torch.tensor([1.0, -1.0]), old_lp, old_lp, mask, 0.1)
+    rewards = kl_penalized_rewards(torch.tensor([1.0, -1.0]), (old_lp - old_lp) * mask, mask, 0.1)
     adv, ret = gae(rewards, old_v * mask, mask, 1.0, 0.95)
     adv = whiten(adv, mask)
     before = [p.detach().clone() for p in policy.lm.parameters()]
@@ -212,6 +213,44 @@ def test_a_minibatch_reads_its_own_states_from_the_batch_reference_pass(tiny_lm)
     _, _, kl_own = response_logps_values_kl(policy, mb, own_vocab)
     assert (kl[mb["response_mask"].bool()] > 0).all()
     assert torch.allclose(kl, kl_own, atol=1e-6)
+
+
+@pytest.mark.parametrize("kl_penalty", ["full", "sampled", "loss"])
+def test_the_rewards_ppo_builds_are_minus_beta_kl_per_token_plus_the_score_at_the_end(tiny_lm, kl_penalty):
+    """The trainer's rollout pass and rewards (train_ppo.rollout_pass, ppo_utils.kl_penalized_rewards) against an
+    oracle that runs each prompt + response alone through the plain LM and takes the whole vocabulary's
+    log-softmax: -beta x the exact KL at the state that emitted each token (or the sampled token's log-ratio), the
+    score added on the last token; the loss variant's rewards are the score alone."""
+    import copy
+
+    from train_ppo import rollout_pass
+
+    torch.manual_seed(1)
+    other = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        other.transformer.wte.weight.add_(0.3 * torch.randn_like(other.transformer.wte.weight))
+    prompts, responses = [[5, 6], [7, 8, 9], [14]], [[10, 11, 12], [13], [17, 18, 19, 20]]
+    b = rollout_batch(prompts, responses, pad_id=0)
+    mask = b["response_mask"].float()
+    scores, beta = torch.tensor([0.5, -1.0, 2.0]), 0.3
+    with torch.no_grad():
+        _, _, _, kl = rollout_pass(ResponseLogProbs(tiny_lm, value_head=True), ResponseLogProbs(other), b, kl_penalty)
+        rewards = kl_penalized_rewards(scores, kl, mask, 0.0 if kl_penalty == "loss" else beta)
+        expected = torch.zeros_like(rewards)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([p + r])
+            pi, ref = tiny_lm(ids).logits[0].log_softmax(-1), other(ids).logits[0].log_softmax(-1)
+            for t, token in enumerate(r):
+                state = len(p) + t - 1  # the position whose next-token distribution emitted r[t]
+                exact = (pi[state].exp() * (pi[state] - ref[state])).sum()
+                sampled = pi[state, token] - ref[state, token]
+                k = sampled if kl_penalty == "sampled" else exact
+                expected[i, t] = 0.0 if kl_penalty == "loss" else -beta * k
+            expected[i, len(r) - 1] += scores[i]
+    assert (expected[mask == 0] == 0).all() and expected.abs().max() > 0.5
+    assert torch.allclose(rewards, expected, atol=1e-5)
+    if kl_penalty != "loss":
+        assert (kl[mask.bool()] != 0).all()  # the KL part is there to check
 
 
 def test_lm_fitting_skips_a_non_finite_step_and_stops_after_five(tiny_lm):

@@ -34,7 +34,7 @@ from modeling.models import dtype_name
 from runtime.artifacts import atomic_write_dir, replace_dir
 from runtime.run_log import SIGNALS, MetricsLog, StopTraining, strict_json
 from runtime.run_utils import any_process, seed_everything
-from runtime.settings import settings_diff
+from runtime.settings import RETIRED_AT, retired_setting, settings_diff
 
 
 @dataclass
@@ -140,7 +140,11 @@ class TrainingRun:
             return
         saved = next((p for p in (ckpt / "training_config.json", self.run_dir / "training_config.json") if p.exists()),
                      None)
-        diff = settings_diff(json.loads(saved.read_text()), self.cfg.to_dict(), self.method) if saved else []
+        saved = json.loads(saved.read_text()) if saved else None
+        if saved and (retired := retired_setting(saved)):
+            raise StopTraining(f"{self.name}: the checkpoint {ckpt} was written with {retired}, which this code no "
+                               f"longer runs; drop --resume to train it again, or resume it at commit {RETIRED_AT}", 2)
+        diff = settings_diff(saved, self.cfg.to_dict(), self.method) if saved else []
         if diff:
             more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
             raise StopTraining(f"{self.name}: the checkpoint {ckpt} was written with other settings ({diff[0]}{more}); "
