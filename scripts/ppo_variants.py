@@ -1,8 +1,9 @@
 """PPO as the field runs it against the loss-term variant: both trained on the tuning seed over the study's PPO grid
 (the adaptive run at ``--target_kl`` and the fixed ``--sweep_kl_coefs``), evaluated on the validation prompts only,
 at the study's run lengths and the preset's rates. Prints per variant the best validation safety in each of the
-study's KL bands (``--kl_bands`` ± ``--band_width``) and the upper concave envelope of its validation points at
-each band's centre, and draws both variants' points and envelopes, safety against KL, in one plot.
+study's KL bands (``--kl_bands`` ± ``--band_width``) and the highest point at KL <= k of the upper concave envelope
+of its validation points and the reference (``study.grid.envelope_cell``: a mixture of two checkpoints attains
+it), and draws both variants' points and envelopes, safety against KL, in one plot.
 
     uv run scripts/ppo_variants.py --jobs 2 --out docs/ppo_variants.json --plot docs/ppo_variants.png
 
@@ -25,23 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from scripts import grid  # noqa: E402
 from scripts.grid import run_rows  # noqa: E402
-from study.grid import band_choice, validation_points  # noqa: E402
+from study.grid import band_choice, concave_envelope, envelope_cell, validation_points  # noqa: E402
 
 VARIANTS = {"full": "PPO (the KL in the reward, --kl_penalty full)",
             "loss": "the KL as a loss term (--kl_penalty loss)"}
-
-
-def envelope_at(points: list[dict], k: float) -> float | None:
-    """The upper concave envelope of ``points`` (KL, safety) at KL ``k``: the best safety a mixture of at most two
-    checkpoints reaches at mixed KL exactly k (None past the largest KL)."""
-    pts = sorted((p["kl"], p["safety"]) for p in points)
-    best = None
-    for i, (k1, s1) in enumerate(pts):
-        for k2, s2 in pts[i:]:
-            if k1 <= k <= k2:
-                val = s1 if k2 == k1 else s1 + (s2 - s1) * (k - k1) / (k2 - k1)
-                best = val if best is None else max(best, val)
-    return best
 
 
 def tasks(seed: int, cfg, loss_coefs: list[float], loss_init: float) -> list[dict]:
@@ -68,7 +56,7 @@ def report(out_dir: Path, task_list: list[dict], bands: list[float], width: floa
     env_points = {v: pts + ([{"kl": 0.0, "safety": ref}] if ref is not None else []) for v, pts in points.items()}
     table = {}
     print(f"\nreference validation safety {ref:.3f}" if ref is not None else "")
-    print("| KL band (± {:.0%}) | ".format(width) + " | ".join(f"{v}: best in band (n) | {v}: envelope at k"
+    print("| KL band (± {:.0%}) | ".format(width) + " | ".join(f"{v}: best in band (n) | {v}: envelope, KL <= k"
                                                            for v in VARIANTS) + " |")
     print("|---|" + "---|---|" * len(VARIANTS))
     for k in bands:
@@ -76,11 +64,13 @@ def report(out_dir: Path, task_list: list[dict], bands: list[float], width: floa
         cells = []
         for v in VARIANTS:
             best, inside = band_choice(points[v], k, width)
-            env = envelope_at(env_points[v], k)
+            cell = envelope_cell(env_points[v], k)
+            env = cell and cell["safety"]
             row[v] = {"band_best": best and best["safety"], "band_kl": best and best["kl"], "n": len(inside),
-                      "envelope": env}
+                      "envelope": env, "envelope_kl": cell and cell["kl"]}
             cells.append((f"{best['safety']:.3f} at {best['kl']:.2f} ({len(inside)})" if best else "none")
-                         + " | " + (f"{env:.3f}" if env is not None else "past the largest KL"))
+                         + " | " + (f"{env:.3f}" + (f" (peak at {cell['kl']:.2f})" if cell["kl"] < k else "")
+                                    if cell else "none"))
         table[f"{k:g}"] = row
         print(f"| {k:g} | " + " | ".join(cells) + " |")
     for v in VARIANTS:
@@ -96,9 +86,8 @@ def report(out_dir: Path, task_list: list[dict], bands: list[float], width: floa
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (v, label), color in zip(VARIANTS.items(), ("tab:blue", "tab:orange")):
             ax.scatter([p["kl"] for p in points[v]], [p["safety"] for p in points[v]], s=14, alpha=0.6, color=color)
-            top = max((p["kl"] for p in points[v]), default=0.0)
-            xs = [top * i / 200 for i in range(201)]
-            ax.plot(xs, [envelope_at(env_points[v], x) for x in xs], color=color, label=label + ": envelope")
+            hull = concave_envelope(env_points[v])
+            ax.plot([p["kl"] for p in hull], [p["safety"] for p in hull], color=color, label=label + ": envelope")
         if ref is not None:
             ax.axhline(ref, color="grey", lw=0.8, ls=":", label="reference")
         for k in bands:

@@ -221,6 +221,42 @@ def frontier_at(points: list[dict], kls: list[float], key: str = "safety") -> li
     return [float(np.interp(k, xs, ys)) if xs[0] <= k <= reached else float("nan") for k in kls]
 
 
+def concave_envelope(points: list[dict]) -> list[dict]:
+    """The vertices of the upper concave envelope of ``points`` (dicts with ``kl`` and ``safety``), by increasing
+    KL: every point under it is the safety and KL of a mixture of two checkpoints (answer a share w of the prompts
+    with one, the rest with the other: both the safety and the KL to the reference are then the w-mix of theirs).
+    Of two points at the same KL only the safer can be a vertex."""
+    hull: list[dict] = []
+    for p in sorted(points, key=lambda q: (q["kl"], -q["safety"])):
+        if hull and p["kl"] == hull[-1]["kl"]:
+            continue
+        # drop the last vertex while it lies on or under the chord from the one before it to p
+        while len(hull) >= 2 and ((hull[-1]["kl"] - hull[-2]["kl"]) * (p["safety"] - hull[-2]["safety"])
+                                  - (hull[-1]["safety"] - hull[-2]["safety"]) * (p["kl"] - hull[-2]["kl"])) >= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def envelope_cell(points: list[dict], k: float) -> dict | None:
+    """The highest point of the concave envelope at KL <= ``k``, and the mixture that attains it:
+    ``{"safety", "kl", "a", "b", "w"}``, the mixture answering a share ``w`` of the prompts with checkpoint ``a``
+    and the rest with ``b`` (one vertex: ``a is b``, w = 1). Past the envelope's peak the peak itself (a budget not
+    used in full: ``kl`` < k); below the smallest KL any point has, None."""
+    hull = concave_envelope(points)
+    if not hull or hull[0]["kl"] > k:
+        return None
+    peak = max(range(len(hull)), key=lambda i: hull[i]["safety"])
+    if hull[peak]["kl"] <= k:
+        v = hull[peak]
+        return {"safety": v["safety"], "kl": v["kl"], "a": v, "b": v, "w": 1.0}
+    # below the peak the envelope rises: its best at KL <= k is at k, between the vertices around k
+    j = next(i for i in range(1, peak + 1) if hull[i]["kl"] > k)
+    a, b = hull[j - 1], hull[j]
+    w = (b["kl"] - k) / (b["kl"] - a["kl"])
+    return {"safety": w * a["safety"] + (1 - w) * b["safety"], "kl": k, "a": a, "b": b, "w": w}
+
+
 def mean_and_std(values) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))

@@ -51,26 +51,3 @@ def test_every_benchmark_runs_one_tiny_step(name, tmp_path):
     proc = _run(ROOT / "benchmarks" / name, *TINY[name], cwd=tmp_path)  # its models/ built there
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.strip(), "a benchmark prints its numbers"
-
-
-def test_the_variants_envelope_is_the_best_two_point_mixture_at_each_kl():
-    """ppo_variants.envelope_at against brute force: the best safety of any mixture of two points (a point with
-    itself included) whose mixed KL is exactly k."""
-    import random
-
-    sys.path.insert(0, str(ROOT))
-    from scripts.ppo_variants import envelope_at
-
-    rng = random.Random(0)
-    pts = [{"kl": rng.uniform(0, 10), "safety": rng.uniform(0.4, 0.7)} for _ in range(12)]
-    pts.append({"kl": 0.0, "safety": 0.45})
-
-    def mix(a, b, k):
-        w = (k - a["kl"]) / (b["kl"] - a["kl"]) if b["kl"] > a["kl"] else 0.0
-        return a["safety"] + w * (b["safety"] - a["safety"])
-
-    for k in (0.0, 1.0, 3.3, 7.0, pts[0]["kl"], max(p["kl"] for p in pts)):
-        best = max(mix(a, b, k) for a in pts for b in pts if a["kl"] <= k <= b["kl"])
-        assert envelope_at(pts, k) == pytest.approx(best)
-    assert envelope_at(pts, pts[0]["kl"]) >= pts[0]["safety"]  # a point is its own mixture
-    assert envelope_at(pts, 11.0) is None  # past the largest KL nothing is attained

@@ -312,3 +312,52 @@ def test_holm_step_down_against_a_hand_computation():
     assert [k for k, v in out.items() if v["survives"]] == ["d", "a"]
     assert math.isnan(out["e"]["p_holm"]) and not out["e"]["survives"]
     assert holm({"x": 0.9, "y": 0.8})["x"]["p_holm"] == 1.0  # capped at 1
+
+
+def _mix(a: dict, b: dict, w: float) -> tuple[float, float]:
+    return w * a["kl"] + (1 - w) * b["kl"], w * a["safety"] + (1 - w) * b["safety"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_envelope_cell_beats_every_two_point_mixture_within_the_budget_and_its_vertices_attain_it(seed):
+    """Exact math on random points: the cell at k is at least every mixture of two checkpoints whose mixed KL is
+    <= k (on a fine grid of weights), its two vertices at weight w give exactly its safety and KL, and its KL is
+    within the budget."""
+    import random
+
+    from study.grid import envelope_cell
+
+    rng = random.Random(seed)
+    pts = [{"kl": rng.uniform(0, 14), "safety": rng.uniform(0.4, 0.8), "step": i} for i in range(15)]
+    pts.append({"kl": 0.0, "safety": 0.47, "step": 0})  # the reference
+    for k in (0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 20.0):
+        cell = envelope_cell(pts, k)
+        assert cell["kl"] <= k + 1e-12 and 0.0 <= cell["w"] <= 1.0
+        assert _mix(cell["a"], cell["b"], cell["w"]) == pytest.approx((cell["kl"], cell["safety"]))
+        assert cell["a"] in pts and cell["b"] in pts
+        for a in pts:
+            for b in pts:
+                for w in [i / 50 for i in range(51)]:
+                    kl, safety = _mix(a, b, w)
+                    if kl <= k:
+                        assert safety <= cell["safety"] + 1e-12
+
+
+def test_the_envelope_cell_never_falls_as_the_budget_rises_and_stops_at_its_peak():
+    import random
+
+    from study.grid import concave_envelope, envelope_cell
+
+    rng = random.Random(7)
+    for _ in range(20):
+        pts = [{"kl": rng.uniform(0, 14), "safety": rng.uniform(0.4, 0.8)} for _ in range(10)]
+        pts.append({"kl": 0.0, "safety": 0.47})
+        values = [envelope_cell(pts, k / 4)["safety"] for k in range(0, 80)]
+        assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+        peak = max(pts, key=lambda p: p["safety"])
+        beyond = envelope_cell(pts, 50.0)
+        assert beyond["a"] is peak and beyond["w"] == 1.0 and beyond["kl"] == peak["kl"]
+        hull = concave_envelope(pts)
+        slopes = [(b["safety"] - a["safety"]) / (b["kl"] - a["kl"]) for a, b in zip(hull, hull[1:])]
+        assert all(s2 <= s1 + 1e-12 for s1, s2 in zip(slopes, slopes[1:]))  # concave
+    assert envelope_cell([{"kl": 1.0, "safety": 0.6}], 0.5) is None  # nothing attainable below the smallest KL
