@@ -173,8 +173,11 @@ def main() -> int:
         def same(r: dict) -> dict:
             return {k: v for k, v in r.items() if k not in timing}
 
-        (rm_dir,) = [d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()
-                     and same(json.loads((d / "rm_report.json").read_text())) == same(rm_report)]
+        # Models trained at other thread counts (cache keys differ) can share a report: any of them is the same
+        # work for TRL; the newest is the one just trained or reused.
+        rm_dir = max((d for d in shared_rms.iterdir() if (d / "rm_report.json").exists()
+                      and same(json.loads((d / "rm_report.json").read_text())) == same(rm_report)),
+                     key=lambda d: (d / "rm_report.json").stat().st_mtime)
 
     runs = {"ours": [], "trl_1.12": []}
     for r in range(a.repeats):
