@@ -426,8 +426,11 @@ def test_smoke_study_in_the_papers_generated_pair_setting(smoke_study_generated,
     cache = smoke_study["dir"] / "models"
     # PPO-GT reads no pairs: its 4 runs (2 seeds x 2 settings) are the first setting's, linked; DPO and PPO train
     assert proc.stdout.count("reused from") == 4 and proc.stdout.count("ppo: saved") == 4, proc.stdout[-3000:]
+    from config import PRESETS
+
+    (coef,) = PRESETS["smoke"].eval.sweep_kl_coefs
     assert all((tmp_path / "models" / "runs" / r).is_symlink()
-               for r in ("sweep/seed0/ppo_gt", "sweep/seed1/ppo_gt_klcoef0.5"))
+               for r in ("sweep/seed0/ppo_gt", f"sweep/seed1/ppo_gt_klcoef{coef:g}"))
     assert proc.stdout.count("generated training pairs") == 2 and "sample pairs from the reference" in proc.stderr
     res = json.loads((tmp_path / "plots" / "results.json").read_text())
     assert res["setup"]["pair_source"] == "generated"
