@@ -22,6 +22,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+WHITEN_EPS = 1e-8  # added to the variance before whitening divides by its root (whiten, whitening_std)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, sum_over_processes=None, return_stats: bool = False):
     """Normalise ``x`` (B, T) to zero mean and unit variance over the masked positions; zero elsewhere.
 
@@ -36,7 +39,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, sum_over_processes=None, return_
     # One pass (so one all-reduce under several processes), but E[x^2] - mean^2 can round below 0 when x is
     # nearly constant: clamped, or rsqrt would turn it into NaN.
     var = (s2 / n.clamp(min=1) - mean ** 2).clamp(min=0.0)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     return (out * m, torch.stack([n, mean, var])) if return_stats else out * m
 
 
@@ -56,7 +59,7 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
         (B, T) rewards, zero on padding.
     """
     m = mask.to(kl.dtype)
-    rewards = -kl_coef * kl * m
+    rewards = -kl_coef * kl
     # The score belongs to the whole sequence: put it on the last non-padding response token.
     last = (mask.long().sum(1) - 1).clamp(min=0)
     rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
@@ -163,7 +166,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 
 def whitening_std(white_stats: torch.Tensor) -> float:
     """The scale :func:`whiten` divided by, sqrt(variance + 1e-8), from its ``return_stats`` (count, mean, var)."""
-    return math.sqrt(float(white_stats[2]) + 1e-8)
+    return math.sqrt(float(white_stats[2]) + WHITEN_EPS)
 
 
 def kl_loss_coef(kl_penalty: str, kl_coef: float, adv_std: float) -> float:
