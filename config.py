@@ -328,6 +328,10 @@ class PPOConfig:
 class EvalConfig:
     n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample); the "
                              "evaluations during training use the validation prompts (--n_val_prompts).")
+    sealed_prompts: bool = _f(False, "Draw the held-out prompts from held-out reviews that no earlier draw used (the "
+                                     "draws that commands before the final studies evaluated: dataset.SEEN_DRAW_SEEDS) "
+                                     "before any other: the final studies' sealed test set, another stream than the "
+                                     "unsealed draw. results.json records how many prompts open a review seen before.")
     n_val_prompts: int = _f(0, "Validation prompts of each evaluation during training (the study's checkpoints): "
                                "the first N of the --n_val_pairs validation pairs' prompts, which come in random "
                                "order. 0 = all of them.")
@@ -522,7 +526,7 @@ def _preset(name: str) -> Config:
             # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the
             # secondary reading. 1,024 held-out prompts per seed for the reported numbers; each evaluation during
             # training on 256 of the 512 validation prompts, for the time budget (docs/grid_history.md).
-            eval=EvalConfig(n_eval_prompts=1024, n_val_prompts=256, eval_batch_size=256,
+            eval=EvalConfig(n_eval_prompts=1024, sealed_prompts=True, n_val_prompts=256, eval_batch_size=256,
                             matched_kls=[1.0, 2.0, 4.0, 6.0], sweep_betas=[0.05, 0.1, 1.0],
                             sweep_kl_coefs=[0.01, 0.3], max_kl=14.4),
             run=RunConfig(preset="offline"))

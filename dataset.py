@@ -267,17 +267,40 @@ def build_pairs(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed: int, n_pairs
     return pairs
 
 
-def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed, n: int) -> list[list[int]]:
+# The held-out prompt draws that commands before the sealed test set evaluated (docs/preregistration.md): the
+# per-seed draw [split_seed, seed, 2] at seeds 0-4 (the four committed studies, the default runs, the quick preset's
+# first prompts) and 100 (docs/grid_history.md's probes), and the first code's draw that every seed shared
+# (default_rng(split_seed)), each of at most 1,024 prompts (no study took more). A draw's first n prompts are the
+# first n reviews of its permutation, so these are every review they could have used.
+SEEN_DRAW_SEEDS = ((0, 2), (1, 2), (2, 2), (3, 2), (4, 2), (100, 2), None)
+SEEN_DRAW_PROMPTS = 1024
+
+
+def seen_draws(split_seed: int) -> list:
+    """The seeds of :data:`SEEN_DRAW_SEEDS` at ``split_seed`` (None: the shared draw, seeded with the split's)."""
+    return [split_seed if s is None else [split_seed, *s] for s in SEEN_DRAW_SEEDS]
+
+
+def build_prompts(df: pd.DataFrame, tokenizer, cfg: DataConfig, seed, n: int, avoid: list | None = None
+                  ) -> tuple[list[list[int]], int]:
     """``n`` prompts: openings (2-8 tokens) of the reviews in ``df`` (cycled if there are fewer reviews), a sample
-    drawn with ``seed`` (an int or a seed sequence)."""
+    drawn with ``seed`` (an int or a seed sequence), and how many of them open a review that ``avoid`` uses.
+
+    ``avoid``: the seeds of earlier draws (of :data:`SEEN_DRAW_PROMPTS` prompts each, without ``avoid``); their
+    reviews come after every other, so the sample takes reviews no earlier draw used first (the sealed test set)."""
     rng = np.random.default_rng(seed)
     ids = [t for t in encode_openings(tokenizer, df["review"], cfg.prompt_max_tokens)
            if len(t) >= cfg.prompt_min_tokens]
     if not ids:
         raise ConfigError("no held-out review is long enough for a prompt; use more reviews")
     order = rng.permutation(len(ids))
+    seen = np.zeros(len(ids), dtype=bool)
+    for s in avoid or []:
+        seen[np.random.default_rng(s).permutation(len(ids))[:SEEN_DRAW_PROMPTS]] = True
+    order = order[np.argsort(seen[order], kind="stable")]  # stable: the fresh reviews first, each part in its order
     ks = rng.integers(cfg.prompt_min_tokens, cfg.prompt_max_tokens + 1, size=n)
-    return [ids[order[i % len(ids)]][: int(ks[i])] for i in range(n)]
+    taken = order[np.arange(n) % len(ids)]
+    return [ids[i][: int(k)] for i, k in zip(taken, ks)], int(seen[taken].sum())
 
 
 def check_usable(train_df: pd.DataFrame, eval_df: pd.DataFrame, cfg: DataConfig) -> None:
@@ -314,6 +337,8 @@ class StudyData:
     # replaces the pairs (which drops a prompt whose samples the judge scores alike), so that PPO-GT, which reads
     # no pairs, is the same run in both settings of the study.
     train_prompts: list[list[int]] = field(default_factory=list, repr=False)
+    # With --sealed_prompts: how many held-out prompts open a review that an earlier draw used (None without).
+    eval_seen_overlap: int | None = None
 
 
 def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> StudyData:
@@ -329,7 +354,10 @@ def prepare(cfg, tokenizer, train_df: pd.DataFrame, eval_df: pd.DataFrame) -> St
     # Pairs come in random order and no review is in two pairs: the last n_val are a disjoint validation set.
     train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
     eval_pairs = build_pairs(eval_df, tokenizer, dc, dc.split_seed + 100, what="held-out")
-    # Each seed draws its own held-out prompts, so that a study's seeds also sample the prompts.
-    eval_prompts = build_prompts(eval_df, tokenizer, dc, [dc.split_seed, cfg.run.seed, 2], cfg.eval.n_eval_prompts)
+    # Each seed draws its own held-out prompts, so that a study's seeds also sample the prompts. The sealed draw
+    # (--sealed_prompts) is another stream, which takes the reviews that no earlier draw used first.
+    sealed = cfg.eval.sealed_prompts
+    eval_prompts, overlap = build_prompts(eval_df, tokenizer, dc, [dc.split_seed, cfg.run.seed, 3 if sealed else 2],
+                                          cfg.eval.n_eval_prompts, seen_draws(dc.split_seed) if sealed else None)
     return StudyData(train_pairs, val_pairs, eval_pairs, eval_prompts, [p["prompt"] for p in val_pairs], train_df,
-                     eval_df, [p["prompt"] for p in train_pairs])
+                     eval_df, [p["prompt"] for p in train_pairs], overlap if sealed else None)

@@ -125,7 +125,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     order = [m for m in grid.METHODS if m in done.first]  # DPO before PPO whichever ran first
     results = final_evaluation(cfg, done.heldout[seeds[0]], {m: done.first[m] for m in order}, done.runs,
                                           done.first_data, n_reviews=len(reviews), command=command, setup=setup,
-                                          judge_check=judge_check, protocol=protocol_results)
+                                          judge_check=judge_check, protocol=protocol_results,
+                                          seen_overlap=done.seen_overlap)
     if acc.is_main_process:  # the main process alone writes results and plots
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(plots.summary_table(results))

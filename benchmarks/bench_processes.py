@@ -133,7 +133,7 @@ def main() -> int:
     from modeling.models import load_tokenizer
 
     tok = load_tokenizer(dirs["policy_model"])
-    prompts = dataset.build_prompts(train_df, tok, cfg.data, 0, args.prompts)  # openings as the study's prompts
+    prompts, _ = dataset.build_prompts(train_df, tok, cfg.data, 0, args.prompts)  # openings as the study's prompts
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
     args.policy, args.judge, args.prompts_file = dirs["policy_model"], dirs["judge_model"], f.name

@@ -47,8 +47,8 @@ HELP_GROUPS = {
                                                *(f.name for f in fields(SFTConfig))),
     "DPO": tuple(f.name for f in fields(DPOConfig)),
     "PPO and its reward model": tuple(f.name for f in fields(PPOConfig)),
-    "evaluation": ("n_eval_prompts", "n_val_prompts", "eval_batch_size", "eval_temperature", "temperatures",
-                   "n_examples"),
+    "evaluation": ("n_eval_prompts", "sealed_prompts", "n_val_prompts", "eval_batch_size", "eval_temperature",
+                   "temperatures", "n_examples"),
     "study (--sweep)": ("sweep", "seeds", "reuse_runs_from", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt",
                         "kl_bands", "band_width", "max_kl", "matched_kls", "min_budget_use"),
 }

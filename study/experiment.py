@@ -5,7 +5,7 @@ each seed's data and evaluation context (:func:`seed_context`), and the loop ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,12 +138,14 @@ def obtain_run(rcfg, spec, data, ctx, resume: bool, kept: str = "finished earlie
 @dataclass
 class StudyRuns:
     """Every run's record (``{"spec", "summary"}``), the first seed's default policies (for the final
-    evaluation) and data, and each seed's held-out evaluation context."""
+    evaluation) and data, each seed's held-out evaluation context and, with --sealed_prompts, how many of its
+    held-out prompts open a review that an earlier draw used."""
 
     runs: list
     first: dict
     first_data: object
     heldout: dict
+    seen_overlap: dict = field(default_factory=dict)
 
 
 def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> StudyRuns:
@@ -178,6 +180,7 @@ def train_runs(stack: Stack, specs: list, seeds: list[int], setup: dict) -> Stud
         scfg = cfg.replace(run={"seed": seed})
         data, ctx = seed_context(stack, scfg)
         out.heldout[seed] = ctx.on(data.eval_prompts)  # evaluated on validation prompts while training, these after
+        out.seen_overlap[seed] = data.eval_seen_overlap
         print(f"data: {len(data.train_pairs)} {cfg.dpo.pair_source} training pairs, {len(data.val_pairs)} validation "
               f"pairs ({len(ctx.prompts)} validation prompts), {len(data.eval_pairs)} held-out pairs, "
               f"{len(data.eval_prompts)} held-out prompts (seed {seed}); "

@@ -110,7 +110,9 @@ def run_setup(cfg, precision: str, data_fingerprint: str) -> dict:
             "n_pairs": cfg.data.n_pairs, "pair_source": cfg.dpo.pair_source, "seeds": cfg.run.seeds or [cfg.run.seed],
             "n_eval_prompts": cfg.eval.n_eval_prompts, "n_val_prompts": cfg.eval.n_val_prompts,
             "response_tokens": cfg.data.response_tokens,
-            "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures)}
+            "eval_temperature": cfg.eval.eval_temperature, "temperatures": list(cfg.eval.temperatures),
+            # only when on, so that a results.json written before the setting existed is still this setup's
+            **({"sealed_prompts": True} if cfg.eval.sealed_prompts else {})}
 
 
 def carried_over(cfg, setup: dict) -> list[dict]:

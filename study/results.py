@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset import SEEN_DRAW_PROMPTS, seen_draws
 from eval_utils import evaluate_policy, win_rate
 from modeling.models import dtype_name, machine_info
 from runtime.artifacts import atomic_write_text
@@ -59,7 +60,8 @@ def _model_entry(ctx, cfg, policy, times: dict) -> dict:
 
 
 def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: int, command: str,
-                     setup: dict | None = None, judge_check: dict | None = None, protocol: dict | None = None) -> dict:
+                     setup: dict | None = None, judge_check: dict | None = None, protocol: dict | None = None,
+                     seen_overlap: dict | None = None) -> dict:
     """Evaluate the reference and the first seed's final default policies on its held-out prompts (``ctx``) at
     every temperature (win rates, examples), gather every run's validation points (the learning curves and the
     validation frontier) and whether its KL flattened, add the study's ``protocol`` section (checkpoints chosen
@@ -68,6 +70,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
     Args:
         first: ``{method: train() output with its policy}``, the first seed's default runs.
         runs: ``{"spec": grid.RunSpec, "summary": train() output}`` for every run of every seed.
+        seen_overlap: ``{seed: n}`` with --sealed_prompts: held-out prompts that open a review an earlier draw used.
     """
     from tqdm.auto import tqdm
 
@@ -80,6 +83,10 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
                "device": str(ctx.device), "precision": dtype_name(ctx.dtype),
                "judge_precision": dtype_name(ctx.judge_dtype), "machine": machine_info(ctx.device),
                "examples_seed": EXAMPLES_SEED, "setup": setup or {}}
+    if cfg.eval.sealed_prompts:  # the sealed test set: which draws it avoids, and how many prompts it could not
+        results["sealed_prompts"] = {
+            "seen_draw_seeds": seen_draws(cfg.data.split_seed), "seen_draw_prompts": SEEN_DRAW_PROMPTS,
+            "prompts_from_seen_reviews": {str(s): seen_overlap[s] for s in seeds} if seen_overlap else {}}
     for name in tqdm(["reference", *first], desc="final evaluation", unit="model"):
         if name == "reference":
             results[name] = _model_entry(ctx, cfg, ctx.ref_model, {"train_time_s": 0.0, "eval_time_s": 0.0})

@@ -190,6 +190,45 @@ def test_the_split_follows_the_split_seed_and_each_run_seed_draws_its_own_pairs_
     assert runs[0].eval_prompts != runs[1].eval_prompts  # ... and held-out prompt sample: seeds sample prompts too
 
 
+def test_the_sealed_draw_takes_the_reviews_no_earlier_draw_used_first(tiny_tokenizer, monkeypatch):
+    """--sealed_prompts: the held-out reviews that the earlier draws' prompts opened come after every other, and the
+    overlap is counted; without it the draw is the one every earlier study made, unchanged."""
+    import dataset
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(3000)]
+    df = pd.DataFrame({"review": [" ".join(rng.choice(words, 30)) for _ in range(100)], "label": [0, 1] * 50})
+    dc = DataConfig(prompt_min_tokens=8, prompt_max_tokens=8)  # whole 8-token openings: each names its review
+    openings = [tuple(t) for t in dataset.encode_openings(tiny_tokenizer, df.review, 8)]
+    assert len(set(openings)) == 100
+
+    def reviews(prompts):
+        return [openings.index(tuple(p)) for p in prompts]
+
+    old, overlap = dataset.build_prompts(df, tiny_tokenizer, dc, [0, 0, 2], 20)
+    assert reviews(old) == list(np.random.default_rng([0, 0, 2]).permutation(100)[:20]) and overlap == 0
+    monkeypatch.setattr(dataset, "SEEN_DRAW_PROMPTS", 20)
+    avoid = [[0, 0, 2], [0, 1, 2], 0]
+    seen = {r for s in avoid for r in reviews(dataset.build_prompts(df, tiny_tokenizer, dc, s, 20)[0])}
+    fresh = set(range(100)) - seen
+    assert 20 < len(fresh) < 80
+    new, overlap = dataset.build_prompts(df, tiny_tokenizer, dc, [0, 0, 3], 20, avoid)
+    assert overlap == 0 and set(reviews(new)) <= fresh
+    new, overlap = dataset.build_prompts(df, tiny_tokenizer, dc, [0, 0, 3], len(fresh) + 7, avoid)
+    assert set(reviews(new)[:len(fresh)]) == fresh and set(reviews(new)[len(fresh):]) <= seen and overlap == 7
+
+    # through prepare(): the sealed stream and its count with --sealed_prompts, the draw of every study without
+    from config import PRESETS
+
+    cfg = PRESETS["smoke"].replace(data={"n_val_pairs": 10, "eval_fraction": 0.5}, eval={"n_eval_prompts": 8})
+    train_df, eval_df = split_reviews(df, cfg.data, seed=0)
+    plain = dataset.prepare(cfg, tiny_tokenizer, train_df, eval_df)
+    sealed = dataset.prepare(cfg.replace(eval={"sealed_prompts": True}), tiny_tokenizer, train_df, eval_df)
+    assert plain.eval_seen_overlap is None and sealed.eval_prompts != plain.eval_prompts
+    assert sealed.eval_seen_overlap == dataset.build_prompts(eval_df, tiny_tokenizer, cfg.data, [0, 0, 3], 8,
+                                                             dataset.seen_draws(0))[1]
+
+
 @pytest.mark.parametrize("rows, words", [
     ([("a lovely film to watch again and again " * 3, "positive"), ("awful " * 30, "negative")], "preference pair"),
     ([(f"great film number {i} and so on and on", "positive") for i in range(300)], "0 negative"),
