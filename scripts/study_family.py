@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.artifacts import atomic_write_text  # noqa: E402
 from runtime.run_log import read_results, strict_json  # noqa: E402
-from study.grid import family_key, holm, select_band_checkpoints  # noqa: E402
-from study.protocol import PAIRS, band_tables  # noqa: E402
+from study.grid import family_key, holm, select_band_checkpoints, select_envelope_cells  # noqa: E402
+from study.protocol import PAIRS, band_tables, envelope_tables  # noqa: E402
 
 ALPHA = 0.05
 
@@ -55,20 +55,32 @@ def _first_difference(a, b, where: str = "") -> str | None:
 
 
 def recompute(results: dict) -> dict:
-    """The ``protocol.bands`` section from the stored validation points and chosen checkpoints."""
+    """The ``protocol.bands`` section, and the ``protocol.envelope`` section where the study has one (the primary
+    reading since it exists), from the stored validation points and the held-out per-prompt scores."""
     p = results["protocol"]
-    b = p["bands"]
+    b, seeds = p["bands"], results["study"]["seeds"]
     banded = select_band_checkpoints(p["validation_points"], b["targets"], b["width"])
-    return json.loads(strict_json(band_tables(banded, p["checkpoints"], results["study"]["seeds"], b["targets"],
-                                              b["width"])))
+    out = {"bands": band_tables(banded, p["checkpoints"], seeds, b["targets"], b["width"])}
+    if "envelope" in p:
+        e = p["envelope"]
+        choices = select_envelope_cells(p["validation_points"], e["reference_validation"], e["budgets"])
+        out["envelope"] = {**envelope_tables(choices, p["checkpoints"], p["reference"], seeds, e["budgets"]),
+                           "reference_validation": e["reference_validation"]}
+    return json.loads(strict_json(out))
+
+
+def primary(results: dict) -> tuple[str, dict]:
+    """The reading the family's comparisons come from: the envelope where the study has one, else the bands."""
+    p = results["protocol"]
+    return ("envelope", p["envelope"]) if "envelope" in p else ("bands", p["bands"])
 
 
 def family_pvalues(results: dict) -> dict:
     setting = results["setup"]["pair_source"]
-    b = results["protocol"]["bands"]
+    name, b = primary(results)
     out = {}
     for a, c in PAIRS:
-        for k in b["targets"]:
+        for k in b["budgets" if name == "envelope" else "targets"]:
             d = b["differences"].get(f"{a}-{c}", {}).get(str(k))
             p = d["judge"]["p"] if d and d["seeds"] else None
             out[family_key(setting, f"{a}-{c}", k)] = 1.0 if p is None or not math.isfinite(p) else p
@@ -98,11 +110,14 @@ def main(argv: list[str]) -> int:
         if "bands" not in results.get("protocol", {}):
             print(f"error: {path} holds no equal-KL study (protocol.bands): run main.py with --sweep first")
             return 2
-        diff = _first_difference(recompute(results), json.loads(strict_json(results["protocol"]["bands"])))
-        if diff:
-            print(f"{path}: protocol.bands{diff} DIFFERS FROM STORED")
-            return 1
-        print(f"{path}: every band cell and paired comparison recomputed from the per-prompt scores: equal")
+        again = recompute(results)
+        for section in again:
+            diff = _first_difference(again[section], json.loads(strict_json(results["protocol"][section])))
+            if diff:
+                print(f"{path}: protocol.{section}{diff} DIFFERS FROM STORED")
+                return 1
+        print(f"{path}: every {' and '.join(again)} cell and paired comparison recomputed from the validation points "
+              f"and per-prompt scores: equal")
         files[path] = results
         mine = family_pvalues(results)
         clash = set(mine) & set(pvalues)
@@ -111,9 +126,14 @@ def main(argv: list[str]) -> int:
             return 2
         pvalues.update(mine)
     adjusted = holm(pvalues, ALPHA)
+    readings = sorted({primary(r)[0] for r in files.values()})
+    if len(readings) > 1:
+        print("error: the files hold different primary readings (envelope and bands): give studies of one protocol")
+        return 2
+    rule = ("Holm over the judge's paired comparisons x envelope budgets x settings" if readings == ["envelope"]
+            else "Holm over the judge's paired comparisons x bands x settings; not made: p = 1")
     family = {"alpha": ALPHA, "m": len(pvalues), "settings": sorted({k.split("|")[0] for k in pvalues}),
-              "rule": "Holm over the judge's paired comparisons x bands x settings; not made: p = 1",
-              "holm": adjusted}
+              "rule": rule, "holm": adjusted}
     family = json.loads(strict_json(family))
     print(f"family of {len(pvalues)} comparisons (Holm, alpha {ALPHA}):")
     for key, h in sorted(adjusted.items(), key=lambda kv: kv[1]["p"]):
@@ -131,11 +151,12 @@ def main(argv: list[str]) -> int:
     print("all equal" + ("" if write or all("family" in r for r in files.values()) else
                          " (no family stored yet: --write stores it)"))
     if tables:
-        from study.plots import band_markdown
+        from study.plots import band_markdown, envelope_markdown
 
         for path, results in files.items():
             print(f"\n{path} ({results['setup']['pair_source']} pairs):")
-            print(band_markdown({**results, "family": family}))
+            show = envelope_markdown if primary(results)[0] == "envelope" else band_markdown
+            print(show({**results, "family": family}))
     return 0
 
 

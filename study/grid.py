@@ -259,6 +259,31 @@ def envelope_cell(points: list[dict], k: float) -> dict | None:
     return {"safety": w * a["safety"] + (1 - w) * b["safety"], "kl": k, "a": a, "b": b, "w": w}
 
 
+def reference_vertex(method: str, seed: int, safety: float) -> dict:
+    """The reference as a point of a method's envelope: KL 0, its step-0 validation safety (``run`` None)."""
+    return {"method": method, "label": "reference", "seed": seed, "run": None, "step": 0, "time_s": 0.0,
+            "kl": 0.0, "safety": safety, "positive_rate": None}
+
+
+def envelope_curves(points: list[dict], references: dict, n: int = 60) -> dict:
+    """Each method's validation envelope (the primary reading's, :func:`select_envelope_cells`: its points and the
+    reference) read on a KL grid from 0 to its largest KL, per seed, then its mean and std over the seeds (for the
+    dashboard): ``{method: {"kl", "mean", "std"}}``. Past a seed's largest KL its value is its peak (a policy at a
+    lower KL meets any larger budget)."""
+    curves = {}
+    for method in METHODS:
+        mine = [p for p in points if p["method"] == method]
+        if not mine:
+            continue
+        kls = np.linspace(0.0, max(p["kl"] for p in mine), n)
+        per_seed = np.array([[envelope_cell([reference_vertex(method, s, references.get(s, references.get(str(s)))),
+                                             *[p for p in mine if p["seed"] == s]], float(k))["safety"] for k in kls]
+                             for s in sorted({p["seed"] for p in mine})])
+        std = per_seed.std(0, ddof=1) if len(per_seed) > 1 else np.full(n, np.nan)
+        curves[method] = {"kl": kls.tolist(), "mean": per_seed.mean(0).tolist(), "std": std.tolist()}
+    return curves
+
+
 def mean_and_std(values) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
@@ -462,6 +487,31 @@ def select_band_checkpoints(points: list[dict], bands: list[float], width: float
                 cells[str(k)] = {"point": None, "status": "skipped", "n_candidates": 0, "largest_kl": largest,
                                  "reason": f"no checkpoint in [{lo:.2f}, {hi:.2f}] (nearest {below:.2f} and "
                                            f"{above:.2f}): evaluate more densely"}
+    return out
+
+
+def select_envelope_cells(points: list[dict], references: dict, budgets: list[float], methods=METHODS) -> dict:
+    """The study's primary reading, from validation numbers only: for each method, seed and budget k, the highest
+    point at KL <= k of the upper concave envelope of that method's checkpoints of that seed and the reference
+    (``references``: ``{seed: its step-0 validation safety}``, the reference's evaluation before any update, the
+    same for every run of a seed), and the mixture of at most two of them that attains it (:func:`envelope_cell`).
+
+    Returns ``{method: {seed: {str(k): cell}}}``, a cell ``{"a", "b", "w", "safety", "kl", "largest_kl", "status",
+    "reason"}``: answer a share ``w`` of the prompts with vertex ``a``, the rest with ``b`` (a vertex that is the
+    reference has ``run`` None); ``safety`` and ``kl`` the envelope's (validation). Status ``"ok"`` uses the budget
+    in full; ``"peak"`` takes the envelope's highest point, below k: the seed's largest validation KL is below k
+    (reason ``"largest KL x < k"``), or its envelope falls past a point below k."""
+    out = {}
+    for method, seed, cands in by_method_and_seed(points, methods):
+        cells = out.setdefault(method, {}).setdefault(seed, {})
+        ref = references.get(seed, references.get(str(seed)))
+        largest = max(p["kl"] for p in cands)
+        for k in budgets:
+            c = envelope_cell([reference_vertex(method, seed, ref), *cands], k)
+            full = c["kl"] >= k
+            reason = "" if full else (f"largest KL {largest:.2f} < {k:g}" if largest < k else
+                                      f"envelope peaks at {c['kl']:.2f} < {k:g}")
+            cells[str(k)] = {**c, "largest_kl": largest, "status": "ok" if full else "peak", "reason": reason}
     return out
 
 

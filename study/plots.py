@@ -10,7 +10,7 @@ import numpy as np
 
 from config import ConfigError
 from runtime.run_log import read_metrics, read_results
-from study.grid import METHOD_LABELS, METHODS, family_key, upper_envelope
+from study.grid import METHOD_LABELS, METHODS, envelope_curves, family_key, upper_envelope
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", **METHOD_LABELS}
@@ -93,6 +93,8 @@ def summary_table(results: dict) -> str:
                          f"| {_pm(*row['kl'], '{:.2f}')} | {_pm(*row['train_time_s'], '{:.0f}')} |")
         lines.append(KL_NOTE)
     if "protocol" in results:
+        if "envelope" in results["protocol"]:  # the primary reading; the bands are the secondary one
+            lines += ["", envelope_markdown(results), "", "secondary reading, in KL bands:"]
         if "bands" in results["protocol"]:
             lines += ["", band_markdown(results)]
         lines += ["", "secondary reading, within a KL budget (the chosen checkpoints' KLs differ: not a comparison "
@@ -129,6 +131,13 @@ def _t(c: dict, fmt: str = "{:+.3f}") -> str:
     if c["n_seeds"] < 2:
         return f"{fmt.format(c['mean'])} (1 seed)"
     return f"{fmt.format(c['mean'])} [{fmt.format(c['lo'])}, {fmt.format(c['hi'])}]"
+
+
+def _holm_text(results: dict, family: dict, name: str, k: float) -> str:
+    """A comparison's Holm-adjusted p in the family (``scripts/study_family.py``), "survives" beside it; "-" when
+    no family is stored."""
+    h = family.get("holm", {}).get(family_key(results["setup"]["pair_source"], name, k))
+    return "-" if h is None else f"{h['p_holm']:.3f}" + (" survives" if h["survives"] else "")
 
 
 def band_markdown(results: dict) -> str:
@@ -170,8 +179,7 @@ def band_markdown(results: dict) -> str:
                 if not d["seeds"]:
                     lines.append(f"| {_short(a)} - {_short(bb)} | {k:g} | 0 | - | - | - | - | - |")
                     continue
-                h = family.get("holm", {}).get(family_key(results["setup"]["pair_source"], name, k))
-                holm_text = "-" if h is None else (f"{h['p_holm']:.3f}" + (" survives" if h["survives"] else ""))
+                holm_text = _holm_text(results, family, name, k)
                 kl = d["kl"]
                 lines.append(f"| {_short(a)} - {_short(bb)} | {k:g} | {len(d['seeds'])}"
                              f"{'' if d['all_seeds'] else ' (not all)'} | {_t(d['judge'])} | "
@@ -187,6 +195,50 @@ def band_markdown(results: dict) -> str:
                 f"seed {s} {r['heldout']['safety']:.3f} at {r['heldout']['kl']:.1f}" for s, r in by_seed.items()))
     if notes:
         lines += ["cells missing seeds:"] + [f"  {x}" for x in notes]
+    return "\n".join(lines)
+
+
+def envelope_markdown(results: dict) -> str:
+    """The study's primary reading: per KL budget k, each method's best mixture of at most two checkpoints on the
+    upper concave envelope of its validation points and the reference, at KL <= k, on held-out prompts (mean over
+    seeds [95% t interval over seeds], held-out KL, VADER), then the paired comparisons (judge and VADER, t
+    intervals over seeds, p, the seeds' signs, Holm where ``scripts/study_family.py`` has added it). Every cell that
+    does not use its budget in full, or whose held-out KL is more than 20% above it, is listed below the table."""
+    e = results["protocol"]["envelope"]
+    ks = e["budgets"]
+    lines = ["equal KL budgets (per method and seed, the validation envelope's best mixture of two checkpoints at KL "
+             "<= k; held-out safety, mean over seeds [95% t interval over seeds]; held-out KL; VADER mean compound):",
+             "| method | " + " | ".join(f"k = {k:g}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    notes = []
+    for m, cells in e["cells"].items():
+        row = []
+        for k in ks:
+            c = cells[str(k)]
+            row.append(f"{_t(c['safety'], '{:.3f}')}, KL {c['kl']:.2f}, VADER {c['vader']:+.3f}")
+            notes += [f"{_short(m)}, k = {k:g}, seed {r['seed']}: " + "; ".join(
+                x for x in (r["reason"], f"held-out KL {r['heldout']['kl']:.2f} > 1.2 k" if r["heldout"]["kl_over"]
+                            else "") if x) for r in c["per_seed"] if r["status"] != "ok" or r["heldout"]["kl_over"]]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+    family = results.get("family", {})
+    if e["differences"]:
+        n = len(results["study"]["seeds"])
+        lines += ["", "paired differences at equal KL budgets (each seed's mean over its prompts, then a 95% t "
+                      f"interval over the seeds, which assumes their means normal: with {n} seeds no sign or rank "
+                      f"test goes below p = {2 / 2 ** n:.4g}; p two-sided; Holm over the family when "
+                      "scripts/study_family.py has run; the judge's claimed, VADER's shown):",
+                  "| comparison | k | seeds > 0 | judge | p | p (Holm) | VADER | KL each side |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, cells in e["differences"].items():
+            a, bb = name.split("-", 1)
+            for k in ks:
+                d = cells[str(k)]
+                holm_text = _holm_text(results, family, name, k)
+                p = "-" if _missing(d["judge"]["p"]) else format(d["judge"]["p"], ".3f")
+                lines.append(f"| {_short(a)} - {_short(bb)} | {k:g} | {d['signs']['positive']}/{d['signs']['n']} | "
+                             f"{_t(d['judge'])} | {p} | {holm_text} | {_t(d['vader'])} | "
+                             f"{d['kl'][a]:.2f} / {d['kl'][bb]:.2f} |")
+    if notes:
+        lines += ["cells below their budget or above it on held-out prompts:"] + [f"  {x}" for x in notes]
     return "\n".join(lines)
 
 
@@ -248,8 +300,8 @@ def plot_learning_curve(ax, results: dict) -> None:
         ax.plot([row["step"] / last for row in rows], [row["eval/safety_score"] for row in rows],
                 "o-" if first else ".-", color=COLORS[r["method"]], alpha=1.0 if first else 0.45,
                 lw=1.6 if first else 1,
-                label=f"{_label(r['method'], r['label'])} ({last} {unit}, {r['train_time_s']:.0f} s)" if first
-                else None)
+                label=f"{_label(r['method'], r['label'])} ({last} {unit}, {r['train_time_s']:.0f} s, ends at KL "
+                      f"{rows[-1].get('eval/kl_to_ref', float('nan')):.2f})" if first else None)
         shown += [row["eval/safety_score"] for row in rows]
     held_out = ref is None  # a resumed run may lack its step 0: then the held-out reference, said so
     ref = results["reference"]["safety_score"] if held_out else ref
@@ -279,6 +331,8 @@ def plot_pareto(ax, results: dict) -> None:
     band, and (a study) the checkpoints chosen on validation at their held-out KL and safety with 95% CIs."""
     pts, curves = results["frontier"]["points"], results["frontier"].get("curves", {})
     n_seeds = len(results.get("seeds", [results["seed"]]))
+    e = results.get("protocol", {}).get("envelope")
+    envelope = envelope_curves(results["protocol"]["validation_points"], e["reference_validation"]) if e else {}
     for method in METHODS:
         mine = [p for p in pts if p["method"] == method]
         if not mine:
@@ -296,6 +350,14 @@ def plot_pareto(ax, results: dict) -> None:
                         color=COLORS[method], label=None if i else
                         f"{LABELS[method]}: validation frontier points{' of each seed' if len(seeds) > 1 else ''}"
                         f" ({settings})")
+        elif envelope:  # the primary reading's envelope (points and reference), mean ± std over the seeds
+            curve = envelope[method]
+            kl, mean, std = (np.array(curve[k], dtype=float) for k in ("kl", "mean", "std"))
+            ax.plot(kl, mean, "-", lw=2, color=COLORS[method],
+                    label=f"{LABELS[method]}: validation envelope (with the reference), mean of {n_seeds} seeds "
+                          f"({settings})")
+            if n_seeds > 1:
+                ax.fill_between(kl, mean - std, mean + std, color=COLORS[method], alpha=0.15)
         elif c:
             kl, mean, std, n = (np.array(c[k], dtype=float) for k in ("kl", "mean", "std", "n"))
             every = n >= n_seeds  # where every seed's frontier reaches: a mean over the same seeds throughout
@@ -305,17 +367,21 @@ def plot_pareto(ax, results: dict) -> None:
                     label=f"{LABELS[method]}: {what} ({settings})")
             if n_seeds > 1:
                 ax.fill_between(kl[every], (mean - std)[every], (mean + std)[every], color=COLORS[method], alpha=0.15)
-    chosen = []  # the study's checkpoints chosen on validation, at their held-out KL and safety, with 95% CIs
-    for method, cells in results.get("protocol", {}).get("cells", {}).items():
+    # Held out: a study with the envelope shows its cells (mean over seeds, 95% t interval over seeds, at their
+    # mean held-out KL); an older study its within-budget picks (the secondary reading), labelled as such.
+    chosen, cells_of = [], (e["cells"] if e else results.get("protocol", {}).get("cells", {}))
+    for method, cells in cells_of.items():
         for c in cells.values():
             if c["kl"] is not None and c["safety"]["n_seeds"]:
                 chosen.append((method, c))
     for i, (method, c) in enumerate(chosen):
         s = c["safety"]
         first = all(m != method for m, _ in chosen[:i])
-        ax.errorbar([c["kl"]], [s["mean"]], yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]], fmt="D", ms=6,
-                    color=COLORS[method], mec="black", capsize=3, zorder=6,
-                    label=f"{_short(method)}: chosen on validation, held-out mean and 95% CI" if first else None)
+        what = ("envelope cell at each k, held-out mean and 95% t interval over seeds" if e else
+                "within-budget pick (secondary reading), held-out mean and 95% bootstrap CI")
+        err = [[0.0], [0.0]] if _missing(s["lo"]) else [[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]]
+        ax.errorbar([c["kl"]], [s["mean"]], yerr=err, fmt="o" if e else "D", ms=6, color=COLORS[method],
+                    mec="black", capsize=3, zorder=6, label=f"{_short(method)}: {what}" if first else None)
     # The reference's validation safety is the KL-0 end of the validation frontiers; its held-out safety (a
     # different prompt sample, so a different number) only beside the held-out checkpoints.
     val_ref = _validation_reference(results)
@@ -328,7 +394,7 @@ def plot_pareto(ax, results: dict) -> None:
     ax.set_xlabel(f"KL(π_T ‖ π_ref,T) per sequence, nats (T = {results['eval_temperature']})")
     ax.set_ylabel("safety score (judge P(positive))")
     safeties = ([p["safety"] for p in pts] + [results["reference"]["safety_score"]] + [v for v in [val_ref] if v]
-                + [c["safety"][k] for _, c in chosen for k in ("lo", "hi")])
+                + [c["safety"][k] for _, c in chosen for k in ("lo", "hi") if not _missing(c["safety"][k])])
     _safety_axis(ax, safeties)
     kls = [p["kl"] for p in pts] + [c["kl"] for _, c in chosen]
     right = max([KL_MIN_SPAN] + [1.1 * k for k in kls])
@@ -336,7 +402,8 @@ def plot_pareto(ax, results: dict) -> None:
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.set_title("Safety vs KL on validation prompts" + (f" (frontier ± 1 std, {n_seeds} seeds)" if n_seeds > 1
                                                          else "")
-                 + ("\n◆ checkpoints chosen on validation, on held-out prompts" if chosen else "")
+                 + (("\n● envelope cells (mixtures chosen on validation), on held-out prompts" if e else
+                     "\n◆ within-budget picks (secondary reading), on held-out prompts") if chosen else "")
                  + _noise_note(results, safeties))
     ax.legend(loc="upper left", fontsize=7)  # the frontiers rise to the right: the upper left stays empty
     ax.grid(alpha=0.3)
@@ -346,8 +413,10 @@ def plot_temperature(ax, results: dict) -> None:
     temps = results["temperatures"]
     for method in METHODS:
         if method in results:
+            kl = results[method].get("kl_to_ref")
+            at = "" if kl is None else f" (KL {kl:.2f} at T = {results['eval_temperature']})"
             ax.plot(temps, [results[method]["win_rate_vs_ref"][str(t)] for t in temps], "o-", color=COLORS[method],
-                    label=LABELS[method])
+                    label=LABELS[method] + at)
     ax.axhline(0.5, ls="--", color=COLORS["reference"], label="tie with reference")
     ax.set_ylim(0, 1)
     ax.set_xlabel("sampling temperature")
@@ -450,13 +519,73 @@ def plot_bands(ax, results: dict) -> None:
     ax.set_ylabel("held-out safety (judge P(positive))")
     ax.set_ylim(0, min(1.05, max(values + [0.5]) + 0.12))
     n = len(results.get("study", {}).get("seeds", []))
-    ax.set_title(f"Equal KL: held-out safety in each band, mean over {n} seeds (95% t interval)\n"
-                 "hollow: some seeds have no checkpoint in the band", fontsize=10)
+    secondary = "envelope" in results["protocol"]
+    ax.set_title(f"{'Secondary reading, in KL bands' if secondary else 'Equal KL'}: held-out safety in each band, "
+                 f"mean over {n} seeds (95% t interval)\nhollow: some seeds have no checkpoint in the band",
+                 fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     seen = {}
     for h, lab in zip(handles, labels):
         seen.setdefault(lab, h)
     ax.legend(seen.values(), seen.keys(), fontsize=8, loc="lower right")
+
+
+def plot_forest(ax, results: dict) -> None:
+    """The primary reading's paired differences: per pair of methods and KL budget k, the mean over seeds of each
+    seed's paired mean difference of the two envelope mixtures on held-out prompts, with its 95% t interval over
+    the seeds; filled where it survives Holm over the family (``scripts/study_family.py``), hollow otherwise, and
+    the seeds' signs beside each row."""
+    e = results["protocol"]["envelope"]
+    holm = results.get("family", {}).get("holm", {})
+    setting = results["setup"]["pair_source"]
+    rows = [(name, k, cells[str(k)]) for name, cells in e["differences"].items() for k in e["budgets"]]
+    y = np.arange(len(rows))[::-1]
+    for yi, (name, k, d) in zip(y, rows):
+        t, a = d["judge"], name.split("-", 1)[0]
+        h = holm.get(family_key(setting, name, k))
+        survives = bool(h and h["survives"])
+        color = COLORS[a]
+        if not _missing(t["lo"]):
+            ax.plot([t["lo"], t["hi"]], [yi, yi], "-", color=color, lw=1.5)
+        ax.plot([t["mean"]], [yi], "o", ms=7, color=color, mfc=color if survives else "white", mew=1.5)
+        ax.text(1.01, yi, f"{d['signs']['positive']}/{d['signs']['n']}", transform=ax.get_yaxis_transform(),
+                va="center", fontsize=7)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{' − '.join(_short(m) for m in n.split('-', 1))}, k = {k:g}" for n, k, _ in rows], fontsize=7)
+    ax.set_xlabel("paired difference in held-out safety (judge), mean over seeds, 95% t interval")
+    ax.set_title("Equal KL budgets: paired differences of the envelope mixtures\n"
+                 + ("filled: survives Holm over the family; right: seeds above 0" if holm else
+                    "Holm not yet applied (scripts/study_family.py --write); right: seeds above 0"), fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+
+
+def plot_overoptimisation(ax, results: dict) -> None:
+    """Over-optimisation (Gao et al. 2022) of PPO with the learned reward, first seed: along each of its runs, the
+    reward model's mean score of the rollouts (what PPO maximises; left axis) and the judge's validation safety
+    (what the study scores; right axis) against the square root of the KL to the reference (the rollouts' and the
+    validation prompts', nats). Where the first keeps rising and the second flattens or falls, PPO is exploiting
+    its reward model: the gap PPO-GT, trained on the judge itself, does not have."""
+    runs = [r for r in results["runs"] if r["method"] == "ppo" and r["seed"] == results["seed"]]
+    right = ax.twinx()
+    for i, r in enumerate(runs):
+        rows = read_metrics(r["metrics"])
+        train = [row for row in rows if "objective/score" in row and "objective/kl" in row]
+        val = [row for row in rows if "eval/kl_to_ref" in row]
+        alpha = 1.0 - 0.5 * i / max(1, len(runs))
+        ax.plot([math.sqrt(max(row["objective/kl"], 0.0)) for row in train], [row["objective/score"] for row in train],
+                "-", color=COLORS["ppo"], alpha=alpha, lw=1.2,
+                label="reward model's score (rollouts)" if i == 0 else None)
+        right.plot([math.sqrt(max(row["eval/kl_to_ref"], 0.0)) for row in val],
+                   [row["eval/safety_score"] for row in val], "o--", ms=3, color="black", alpha=alpha, lw=1,
+                   label="judge's safety (validation)" if i == 0 else None)
+    ax.set_xlabel("√KL to the reference (√nats)")
+    ax.set_ylabel("reward model's score (its logit)", color=COLORS["ppo"])
+    right.set_ylabel("judge's safety (P(positive))")
+    ax.set_title(f"PPO on the learned reward: what it optimises vs what is scored (seed {results['seed']}, "
+                 f"{len(runs)} runs)", fontsize=10)
+    handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 PANELS = {"learning_curve": plot_learning_curve, "pareto_frontier": plot_pareto,
@@ -494,12 +623,21 @@ def draw_dashboard(plots_dir) -> Path:
     if missing:
         raise ConfigError(f"metrics file {missing[0]} named in {path} is missing; rerun training to recreate it")
     panels = dict(PANELS)
-    if "bands" in results.get("protocol", {}):  # a study: its equal-KL cells replace the default runs' bars
+    if "envelope" in results.get("protocol", {}):  # a study: its paired differences replace the default runs' bars
+        panels.pop("final_metrics")
+        panels["paired_differences"] = plot_forest
+        panels["equal_kl_bands"] = plot_bands  # the secondary reading, labelled as such
+        if any(r["method"] == "ppo" for r in results["runs"]):
+            panels["overoptimisation"] = plot_overoptimisation
+    elif "bands" in results.get("protocol", {}):  # a study before the envelope: its band cells
         panels.pop("final_metrics")
         panels["equal_kl"] = plot_bands
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    cols = 2 if len(panels) <= 4 else 3
+    fig, axes = plt.subplots(2, cols, figsize=(7 * cols, 10))
     for ax, draw in zip(axes.flat, panels.values()):
         draw(ax, results)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(dashboard_title(results))
     fig.tight_layout()
     out = plots_dir / "dpo_results_dashboard.png"

@@ -2,20 +2,26 @@
 
 1. Every evaluation during training is on the validation prompts (openings of training reviews no pair uses),
    and the weights of every evaluated step are kept (``runs/<run>/evaluated/step-N/``).
-2. At equal KL (the study's reading): for each method, seed and KL band (target k +- ``--band_width``),
-   :func:`grid.select_band_checkpoints` picks, among all that method's runs and checkpoints of that seed, the
+2. At equal KL budgets used in full (the primary reading, :func:`grid.select_envelope_cells`): for each method,
+   seed and k in ``--kl_bands``, the highest point at KL <= k of the upper concave envelope of that method's
+   validation points and the reference (KL 0), which a mixture of at most two checkpoints attains (a share w of
+   the prompts answered by one, the rest by the other); its held-out cell is the per-prompt w-mix of their scores
+   (:func:`envelope_tables`). Every method can reach every point under its envelope, so no cell depends on where
+   a checkpoint happened to fall. In bands (a secondary reading): for each method, seed and KL band (target k +-
+   ``--band_width``), :func:`grid.select_band_checkpoints` picks, among all that method's runs and checkpoints of
+   that seed, the
    best validation safety whose validation KL lies in the band, and records how many candidates it had; the
    highest validation safety at any KL up to the largest band (:func:`grid.highest_safety`) is chosen the same
-   way. Within a budget (the secondary reading): :func:`grid.select_checkpoints`, the best with validation
+   way. Within a budget (another secondary reading): :func:`grid.select_checkpoints`, the best with validation
    KL <= k. Held-out numbers are never looked at to choose, and no maximum is ever taken over them.
 3. Only the chosen checkpoints are evaluated on the held-out prompts (each seed its own sample, every method
    sampled with the same seeds on the same prompts), and their per-prompt judge scores, VADER compound scores
    (the second judge, ``eval_utils.vader_compound``) and log-ratios are saved.
-4. Paired differences between methods at each band: each seed's paired mean difference over its prompts, then a
-   Student-t 95% interval and p-value over the seeds (:func:`grid.seed_t_interval`), with the hierarchical
-   bootstrap beside it; the same for VADER. Holm's correction over the family (both settings) is applied by
-   ``scripts/study_family.py``, which reads every setting's results.json. Budget cells keep the hierarchical
-   bootstrap.
+4. Paired differences between methods at each k (envelope mixtures, and band checkpoints): each seed's paired
+   mean difference over its prompts, then a Student-t 95% interval and p-value over the seeds
+   (:func:`grid.seed_t_interval`), with the hierarchical bootstrap beside it; the same for VADER. Holm's
+   correction over the family of the primary reading (both settings) is applied by ``scripts/study_family.py``,
+   which reads every setting's results.json. Budget cells keep the hierarchical bootstrap.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
         s = r["spec"]
         rows = read_metrics(Path(cfg.run.output_dir) / "runs" / s.name / "metrics.jsonl")
         points += grid.validation_points(rows, method=s.method, label=s.setting, seed=s.seed, run=s.name)
+    # the reference's validation safety per seed: its step-0 evaluation, the same in every run of the seed
+    references = {}
+    for r in runs:
+        rows = read_metrics(Path(cfg.run.output_dir) / "runs" / r["spec"].name / "metrics.jsonl")
+        step0 = [p for p in grid.validation_points(rows, reference=True) if p["step"] == 0]
+        if step0:
+            references.setdefault(r["spec"].seed, step0[0]["safety"])
+    envelope = grid.select_envelope_cells(points, references, bands)
     chosen = grid.select_checkpoints(points, kls, min_use=cfg.eval.min_budget_use)
     banded = grid.select_band_checkpoints(points, bands, width)
     top_kl = max(bands) * (1 + width)
@@ -60,10 +74,13 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
     picked = [c["point"] for sel in (chosen, banded) for by_seed in sel.values() for cells in by_seed.values()
               for c in cells.values() if c["point"]]
     picked += [p for by_seed in top.values() for p in by_seed.values()]
+    picked += [v for by_seed in envelope.values() for cells in by_seed.values() for c in cells.values()
+               for v in (c["a"], c["b"]) if v["run"] is not None]
     checkpoints, reference = evaluate_chosen(cfg, picked, heldout)
     seeds = sorted({r["spec"].seed for r in runs})
     cells, differences = budget_tables(chosen, checkpoints, seeds, kls)
     bands_out = band_tables(banded, checkpoints, seeds, bands, width)
+    envelope_out = envelope_tables(envelope, checkpoints, reference, seeds, bands)
     highest = {}
     for m, by_seed in top.items():
         for s, p in by_seed.items():
@@ -72,8 +89,12 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
                                                  "validation": ck["validation"], "heldout": ck["heldout"]}
     return {"matched_kls": kls, "n_resamples": N_RESAMPLES, "validation_points": points, "cells": cells,
             "differences": differences, "checkpoints": checkpoints, "reference": reference,
-            "bands": bands_out, "highest": {"max_kl": top_kl, "per_method": highest},
-            "selection": "at equal KL: validation safety among checkpoints whose validation KL is in the band; "
+            "bands": bands_out, "envelope": {**envelope_out, "reference_validation": references},
+            "highest": {"max_kl": top_kl, "per_method": highest},
+            "selection": "primary, at equal KL budgets used in full: the highest point at KL <= k of the upper "
+                         "concave envelope of each method's validation points and the reference, a mixture of at most "
+                         "two checkpoints; secondary, in bands: validation safety among checkpoints whose validation "
+                         "KL is in the band; "
                          "within a budget (secondary): validation safety, validation KL <= k; held-out prompts "
                          "evaluated only for the chosen"}
 
@@ -160,6 +181,81 @@ def budget_tables(chosen: dict, checkpoints: dict, seeds: list[int], kls: list[f
                     used.append(s)
             differences[f"{a}-{b}"][str(k)] = {**grid.hierarchical_bootstrap(diffs, N_RESAMPLES), "seeds": used}
     return cells, differences
+
+
+def mixture_heldout(cell: dict, checkpoints: dict, reference: dict) -> dict:
+    """An envelope cell on held-out prompts: per prompt the ``w``-mix of its two vertices' judge and VADER scores
+    (a share w of the prompts answered by ``a``, the rest by ``b``: the mixture's expected score on each prompt),
+    and the w-mix of their held-out KLs (the reference's is 0). ``reference``: the seed's held-out entry."""
+    def side(v):
+        if v["run"] is None:
+            return reference["per_prompt"]["scores"], reference["per_prompt"]["vader"], 0.0
+        ck = checkpoints[f"{v['run']}@{v['step']}"]
+        return ck["per_prompt"]["scores"], ck["per_prompt"]["vader"], ck["heldout"]["kl"]
+
+    w = cell["w"]
+    (sa, va, ka), (sb, vb, kb) = side(cell["a"]), side(cell["b"])
+    return {"scores": w * np.asarray(sa) + (1 - w) * np.asarray(sb),
+            "vader": w * np.asarray(va) + (1 - w) * np.asarray(vb), "kl": w * ka + (1 - w) * kb}
+
+
+def envelope_tables(choices: dict, checkpoints: dict, reference: dict, seeds: list[int], budgets: list[float]
+                    ) -> dict:
+    """The primary reading from the envelope choices (:func:`grid.select_envelope_cells`) and the held-out numbers
+    of their vertices: per method and budget its cell (every seed's mixture, then held-out safety with a t
+    interval over the seeds, KL and VADER) and per pair of methods and budget the paired comparison (each seed's
+    mean paired difference of the mixtures over its prompts; Student-t interval and p over the seeds, the seeds'
+    signs; the hierarchical bootstrap beside it; the same for VADER; each side's held-out KL). A cell's held-out KL
+    more than 20% above its budget is flagged (``kl_over``). Pure: recomputable from results.json
+    (``scripts/study_family.py`` does)."""
+    def ref_of(seed):
+        return reference.get(seed, reference.get(str(seed)))
+
+    mixed = {m: {s: {str(k): mixture_heldout(by_seed[s][str(k)], checkpoints, ref_of(s)) for k in budgets}
+                 for s in seeds if s in by_seed} for m, by_seed in choices.items()}
+    cells = {}
+    for method, by_seed in choices.items():
+        cells[method] = {}
+        for k in budgets:
+            rows = []
+            for seed in seeds:
+                c, h = by_seed[seed][str(k)], mixed[method][seed][str(k)]
+                rows.append({"seed": seed, "status": c["status"], "reason": c["reason"], "w": c["w"],
+                             "a": _vertex_name(c["a"]), "b": _vertex_name(c["b"]),
+                             "reference_vertex": c["a"]["run"] is None or c["b"]["run"] is None,
+                             "largest_kl": c["largest_kl"],
+                             "validation": {"safety": c["safety"], "kl": c["kl"]},
+                             "heldout": {"safety": float(h["scores"].mean()), "kl": h["kl"],
+                                         "vader": float(h["vader"].mean()), "kl_over": bool(h["kl"] > 1.2 * k)}})
+            cells[method][str(k)] = {
+                "per_seed": rows, "n_seeds": len(rows),
+                "safety": grid.seed_t_interval([r["heldout"]["safety"] for r in rows]),
+                "kl": float(np.mean([r["heldout"]["kl"] for r in rows])),
+                "vader": float(np.mean([r["heldout"]["vader"] for r in rows]))}
+
+    differences = {}
+    for a, b in PAIRS:
+        if a not in choices or b not in choices:
+            continue
+        differences[f"{a}-{b}"] = {}
+        for k in budgets:
+            used = [s for s in seeds if s in mixed[a] and s in mixed[b]]
+            x, y = ([mixed[m][s][str(k)] for s in used] for m in (a, b))
+            judge = [u["scores"] - v["scores"] for u, v in zip(x, y)]
+            vader = [u["vader"] - v["vader"] for u, v in zip(x, y)]
+            means = [float(d.mean()) for d in judge]
+            differences[f"{a}-{b}"][str(k)] = {
+                "seeds": used, "judge": grid.seed_t_interval(means), "judge_seed_means": means,
+                "signs": {"positive": sum(m > 0 for m in means), "n": len(means)},
+                "judge_bootstrap": grid.hierarchical_bootstrap(judge, N_RESAMPLES),
+                "vader": grid.seed_t_interval([d.mean() for d in vader]),
+                "vader_seed_means": [float(d.mean()) for d in vader],
+                "kl": {a: float(np.mean([u["kl"] for u in x])), b: float(np.mean([v["kl"] for v in y]))}}
+    return {"budgets": budgets, "cells": cells, "differences": differences}
+
+
+def _vertex_name(v: dict) -> str:
+    return "reference" if v["run"] is None else f"{v['run']}@{v['step']}"
 
 
 def heldout_result(cfg, ctx, temperature: float, run: str | None = None, step: int | None = None) -> dict:

@@ -172,9 +172,11 @@ def test_the_dashboard_invites_no_wrong_comparison(smoke_run, smoke_study):
     assert plots.dashboard_title(smoke_run["results"]).startswith("DPO vs PPO on IMDb")
 
 
-def test_the_study_dashboard_shows_the_band_cells_with_their_seed_intervals(smoke_study):
-    """A study's fourth panel: per band and method the held-out safety of the band's chosen checkpoints, mean over
-    seeds with its t interval; a cell missing seeds hollow and labelled; the panel is saved alone too."""
+def test_the_study_dashboard_shows_the_paired_differences_and_the_band_cells(smoke_study):
+    """A study's panels: the forest plot of the primary reading's paired differences (survivors of Holm filled);
+    the band cells, titled as the secondary reading (per band and method the held-out safety of the band's chosen
+    checkpoints, mean over seeds with its t interval; a cell missing seeds hollow and labelled); each saved alone
+    too, with the over-optimisation panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,13 +188,28 @@ def test_the_study_dashboard_shows_the_band_cells_with_their_seed_intervals(smok
     cells = [c for by_band in res["protocol"]["bands"]["cells"].values() for c in by_band.values()]
     fig, ax = plt.subplots()
     plots.plot_bands(ax, res)
-    assert ax.get_title().startswith("Equal KL") and len(ax.patches) == sum(c["n_seeds"] > 0 for c in cells)
+    assert ax.get_title().startswith("Secondary reading, in KL bands")
+    assert len(ax.patches) == sum(c["n_seeds"] > 0 for c in cells)
     hollow = [p for p in ax.patches if p.get_facecolor()[3] == 0]
     assert len(hollow) == sum(0 < c["n_seeds"] < len(c["per_seed"]) for c in cells)
     whiskers = sum(len(coll.get_segments()) for coll in ax.collections)
     assert whiskers == sum(c["n_seeds"] >= 2 for c in cells)
     plt.close(fig)
-    assert (smoke_study["dir"] / "plots" / "equal_kl.png").exists()
+    # the forest plot: one row per pair and budget, hollow without a family (Holm not yet applied), filled with
+    # one where the comparison survives it
+    fig, ax = plt.subplots()
+    plots.plot_forest(ax, res)
+    e = res["protocol"]["envelope"]
+    assert len(ax.get_yticks()) == 3 * len(e["budgets"]) and "Holm not yet applied" in ax.get_title()
+    key = plots.family_key(res["setup"]["pair_source"], next(iter(e["differences"])), e["budgets"][0])
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plots.plot_forest(ax, {**res, "family": {"holm": {key: {"survives": True, "p_holm": 0.01}}}})
+    filled = [ln for ln in ax.get_lines() if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"]
+    assert len(filled) == 1 and "filled: survives Holm" in ax.get_title()
+    plt.close(fig)
+    for name in ("paired_differences", "equal_kl_bands", "overoptimisation"):
+        assert (smoke_study["dir"] / "plots" / f"{name}.png").exists()
     assert not (smoke_study["dir"] / "plots" / "final_metrics.png").exists()
 
 
@@ -235,7 +252,44 @@ def _chosen(results) -> dict:
                 for k, c in cells.items() for r in c["per_seed"]})
     out.update({("highest", m, int(s)): r["checkpoint"] for m, by_seed in p["highest"]["per_method"].items()
                 for s, r in by_seed.items()})
+    out.update({("envelope", m, k, r["seed"]): (r["a"], r["b"], round(r["w"], 12))
+                for m, cells in p["envelope"]["cells"].items() for k, c in cells.items() for r in c["per_seed"]})
     return out
+
+
+def _check_envelope_cells(res) -> None:
+    """The primary reading: per method, seed and budget, the best mixture at KL <= k of the envelope of the
+    method's validation points and the reference, re-derived here; at least every checkpoint within the budget; its
+    held-out safety the w-mix of its vertices' per-prompt means; a cell below its budget says why; the paired
+    comparisons carry the seeds' signs."""
+    from study.grid import envelope_cell, reference_vertex
+
+    p, seeds = res["protocol"], res["study"]["seeds"]
+    e = p["envelope"]
+    assert e["budgets"] == [0.2, 0.5] and set(e["cells"]) == {"dpo", "ppo", "ppo_gt"}
+
+    def heldout_mean(name, seed):
+        ck = p["reference"][str(seed)] if name == "reference" else p["checkpoints"][name]
+        return float(np.mean(ck["per_prompt"]["scores"]))
+
+    for m, cells in e["cells"].items():
+        for k, c in cells.items():
+            assert [r["seed"] for r in c["per_seed"]] == seeds
+            for r in c["per_seed"]:
+                s, budget = r["seed"], float(k)
+                pts = [q for q in p["validation_points"] if q["method"] == m and q["seed"] == s]
+                best = envelope_cell([reference_vertex(m, s, e["reference_validation"][str(s)]), *pts], budget)
+                assert r["validation"]["safety"] == pytest.approx(best["safety"]) and r["validation"]["kl"] <= budget
+                assert r["validation"]["safety"] >= max([q["safety"] for q in pts if q["kl"] <= budget], default=0)
+                assert (r["status"] == "ok") == (r["validation"]["kl"] == pytest.approx(budget)) and \
+                    (r["status"] == "ok" or r["reason"])
+                mix = r["w"] * heldout_mean(r["a"], s) + (1 - r["w"]) * heldout_mean(r["b"], s)
+                assert r["heldout"]["safety"] == pytest.approx(mix) and 0 <= r["w"] <= 1
+                assert r["heldout"]["kl_over"] == (r["heldout"]["kl"] > 1.2 * budget)
+    for cells in e["differences"].values():
+        for d in cells.values():
+            assert d["signs"]["n"] == len(seeds) == len(d["judge_seed_means"])
+            assert d["signs"]["positive"] == sum(x > 0 for x in d["judge_seed_means"])
 
 
 def _check_band_cells(res) -> None:
@@ -304,7 +358,9 @@ def test_smoke_study_chooses_on_validation_reports_held_out_with_paired_interval
     assert any(d["n_seeds"] for d in p["differences"]["dpo-ppo"].values())
     assert "checkpoints chosen on validation" in proc.stdout and "paired differences" in proc.stdout
     _check_band_cells(res)
+    _check_envelope_cells(res)
     assert "equal KL (checkpoints chosen on validation inside each KL band" in proc.stdout
+    assert "equal KL budgets (per method and seed, the validation envelope" in proc.stdout
     assert "secondary reading, within a KL budget" in proc.stdout
 
     # Each seed's reward model is trained once and its time charged once: to the run that trained it.
@@ -397,7 +453,9 @@ def test_selection_never_looks_at_held_out_numbers(smoke_study, monkeypatch):
     changed = _chosen(json.loads((out / "plots" / "results.json").read_text()))
     assert changed[("dpo", k, 0)] == f"{target['run']}@{target['step']}" != was
     def method_seed(key):
-        return (key[1], key[3]) if key[0] == "band" else (key[1], key[2]) if key[0] == "highest" else (key[0], key[2])
+        if key[0] in ("band", "envelope"):
+            return key[1], key[3]
+        return (key[1], key[2]) if key[0] == "highest" else (key[0], key[2])
 
     others = [key for key in before if method_seed(key) != ("dpo", 0)]  # every other method and seed: as before
     assert [changed[key] for key in others] == [before[key] for key in others]
@@ -650,7 +708,7 @@ def test_the_family_script_recomputes_both_settings_and_applies_holm_over_them(s
     assert typo.stdout.strip() == "error: unknown flag --tabels: the flags are --write and --tables"
     # --tables: each setting's equal-KL tables (README's Key Results) carry the family's Holm-adjusted p-values
     proc = script(*paths, "--tables")
-    assert proc.returncode == 0 and proc.stdout.count("| comparison | band | seeds | judge | p | p (Holm) |") == 2
+    assert proc.returncode == 0 and proc.stdout.count("| comparison | k | seeds > 0 | judge | p | p (Holm) |") == 2
     shown = {}
     for setting, part in zip(("dataset", "generated"), proc.stdout.split(" pairs):\n")[1:]):
         for r in part.splitlines():
@@ -658,11 +716,11 @@ def test_the_family_script_recomputes_both_settings_and_applies_holm_over_them(s
                 c = r.split(" | ")
                 a, b = (name.lower().replace("-", "_") for name in c[0][2:].split(" - "))
                 shown[f"{setting}|{a}-{b}|{c[1]}"] = (c[2], c[5])
-    made = {k: holm for k, (seeds, holm) in shown.items() if seeds != "0"}
-    assert len(shown) == 12 and made, proc.stdout  # every comparison made shows its family's Holm-adjusted p
+    made = {k: holm for k, (signs, holm) in shown.items() if not signs.endswith("/0")}
+    assert len(shown) == 12 and len(made) == 12, proc.stdout  # the envelope makes every comparison, each with its Holm
     assert all(holm.split()[0] == f"{fam['holm'][k]['p_holm']:.3f}" for k, holm in made.items()), proc.stdout
 
-    d = next(d for cells in res["protocol"]["bands"]["differences"].values() for d in cells.values() if d["seeds"])
+    d = next(d for cells in res["protocol"]["envelope"]["differences"].values() for d in cells.values())
     d["judge"]["p"] = 0.5 * (d["judge"]["p"] or 1.0) + 1e-3
     paths[0].write_text(json.dumps(res))
     proc = script(*paths)

@@ -361,3 +361,26 @@ def test_the_envelope_cell_never_falls_as_the_budget_rises_and_stops_at_its_peak
         slopes = [(b["safety"] - a["safety"]) / (b["kl"] - a["kl"]) for a, b in zip(hull, hull[1:])]
         assert all(s2 <= s1 + 1e-12 for s1, s2 in zip(slopes, slopes[1:]))  # concave
     assert envelope_cell([{"kl": 1.0, "safety": 0.6}], 0.5) is None  # nothing attainable below the smallest KL
+
+
+def test_each_method_and_seed_gets_its_own_envelope_with_the_reference_and_says_why_a_budget_is_not_used():
+    """select_envelope_cells: per method and seed, the envelope of that method's points of that seed and the
+    reference at KL 0 (a small budget mixes in the reference); a budget past the largest KL takes the peak and
+    says so; a budget past a peak below the largest KL says that instead."""
+    from study.grid import select_envelope_cells
+
+    pts = [_p(2.0, 0.62), _p(4.0, 0.7), _p(6.0, 0.65),  # DPO seed 0: peaks at 4, largest KL 6
+           _p(3.0, 0.9, method="ppo"),  # PPO seed 0: one point
+           _p(1.0, 0.8, seed=1)]  # DPO seed 1: another seed's point is not seed 0's
+    for i, p in enumerate(pts):
+        p.update(run=f"r{i}", step=10 * (i + 1))
+    cells = select_envelope_cells(pts, {0: 0.5, "1": 0.4}, [1.0, 4.0, 5.0, 8.0])  # a JSON key: "1"
+    dpo0, ppo0, dpo1 = cells["dpo"][0], cells["ppo"][0], cells["dpo"][1]
+    c = dpo0["1.0"]  # between the reference (0, 0.5) and (2, 0.62): half each
+    assert c["a"]["run"] is None and c["b"]["run"] == "r0" and c["w"] == pytest.approx(0.5)
+    assert c["safety"] == pytest.approx(0.56) and c["kl"] == 1.0 and c["status"] == "ok"
+    assert dpo0["4.0"]["a"]["run"] == "r1" and dpo0["4.0"]["w"] == 1.0 and dpo0["4.0"]["status"] == "ok"
+    assert dpo0["5.0"]["status"] == "peak" and dpo0["5.0"]["reason"] == "envelope peaks at 4.00 < 5"
+    assert dpo0["8.0"]["reason"] == "largest KL 6.00 < 8" and dpo0["8.0"]["safety"] == 0.7
+    assert ppo0["1.0"]["safety"] == pytest.approx(0.5 + 0.4 / 3) and ppo0["4.0"]["reason"] == "largest KL 3.00 < 4"
+    assert dpo1["4.0"]["safety"] == 0.8 and dpo1["1.0"]["b"]["run"] == "r4"
