@@ -328,10 +328,8 @@ class PPOConfig:
 class EvalConfig:
     n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample); the "
                              "evaluations during training use the validation prompts (--n_val_prompts).")
-    sealed_prompts: bool = _f(False, "Draw the held-out prompts from held-out reviews that no earlier draw used (the "
-                                     "draws that commands before the final studies evaluated: dataset.SEEN_DRAW_SEEDS) "
-                                     "before any other: the final studies' sealed test set, another stream than the "
-                                     "unsealed draw. results.json records how many prompts open a review seen before.")
+    sealed_prompts: bool = _f(False, "The sealed test set: held-out prompts from reviews no earlier draw used "
+                                     "(dataset.SEEN_DRAW_SEEDS) first, in another stream; results.json counts the rest.")
     n_val_prompts: int = _f(0, "Validation prompts of each evaluation during training (the study's checkpoints): "
                                "the first N of the --n_val_pairs validation pairs' prompts, which come in random "
                                "order. 0 = all of them.")
@@ -508,9 +506,8 @@ def _preset(name: str) -> Config:
                           dpo_eval_steps=[10, 12, 14, 16, 18, 20, 25, 30, 40, 60, 80, 100, 120, 140, 180]),
             # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out).
             # 40 iterations, not 20: at 20, 7 of the 8 PPO and PPO-GT runs of a seed-0 study were still moving their
-            # validation KL by more than 10% over their last fifth. PPO is every preset's: the exact KL in the
-            # reward with its loss term (--kl_penalty full). On seed 0 its coefficient sets its KL, 0.01 to 1
-            # ending at 15.9 to 0.59 nats (docs/ppo_kl_control.md, 3 seeds). The adaptive run holds 0.02, which
+            # validation KL by more than 10% over their last fifth. On seed 0 PPO's coefficient sets its KL, 0.01
+            # to 1 ending at 15.9 to 0.59 nats (docs/ppo_kl_control.md, 3 seeds). The adaptive run holds 0.02, which
             # reaches 8 nats in about 22 iterations, until the KL first gets there (Ziegler et al.'s update alone
             # lowers the coefficient through the slow rise, and the KL overshoots), then adapts it both ways.
             # The frontier grid: the adaptive run targets 8 nats (a band's centre: it holds there once reached), and
