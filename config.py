@@ -329,7 +329,7 @@ class EvalConfig:
     n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample); the "
                              "evaluations during training use the validation prompts (--n_val_prompts).")
     sealed_prompts: bool = _f(False, "The sealed test set: held-out prompts from reviews no earlier draw used "
-                                     "(dataset.SEEN_DRAW_SEEDS) first, in another stream; results.json counts the rest.")
+                                     "(dataset.SEEN_DRAW_SEEDS) first, another stream; results.json counts seen ones.")
     n_val_prompts: int = _f(0, "Validation prompts of each evaluation during training (the study's checkpoints): "
                                "the first N of the --n_val_pairs validation pairs' prompts, which come in random "
                                "order. 0 = all of them.")
