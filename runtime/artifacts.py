@@ -146,16 +146,42 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into ``final`` so that at every moment one complete version exists on disk."""
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
-    # No signal between the two renames (a Ctrl-C there would leave no version at ``final``): SIGINT and SIGTERM
-    # are held back for the two system calls and delivered after them.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with signals_held():  # a Ctrl-C between the renames would leave no version at ``final``
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back for the block and deliver them after it, in the order they came.
+
+    Python runs a signal's handler in the main thread, whichever thread the kernel handed it to: a process-directed
+    signal goes to any thread that does not block it (torch's and tqdm's threads do not), so blocking it in the
+    main thread alone (``pthread_sigmask``) does not hold it. In the main thread the handlers are swapped for one
+    that notes the signal, then restored, and each noted signal is raised again; elsewhere (no handler can be set
+    there), or over a handler set outside Python, the thread's mask is the best there is."""
+    import threading
+
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    # a handler set outside Python (getsignal: None) could not be put back: then the mask too
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, wanted):
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, set(wanted))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return
+    noted: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in noted:
+            signal.raise_signal(s)
 
 
 def atomic_write(final: Path, write, directory: bool = False) -> None:
