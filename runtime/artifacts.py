@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -162,8 +163,6 @@ def signals_held():
     main thread alone (``pthread_sigmask``) does not hold it. In the main thread the handlers are swapped for one
     that notes the signal, then restored, and each noted signal is raised again; elsewhere (no handler can be set
     there), or over a handler set outside Python, the thread's mask is the best there is."""
-    import threading
-
     wanted = (signal.SIGINT, signal.SIGTERM)
     # a handler set outside Python (getsignal: None) could not be put back: then the mask too
     if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, wanted):

@@ -259,10 +259,21 @@ def envelope_cell(points: list[dict], k: float) -> dict | None:
     return {"safety": w * a["safety"] + (1 - w) * b["safety"], "kl": k, "a": a, "b": b, "w": w}
 
 
+def for_seed(per_seed: dict, seed: int):
+    """A per-seed dict's entry for ``seed``, keyed by the int or, read back from results.json, by its string."""
+    return per_seed[seed] if seed in per_seed else per_seed[str(seed)]
+
+
 def reference_vertex(method: str, seed: int, safety: float) -> dict:
     """The reference as a point of a method's envelope: KL 0, its step-0 validation safety (``run`` None)."""
     return {"method": method, "label": "reference", "seed": seed, "run": None, "step": 0, "time_s": 0.0,
             "kl": 0.0, "safety": safety, "positive_rate": None}
+
+
+def with_reference(method: str, seed: int, cands: list[dict], references: dict) -> list[dict]:
+    """What a method's envelope on a seed is made of: the reference (``references``: ``{seed: its step-0
+    validation safety}``) and that method's checkpoints of that seed, ``cands``."""
+    return [reference_vertex(method, seed, for_seed(references, seed)), *cands]
 
 
 def envelope_curves(points: list[dict], references: dict, n: int = 60) -> dict:
@@ -270,17 +281,15 @@ def envelope_curves(points: list[dict], references: dict, n: int = 60) -> dict:
     reference) read on a KL grid from 0 to its largest KL, per seed, then its mean and std over the seeds (for the
     dashboard): ``{method: {"kl", "mean", "std"}}``. Past a seed's largest KL its value is its peak (a policy at a
     lower KL meets any larger budget)."""
+    envelopes = {}
+    for method, seed, cands in by_method_and_seed(points):
+        envelopes.setdefault(method, []).append(with_reference(method, seed, cands, references))
     curves = {}
-    for method in METHODS:
-        mine = [p for p in points if p["method"] == method]
-        if not mine:
-            continue
-        kls = np.linspace(0.0, max(p["kl"] for p in mine), n)
-        per_seed = np.array([[envelope_cell([reference_vertex(method, s, references.get(s, references.get(str(s)))),
-                                             *[p for p in mine if p["seed"] == s]], float(k))["safety"] for k in kls]
-                             for s in sorted({p["seed"] for p in mine})])
-        std = per_seed.std(0, ddof=1) if len(per_seed) > 1 else np.full(n, np.nan)
-        curves[method] = {"kl": kls.tolist(), "mean": per_seed.mean(0).tolist(), "std": std.tolist()}
+    for method, per_seed in envelopes.items():
+        kls = np.linspace(0.0, max(p["kl"] for pts in per_seed for p in pts), n)
+        values = np.array([[envelope_cell(pts, float(k))["safety"] for k in kls] for pts in per_seed])
+        std = values.std(0, ddof=1) if len(values) > 1 else np.full(n, np.nan)
+        curves[method] = {"kl": kls.tolist(), "mean": values.mean(0).tolist(), "std": std.tolist()}
     return curves
 
 
@@ -504,10 +513,9 @@ def select_envelope_cells(points: list[dict], references: dict, budgets: list[fl
     out = {}
     for method, seed, cands in by_method_and_seed(points, methods):
         cells = out.setdefault(method, {}).setdefault(seed, {})
-        ref = references.get(seed, references.get(str(seed)))
         largest = max(p["kl"] for p in cands)
         for k in budgets:
-            c = envelope_cell([reference_vertex(method, seed, ref), *cands], k)
+            c = envelope_cell(with_reference(method, seed, cands, references), k)
             full = c["kl"] >= k
             reason = "" if full else (f"largest KL {largest:.2f} < {k:g}" if largest < k else
                                       f"envelope peaks at {c['kl']:.2f} < {k:g}")

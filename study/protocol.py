@@ -53,18 +53,16 @@ def study_protocol(cfg, runs: list[dict], heldout: dict) -> dict:
     """
     kls = list(cfg.eval.matched_kls)
     bands, width = list(cfg.eval.kl_bands), cfg.eval.band_width
-    points = []
+    points, references = [], {}
     for r in runs:
         s = r["spec"]
         rows = read_metrics(Path(cfg.run.output_dir) / "runs" / s.name / "metrics.jsonl")
-        points += grid.validation_points(rows, method=s.method, label=s.setting, seed=s.seed, run=s.name)
-    # the reference's validation safety per seed: its step-0 evaluation, the same in every run of the seed
-    references = {}
-    for r in runs:
-        rows = read_metrics(Path(cfg.run.output_dir) / "runs" / r["spec"].name / "metrics.jsonl")
-        step0 = [p for p in grid.validation_points(rows, reference=True) if p["step"] == 0]
-        if step0:
-            references.setdefault(r["spec"].seed, step0[0]["safety"])
+        for p in grid.validation_points(rows, reference=True, method=s.method, label=s.setting, seed=s.seed,
+                                        run=s.name):
+            if p["step"] > 0:
+                points.append(p)
+            else:  # the reference's validation safety: its step-0 evaluation, the same in every run of the seed
+                references.setdefault(s.seed, p["safety"])
     envelope = grid.select_envelope_cells(points, references, bands)
     chosen = grid.select_checkpoints(points, kls, min_use=cfg.eval.min_budget_use)
     banded = grid.select_band_checkpoints(points, bands, width)
@@ -208,17 +206,14 @@ def envelope_tables(choices: dict, checkpoints: dict, reference: dict, seeds: li
     signs; the hierarchical bootstrap beside it; the same for VADER; each side's held-out KL). A cell's held-out KL
     more than 20% above its budget is flagged (``kl_over``). Pure: recomputable from results.json
     (``scripts/study_family.py`` does)."""
-    def ref_of(seed):
-        return reference.get(seed, reference.get(str(seed)))
-
-    mixed = {m: {s: {str(k): mixture_heldout(by_seed[s][str(k)], checkpoints, ref_of(s)) for k in budgets}
-                 for s in seeds if s in by_seed} for m, by_seed in choices.items()}
+    mixed = {m: {s: {str(k): mixture_heldout(by_seed[s][str(k)], checkpoints, grid.for_seed(reference, s))
+                     for k in budgets} for s in seeds if s in by_seed} for m, by_seed in choices.items()}
     cells = {}
     for method, by_seed in choices.items():
         cells[method] = {}
         for k in budgets:
             rows = []
-            for seed in seeds:
+            for seed in mixed[method]:
                 c, h = by_seed[seed][str(k)], mixed[method][seed][str(k)]
                 rows.append({"seed": seed, "status": c["status"], "reason": c["reason"], "w": c["w"],
                              "a": _vertex_name(c["a"]), "b": _vertex_name(c["b"]),
