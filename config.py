@@ -67,7 +67,7 @@ RANGES = {
     "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
     "init_kl_coef": _NONNEG, "target_kl": _POS, "kl_damping": _NONNEG,
     # evaluation
-    "n_eval_prompts": _COUNT, "n_val_prompts": _NONNEG, "eval_batch_size": _COUNT, "eval_temperature": _POS,
+    "n_eval_prompts": _NONNEG, "n_val_prompts": _NONNEG, "eval_batch_size": _COUNT, "eval_temperature": _POS,
     "temperatures": _POS,
     "n_examples": _NONNEG, "sweep_betas": _POS, "sweep_kl_coefs": _POS, "matched_kls": _POS,
     "min_budget_use": (0, 1, False, True), "kl_bands": _POS, "band_width": (0, 1, True, True), "max_kl": _POS,
@@ -326,8 +326,8 @@ class PPOConfig:
 
 @dataclass
 class EvalConfig:
-    n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample); the "
-                             "evaluations during training use the validation prompts (--n_val_prompts).")
+    n_eval_prompts: int = _f(256, "Held-out prompts of the final evaluations (each seed its own sample; 0, the grid "
+                             "scripts' validation-only mode: none drawn, none can be evaluated; main.py refuses it).")
     sealed_prompts: bool = _f(False, "The sealed test set: held-out prompts from reviews no earlier draw used "
                                      "(dataset.SEEN_DRAW_SEEDS) first, another stream; results.json counts seen ones.")
     n_val_prompts: int = _f(0, "Validation prompts of each evaluation during training (the study's checkpoints): "

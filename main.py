@@ -29,6 +29,9 @@ from runtime.run_log import FATAL, SIGNALS, check_output_dirs
 def check_outputs(cfg: Config) -> None:
     """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``);
     a word where a setting means less than it says (``--resume`` with nothing to resume, more jobs than cores)."""
+    if cfg.eval.n_eval_prompts == 0:
+        raise ConfigError("--n_eval_prompts 0 draws no held-out prompts (the tuning and probe scripts' validation-only "
+                          "mode); main.py's final evaluation needs them: give 1 or more")
     dirs = {"--plots_dir": cfg.run.plots_dir}
     if not cfg.run.plots_only:
         dirs.update({"--output_dir": cfg.run.output_dir, "--cache_dir": cfg.run.cache_dir})
@@ -96,13 +99,14 @@ def run(cfg: Config, argv: list[str]) -> int:
     from modeling.models import dtype_name
     from runtime.run_utils import seed_everything
     from study import experiment, grid, plots, protocol
-    from study.results import final_evaluation
+    from study.results import final_evaluation, provenance
 
     # Our own tqdm bars and log lines say what is happening; silence the library's per-load bars and notes.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # e.g. a note at every checkpoint on the tied LM head
     command = "uv run main.py " + " ".join(shlex.quote(a) for a in argv)
+    code = provenance()  # the commit and the preregistration this run starts from (results.json)
     if cfg.model.threads:  # fp32 reductions depend on the thread count: reproduction commands pin it
         torch.set_num_threads(cfg.model.threads)
     seed_everything(cfg.run.seed)
@@ -126,7 +130,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     results = final_evaluation(cfg, done.heldout[seeds[0]], {m: done.first[m] for m in order}, done.runs,
                                           done.first_data, n_reviews=len(reviews), command=command, setup=setup,
                                           judge_check=judge_check, protocol=protocol_results,
-                                          seen_overlap=done.seen_overlap)
+                                          seen_overlap=done.seen_overlap, code=code)
     if acc.is_main_process:  # the main process alone writes results and plots
         path = plots.draw_dashboard(cfg.run.plots_dir)
         print(plots.summary_table(results))

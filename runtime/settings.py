@@ -6,10 +6,11 @@ the project: it reads ``Config.to_dict()`` dicts.
 from __future__ import annotations
 
 # Settings that only say how results are read out or which runs a sweep has (each run's own beta or KL coefficient
-# is in its dpo / ppo section), or the thread count: changing them neither changes what a run trains nor
-# makes a finished run unfinished.
+# is in its dpo / ppo section), the held-out prompts (evaluated after training, never during it), or the thread count:
+# changing them neither changes what a run trains nor makes a finished run unfinished.
 READ_OUT_ONLY = {"eval": ("temperatures", "n_examples", "sweep_betas", "sweep_kl_coefs", "sweep_ppo_gt", "matched_kls",
-                          "min_budget_use", "kl_bands", "band_width"), "model": ("threads",)}
+                          "min_budget_use", "kl_bands", "band_width", "n_eval_prompts", "sealed_prompts"),
+                 "model": ("threads",)}
 
 
 # Values a setting had once, whose name now means something else or nothing: a run saved under one is refused by

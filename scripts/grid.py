@@ -33,15 +33,21 @@ def add_arguments(ap) -> None:
 def command_config(rest: list[str], jobs: int, output_dir: str):
     """The config of the main.py flags in ``rest`` on top of the offline preset at fp32 (runs under
     ``output_dir``, caches in models/; a run finished with the same settings is kept, an interrupted one continues:
-    ``--resume``), one CPU thread per process when ``jobs`` > 1; None after a one-line error."""
+    ``--resume``), one CPU thread per process when ``jobs`` > 1, no held-out prompts (validation only); None after
+    a one-line error."""
     from config import ConfigError
     from runtime.cli import parse_config
 
+    # --n_eval_prompts 0, last: no held-out prompt is drawn, so nothing a grid script runs (tuning, probes) can
+    # evaluate the test set (training.lifecycle.RunContext.on refuses an empty prompt list).
     flags = ["--preset", "offline", "--dtype", "fp32", "--output_dir", output_dir, "--cache_dir", "models",
-             "--resume", *(["--threads", "1"] if jobs > 1 else []), *rest]
+             "--resume", *(["--threads", "1"] if jobs > 1 else []), *rest, "--n_eval_prompts", "0"]
     try:
         if jobs < 1:
             raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
+        if held_out := [f for f in rest if f.split("=")[0] in ("--n_eval_prompts", "--sealed_prompts")]:
+            raise ConfigError(f"{held_out[0].split('=')[0]}: the grid scripts evaluate validation prompts only "
+                              f"and draw no held-out prompts; leave it out")
         return parse_config(flags)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,10 +6,12 @@
 * the study's own run lengths and grid: at each candidate rate, every run the study (``--sweep``) trains per seed
   for that method (``grid.study_runs``: DPO over its betas, PPO and PPO-GT at their default and fixed KL
   coefficients; main.py's ``--sweep_betas`` / ``--sweep_kl_coefs`` change it), evaluated on the study's schedule;
-* one criterion: the mean, over the study's KL bands (``--kl_bands``, ± ``--band_width``; the offline preset's
-  1, 2, 4, 8 and 12 nats ± 20%), of the best validation safety among the method's checkpoints (every run of its
-  grid at that rate) whose validation KL is in the band; a band no checkpoint reaches scores the reference's
-  validation safety. Highest wins; a tie goes to the smaller rate.
+* one criterion, the mean over the study's budgets k (``--kl_bands``; the offline preset's 1, 2, 4, 8 and 12 nats)
+  of the method's value at k, read as the study reads its cells (``--rule``): by default the highest point at
+  KL <= k of the upper concave envelope of the method's checkpoints (every run of its grid at that rate) and the
+  reference (docs/preregistration.md); ``--rule bands``, the tunings before it, the best validation safety in
+  k ± ``--band_width`` * k, the reference's where no checkpoint is in the band. Highest wins; a tie goes to the
+  smaller rate.
 
     uv run scripts/tune_lr.py --jobs 2 --out docs/tuning.json [any main.py flag]
 
@@ -31,7 +33,14 @@ sys.path.insert(0, str(ROOT))
 from config import ConfigError  # noqa: E402
 from scripts import grid  # noqa: E402
 from scripts.grid import reference_safety, run_rows  # noqa: E402
-from study.grid import band_choice, check_coverage, study_runs, validation_points  # noqa: E402
+from study.grid import (  # noqa: E402
+    band_choice,
+    check_coverage,
+    envelope_cell,
+    reference_vertex,
+    study_runs,
+    validation_points,  # noqa: E402
+)
 
 LR_FIELD = {"dpo": ("dpo", "dpo_lr"), "ppo": ("ppo", "ppo_lr"), "ppo_gt": ("ppo", "ppo_gt_lr")}
 
@@ -51,14 +60,24 @@ def tasks_for(cfg, seed: int, lrs: dict) -> list[dict]:
     return tasks
 
 
-def criterion(points: list[dict], ref_safety: float, bands: list[float], width: float) -> tuple[float, dict]:
-    """Mean over ``bands`` of the band's best validation safety (the reference's where none reaches it)."""
-    per_band = {}
-    for k in bands:
-        best, inside = band_choice(points, k, width)
-        per_band[f"{k:g}"] = {"safety": best["safety"] if best else ref_safety, "reached": best is not None,
-                              "kl": best["kl"] if best else None, "n_candidates": len(inside)}
-    return sum(b["safety"] for b in per_band.values()) / len(bands), per_band
+def criterion(points: list[dict], ref_safety: float, ks: list[float], width: float,
+              rule: str = "envelope") -> tuple[float, dict]:
+    """The rule's criterion: the mean over ``ks`` of the method's value at k. ``"envelope"`` (the frontier study's
+    primary reading, docs/preregistration.md): the highest point at KL <= k of the upper concave envelope of
+    ``points`` and the reference (KL 0, ``ref_safety``), which a mixture of two checkpoints attains
+    (``study.grid.envelope_cell``). ``"bands"`` (the tunings before it, docs/tuning.md): the best validation safety
+    in k ± ``width`` * k, the reference's where no checkpoint is in the band."""
+    per_k = {}
+    for k in ks:
+        if rule == "envelope":
+            cell = envelope_cell([reference_vertex("", 0, ref_safety), *points], k)
+            per_k[f"{k:g}"] = {"safety": cell["safety"], "reached": cell["kl"] >= k * (1 - 1e-9), "kl": cell["kl"],
+                               "w": cell["w"], "vertices": [[v.get("run"), v["step"]] for v in (cell["a"], cell["b"])]}
+        else:
+            best, inside = band_choice(points, k, width)
+            per_k[f"{k:g}"] = {"safety": best["safety"] if best else ref_safety, "reached": best is not None,
+                               "kl": best["kl"] if best else None, "n_candidates": len(inside)}
+    return sum(b["safety"] for b in per_k.values()) / len(ks), per_k
 
 
 def choose(rows: list[dict]) -> float:
@@ -68,30 +87,34 @@ def choose(rows: list[dict]) -> float:
     return max(rows, key=lambda r: (round(r["criterion"], 10), -r["lr"]))["lr"]
 
 
-def report(out_dir: Path, tasks: list[dict], lrs: dict, bands: list[float], width: float) -> dict:
+def report(out_dir: Path, tasks: list[dict], lrs: dict, ks: list[float], width: float, rule: str) -> dict:
     ref = next((s for t in tasks if (s := reference_safety(out_dir, t["name"])) is not None), None)
     print(f"\nreference validation safety {ref:.4f}" if ref is not None else "\nno run finished yet")
     if ref is None:
         return {}
     table, chosen = {}, {}
-    print("| method | lr | " + " | ".join(f"band {k:g}" for k in bands) + " | criterion | runs done |")
-    print("|---|---|" + "---|" * len(bands) + "---|---|")
+    print(f"criterion ({rule}): " + ("the envelope's value at KL <= k; '(peak x)': its peak, at x < k" if
+                                     rule == "envelope" else "the best in k ± 20%; '(ref)': no checkpoint in it"))
+    print("| method | lr | " + " | ".join(f"k = {k:g}" for k in ks) + " | criterion | runs done |")
+    print("|---|---|" + "---|" * len(ks) + "---|---|")
     for method, rates in lrs.items():
         for lr in rates:
             mine = [t for t in tasks if t["name"].startswith(f"{method}/lr{lr:g}/")]
-            runs = {t["name"]: validation_points(run_rows(out_dir, t["name"])) for t in mine}
+            runs = {t["name"]: validation_points(run_rows(out_dir, t["name"]), run=t["name"]) for t in mine}
             points = [p for pts in runs.values() for p in pts]
-            score, per_band = criterion(points, ref, bands, width)
+            score, per_k = criterion(points, ref, ks, width, rule)
             done = sum(bool(p) for p in runs.values())
-            table[f"{method}/lr{lr:g}"] = {"method": method, "lr": lr, "criterion": score, "bands": per_band,
+            table[f"{method}/lr{lr:g}"] = {"method": method, "lr": lr, "criterion": score, "bands": per_k,
                                           "runs": runs, "runs_done": done, "runs_planned": len(mine)}
-            cells = [f"{b['safety']:.3f}" + ("" if b["reached"] else " (ref)") for b in per_band.values()]
+            cells = [f"{b['safety']:.3f}" + ("" if b["reached"] else (f" (peak {b['kl']:.2f})" if rule == "envelope"
+                                                                        else " (ref)")) for b in per_k.values()]
             print(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {score:.4f} | {done}/{len(mine)} |")
         rows = [r for r in table.values() if r["method"] == method and r["runs_done"] == r["runs_planned"]]
         if len(rows) == len(rates):  # every candidate complete: the rule picks
             chosen[method] = choose(rows)
     print("\nchosen: " + (json.dumps(chosen) if chosen else "none yet (a method's candidates are not all done)"))
-    return {"reference_safety": ref, "bands": list(bands), "band_width": width, "candidates": table, "chosen": chosen}
+    return {"rule": rule, "reference_safety": ref, "bands": list(ks), "band_width": width, "candidates": table,
+            "chosen": chosen}
 
 
 def main() -> int:
@@ -100,6 +123,9 @@ def main() -> int:
     ap.add_argument("--dpo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--ppo_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
     ap.add_argument("--ppo_gt_lrs", type=float, nargs="*", default=[5e-5, 1e-4, 2e-4])
+    ap.add_argument("--rule", choices=["envelope", "bands"], default="envelope",
+                    help="the criterion: the envelope at each k (the frontier study's, docs/preregistration.md) or "
+                         "the best checkpoint in each band (the tunings before it, docs/tuning.md)")
     grid.add_arguments(ap)
     a, rest = ap.parse_known_args()
     lrs = {m: v for m, v in (("dpo", a.dpo_lrs), ("ppo", a.ppo_lrs), ("ppo_gt", a.ppo_gt_lrs)) if v}
@@ -117,9 +143,9 @@ def main() -> int:
         return 2
     os.chdir(ROOT)
     tasks = tasks_for(cfg, a.seed, lrs)
-    bands, width = cfg.eval.kl_bands, cfg.eval.band_width
+    ks, width = cfg.eval.kl_bands, cfg.eval.band_width
     return grid.run_and_report(__file__, a, rest, cfg, tasks,
-                               lambda: report(Path(cfg.run.output_dir), tasks, lrs, bands, width), seed=a.seed,
+                               lambda: report(Path(cfg.run.output_dir), tasks, lrs, ks, width, a.rule), seed=a.seed,
                                runs=[t["name"] for t in tasks], max_kl=cfg.eval.max_kl,
                                run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
                                             "dpo_eval_steps": cfg.dpo.dpo_eval_steps,

@@ -5,6 +5,8 @@ The dashboard is drawn from results.json alone (``plots.py``).
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,34 @@ def _examples(ctx, result: dict, indices: list[int]) -> list[dict]:
     return [{"prompt_index": int(i), "prompt": tok.decode(ctx.prompts[i], skip_special_tokens=True),
              "completion": tok.decode(result["responses"][i], skip_special_tokens=True),
              "p_positive": round(float(result["scores"][i]), 4)} for i in indices]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PREREGISTRATION = "docs/preregistration.md"  # the frontier study's analysis, fixed before its final runs
+
+
+def provenance(root: Path = ROOT) -> dict:
+    """The code a run starts from, for results.json: the commit checked out, whether tracked files differ from it,
+    and the preregistration (:data:`PREREGISTRATION`): the last commit that changed it and whether the file read
+    now is that commit's. None for what git cannot say (no repository, no git)."""
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    pre = root / PREREGISTRATION
+    record = {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+              "preregistration": None}
+    if pre.exists():
+        changed = git("status", "--porcelain", "--", PREREGISTRATION)
+        record["preregistration"] = {"file": PREREGISTRATION, "commit": git("log", "-1", "--format=%H", "--",
+                                                                             PREREGISTRATION) or None,
+                                     "sha256": hashlib.sha256(pre.read_bytes()).hexdigest(),
+                                     "as_committed": None if changed is None else not changed}
+    return record
 
 
 TIME_KEYS = ("train_time_s", "eval_time_s", "ref_logps_s", "rm_train_s", "rm_test_s")
@@ -61,7 +91,7 @@ def _model_entry(ctx, cfg, policy, times: dict) -> dict:
 
 def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: int, command: str,
                      setup: dict | None = None, judge_check: dict | None = None, protocol: dict | None = None,
-                     seen_overlap: dict | None = None) -> dict:
+                     seen_overlap: dict | None = None, code: dict | None = None) -> dict:
     """Evaluate the reference and the first seed's final default policies on its held-out prompts (``ctx``) at
     every temperature (win rates, examples), gather every run's validation points (the learning curves and the
     validation frontier) and whether its KL flattened, add the study's ``protocol`` section (checkpoints chosen
@@ -71,6 +101,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
         first: ``{method: train() output with its policy}``, the first seed's default runs.
         runs: ``{"spec": grid.RunSpec, "summary": train() output}`` for every run of every seed.
         seen_overlap: ``{seed: n}`` with --sealed_prompts: held-out prompts that open a review an earlier draw used.
+        code: :func:`provenance`, taken when the run started.
     """
     from tqdm.auto import tqdm
 
@@ -82,7 +113,7 @@ def final_evaluation(cfg, ctx, first: dict, runs: list[dict], data, n_reviews: i
                "beta": cfg.dpo.beta, "ppo_reward": cfg.ppo.ppo_reward, "target_kl": cfg.ppo.target_kl,
                "device": str(ctx.device), "precision": dtype_name(ctx.dtype),
                "judge_precision": dtype_name(ctx.judge_dtype), "machine": machine_info(ctx.device),
-               "examples_seed": EXAMPLES_SEED, "setup": setup or {}}
+               "examples_seed": EXAMPLES_SEED, "setup": setup or {}, "code": code or provenance()}
     if cfg.eval.sealed_prompts:  # the sealed test set: which draws it avoids, and how many prompts it could not
         results["sealed_prompts"] = {
             "seen_draw_seeds": seen_draws(cfg.data.split_seed), "seen_draw_prompts": SEEN_DRAW_PROMPTS,

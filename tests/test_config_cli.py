@@ -273,7 +273,8 @@ def test_the_offline_preset_runs_the_rates_its_tuning_chose_on_the_grid_it_tuned
     # the choice recomputed from the candidates' validation points, not read from the file's "chosen"
     for c in tuning["candidates"].values():
         points = [p for pts in c["runs"].values() for p in pts]
-        score, _ = criterion(points, tuning["reference_safety"], tuning["bands"], tuning["band_width"])
+        score, _ = criterion(points, tuning["reference_safety"], tuning["bands"], tuning["band_width"],
+                             tuning.get("rule", "bands"))  # the tunings before the envelope read the bands
         assert score == pytest.approx(c["criterion"], abs=1e-12)
     for method, (section, field) in LR_FIELD.items():
         rows = [c for c in tuning["candidates"].values() if c["method"] == method]
@@ -307,6 +308,7 @@ def test_the_offline_preset_runs_the_rates_its_tuning_chose_on_the_grid_it_tuned
     (["--sweep", "--kl_bands", "1", "12", "--max_kl", "5"], "--max_kl 5 stops the study's runs before its top band"),
     (["--sweep", "--reuse_runs_from", "EMPTY"], "needs the --output_dir of a study with finished runs"),
     (["--reuse_runs_from", "EMPTY"], "takes a study (--sweep)"),
+    (["--n_eval_prompts", "0"], "--n_eval_prompts 0 draws no held-out prompts"),
 ])
 def test_inputs_that_make_no_sense_are_refused_in_one_line(argv, says, tmp_path):
     """Each was accepted (or, for the long path, a traceback; for the paper preset's missing policy, an error
@@ -330,6 +332,43 @@ def test_settings_that_mean_less_than_they_say_get_one_line_and_the_run_goes_on(
                     "--plots_dir", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len([x for x in proc.stderr.splitlines() if x.startswith(says)]) == 1, proc.stderr[-2000:]
+
+
+def test_the_grid_scripts_draw_no_held_out_prompts_and_nothing_can_evaluate_them(capsys):
+    # tuning and probes (scripts/tune_lr.py, ppo_kl_control.py, ppo_variants.py) read validation prompts only: their
+    # config draws no held-out prompt, a flag asking for some is refused, and an evaluation context on the empty
+    # held-out draw refuses to exist (the sealed test set stays unseen until the final studies)
+    from config import ConfigError
+    from scripts.grid import command_config
+    from training.lifecycle import RunContext
+
+    cfg = command_config(["--preset", "smoke", "--n_val_prompts", "4"], 2, "models/x")
+    assert cfg.eval.n_eval_prompts == 0 and cfg.eval.n_val_prompts == 4 and cfg.model.threads == 1
+    for flag in (["--n_eval_prompts", "1024"], ["--n_eval_prompts=8"], ["--sealed_prompts", "true"]):
+        assert command_config(["--preset", "smoke", *flag], 1, "models/x") is None
+        assert "the grid scripts evaluate validation prompts only" in capsys.readouterr().err
+    ctx = RunContext(tokenizer=None, ref_model=None, device="cpu", acc=None, prompts=[[1, 2]])
+    with pytest.raises(ConfigError, match="--n_eval_prompts 0"):
+        ctx.on([])
+    assert ctx.on([[3]]).prompts == [[3]]
+
+
+def test_the_tuning_criterion_reads_each_budget_as_the_study_does():
+    # the envelope (the frontier study's primary reading): the reference at KL 0 is a vertex, a checkpoint under the
+    # chord from it to a better one counts for nothing, and past the peak the peak stands (a budget not used in
+    # full); the bands (the tunings before it): the best checkpoint within k ± 20%, the reference's where none is
+    from scripts.tune_lr import criterion
+
+    points = [{"run": "a", "step": 10, "kl": 1.0, "safety": 0.52}, {"run": "a", "step": 20, "kl": 2.0, "safety": 0.60},
+              {"run": "b", "step": 40, "kl": 4.0, "safety": 0.58}]
+    score, per_k = criterion(points, 0.50, [1, 2, 4, 8], 0.2)
+    assert [per_k[k]["safety"] for k in ("1", "2", "4", "8")] == pytest.approx([0.55, 0.60, 0.60, 0.60])
+    assert score == pytest.approx((0.55 + 0.6 * 3) / 4)
+    assert per_k["1"]["w"] == pytest.approx(0.5) and per_k["1"]["vertices"] == [[None, 0], ["a", 20]]
+    assert [per_k[k]["reached"] for k in ("1", "2", "4", "8")] == [True, True, False, False]
+    score, per_k = criterion(points, 0.50, [1, 2, 4, 8], 0.2, "bands")
+    assert [per_k[k]["safety"] for k in ("1", "2", "4", "8")] == pytest.approx([0.52, 0.60, 0.58, 0.50])
+    assert per_k["8"]["reached"] is False
 
 
 def test_the_tuning_rule_picks_the_highest_criterion_and_breaks_ties_to_the_smaller_rate():

@@ -798,10 +798,12 @@ def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs
         rows = [c for c in res["candidates"].values() if c["method"] == method]
         for c in rows:
             points = [p for pts in c["runs"].values() for p in pts]
-            assert criterion(points, res["reference_safety"], res["bands"], res["band_width"])[0] == c["criterion"]
+            assert criterion(points, res["reference_safety"], res["bands"], res["band_width"], res["rule"])[0] \
+                == c["criterion"]
         assert res["chosen"][method] == choose(rows)
     gt = json.loads((tmp_path / "tune" / "ppo_gt" / "lr0.001" / "kl_coef=0.1" / "training_config.json").read_text())
     assert gt["ppo"]["ppo_reward"] == "judge" and gt["ppo"]["ppo_gt_lr"] == 1e-3 and gt["ppo"]["init_kl_coef"] == 0.1
+    assert gt["eval"]["n_eval_prompts"] == 0  # validation only: the tuning drew no held-out prompt
     bad = script("tune_lr.py", "--dpo_lrs", "1e-3", "2e-3", "--ppo_lrs", "1e-3", "--report")
     assert bad.returncode == 2 and "same number of candidate rates" in bad.stderr
     bad = script("tune_lr.py", "--ppo_eval_every", "2", "--report")  # PPO 2 evaluations, DPO 4

@@ -215,10 +215,11 @@ def test_read_out_only_settings_leave_a_finished_run_finished_and_training_setti
     assert finished(cfg, spec)["method"] == "dpo"
     assert finished(cfg.replace(run={"sweep": True}), spec) is None  # the study needs its evaluated weights
     read_out = cfg.replace(eval={"matched_kls": [0.5], "temperatures": [1.0], "n_examples": 1,
-                                 "sweep_betas": [3.0], "sweep_kl_coefs": [9.0]}, model={"threads": 3},
+                                 "sweep_betas": [3.0], "sweep_kl_coefs": [9.0], "n_eval_prompts": 0,
+                                 "sealed_prompts": True}, model={"threads": 3},
                            run={"log_every": 7, "resume": True})
     assert finished(read_out, spec) is not None
-    for changed in ({"dpo": {"dpo_lr": 5e-3}}, {"eval": {"n_eval_prompts": 8}}, {"run": {"seed": 1}},
+    for changed in ({"dpo": {"dpo_lr": 5e-3}}, {"eval": {"n_val_prompts": 8}}, {"run": {"seed": 1}},
                     {"data": {"response_tokens": 8}}):
         assert finished(cfg.replace(**changed), spec) is None, changed
 
@@ -384,3 +385,40 @@ def test_each_method_and_seed_gets_its_own_envelope_with_the_reference_and_says_
     assert dpo0["8.0"]["reason"] == "largest KL 6.00 < 8" and dpo0["8.0"]["safety"] == 0.7
     assert ppo0["1.0"]["safety"] == pytest.approx(0.5 + 0.4 / 3) and ppo0["4.0"]["reason"] == "largest KL 3.00 < 4"
     assert dpo1["4.0"]["safety"] == 0.8 and dpo1["1.0"]["b"]["run"] == "r4"
+
+
+def test_results_record_the_commit_and_the_preregistration_the_run_started_from(tmp_path):
+    # results.json's "code": the checked-out commit, whether tracked files differ, and the last commit that changed
+    # docs/preregistration.md with whether the file read is that commit's (the frontier issue: each study records
+    # the preregistration it ran under)
+    import subprocess
+
+    from study.results import PREREGISTRATION, provenance
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    assert provenance(tmp_path) == {"commit": None, "dirty": None, "preregistration": None}  # no repository
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    assert provenance(tmp_path) == {"commit": git("rev-parse", "HEAD"), "dirty": False, "preregistration": None}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / PREREGISTRATION).write_text("the plan\n")
+    git("add", ".")
+    git("commit", "-qm", "preregistration")
+    pre = git("rev-parse", "HEAD")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    git("commit", "-qam", "later code")
+    rec = provenance(tmp_path)
+    assert rec["commit"] == git("rev-parse", "HEAD") != pre and rec["dirty"] is False
+    assert rec["preregistration"]["commit"] == pre and rec["preregistration"]["as_committed"] is True
+    (tmp_path / PREREGISTRATION).write_text("the plan, changed after\n")
+    (tmp_path / "code.py").write_text("x = 3\n")
+    rec2 = provenance(tmp_path)
+    assert rec2["dirty"] is True and rec2["preregistration"]["as_committed"] is False
+    assert rec2["preregistration"]["commit"] == pre
+    assert rec2["preregistration"]["sha256"] != rec["preregistration"]["sha256"]

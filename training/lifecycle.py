@@ -63,6 +63,9 @@ class RunContext:
 
     def on(self, prompts: list[list[int]]) -> RunContext:
         """The same context evaluating on other prompts (the held-out ones, after training on validation)."""
+        if not prompts:  # the guard that keeps tuning and probes off the test set (scripts/grid.py draws none)
+            raise ConfigError("no held-out prompts were drawn (--n_eval_prompts 0, the tuning and probe scripts' "
+                              "validation-only mode): nothing here may evaluate the held-out prompts")
         return dataclasses.replace(self, prompts=prompts)
 
     def reference_result(self, temperature: float) -> dict:
