@@ -65,7 +65,7 @@ RANGES = {
                      "ppo_mini_batch_size", "ppo_epochs", "kl_horizon", "ppo_eval_every", "ppo_eval_steps"), _COUNT),
     **dict.fromkeys(("rm_weight_decay", "ppo_weight_decay"), (0, 1, False, True)),
     "clip_coef": (0, 1, True, True), "vf_clip_coef": _POS, "vf_coef": _NONNEG, "gamma": _UNIT, "gae_lambda": _UNIT,
-    "init_kl_coef": _NONNEG, "target_kl": _POS, "kl_damping": _NONNEG,
+    "init_kl_coef": _NONNEG, "ppo_gt_init_kl_coef": _NONNEG, "target_kl": _POS, "kl_damping": _NONNEG,
     # evaluation
     "n_eval_prompts": _NONNEG, "n_val_prompts": _NONNEG, "eval_batch_size": _COUNT, "eval_temperature": _POS,
     "temperatures": _POS,
@@ -294,6 +294,8 @@ class PPOConfig:
                 "(GRPO, OpenRLHF's --use_kl_loss).")
     init_kl_coef: float = _f(0.1, "Initial (or fixed) coefficient of the KL penalty: reward units per nat of "
                                   "sequence KL (loss: per nat per token, against whitened advantages).")
+    ppo_gt_init_kl_coef: float | None = _f(None, "PPO-GT's adaptive start (the judge's logit has another scale than "
+                                                 "the reward model's); none: init_kl_coef. Fixed ones are shared.")
     target_kl: float | None = _f(6.0, "Target sequence KL (nats) of the adaptive controller (Ziegler et "
                                     "al. 2019); none (any case) keeps init_kl_coef fixed.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller, in rollouts.")
@@ -315,6 +317,13 @@ class PPOConfig:
     def lr(self) -> float:
         """The rate this run trains at: ``ppo_gt_lr`` on the judge's reward when it is set, else ``ppo_lr``."""
         return self.ppo_gt_lr if self.ppo_reward == "judge" and self.ppo_gt_lr is not None else self.ppo_lr
+
+    @property
+    def kl_start(self) -> float:
+        """The KL coefficient this run starts at: ``ppo_gt_init_kl_coef`` for an adaptive run on the judge's reward
+        when it is set, else ``init_kl_coef``."""
+        gt = self.ppo_reward == "judge" and self.target_kl is not None and self.ppo_gt_init_kl_coef is not None
+        return self.ppo_gt_init_kl_coef if gt else self.init_kl_coef
 
     def __post_init__(self):
         _check_ranges(self)
@@ -496,33 +505,22 @@ def _preset(name: str) -> Config:
             # samples 4-16) keep every stage of the 27-run study inside its time budget on 2 cores.
             data=DataConfig(n_pairs=6400, response_tokens=32, max_length=48),
             # Learning rates: DPO 2e-4, PPO 5e-5, PPO-GT 1e-4, each chosen from {5e-5, 1e-4, 2e-4} on this grid by
-            # docs/tuning.md's rule, written before its runs (seed 100, validation prompts, the mean over the 1-12
-            # nat bands of the best validation safety; docs/tuning.json). PPO's 5e-5 beat 1e-4 by 0.0001.
-            # The frontier grid (docs/grid_history.md, measured on the tuning seed): 240 steps,
-            # where beta 0.1 is still rising at 160 and passes 9.6 nats only after it; 16 evaluations, every second
-            # step from 10 to 20, where every beta passes 1 nat (beta 0.1 0.6 -> 1.3 nats from step 10 to 15), and
-            # every 20 from 60 to 140, where beta 0.1 crosses the 8- and 12-nat bands.
+            # docs/tuning.md's rule (seed 100, validation prompts, the mean over the 1-12 nat bands of the best
+            # validation safety; docs/tuning.json). The frontier grid (docs/grid_history.md): 240 DPO steps, 16
+            # evaluations, every second step from 10 to 20, where every beta passes 1 nat; 40 PPO iterations (at 20,
+            # 7 of 8 runs still moved their KL), evaluated every iteration from 2 to 6 and every second from 20 to 24.
             dpo=DPOConfig(dpo_lr=2e-4, dpo_steps=240, dpo_eval_every=40,
                           dpo_eval_steps=[10, 12, 14, 16, 18, 20, 25, 30, 40, 60, 80, 100, 120, 140, 180]),
-            # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out).
-            # 40 iterations, not 20: at 20, 7 of the 8 PPO and PPO-GT runs of a seed-0 study were still moving their
-            # validation KL by more than 10% over their last fifth. On seed 0 PPO's coefficient sets its KL, 0.01
-            # to 1 ending at 15.9 to 0.59 nats (docs/ppo_kl_control.md, 3 seeds). The adaptive run holds 0.02, which
-            # reaches 8 nats in about 22 iterations, until the KL first gets there (Ziegler et al.'s update alone
-            # lowers the coefficient through the slow rise, and the KL overshoots), then adapts it both ways.
-            # The frontier grid: the adaptive run targets 8 nats (a band's centre: it holds there once reached), and
-            # 16 evaluations over the 40 iterations, every iteration from 2 to 6 (PPO-GT passes 1 nat at iterations
-            # 3-4) and every second from 20 to 24 (where the smallest coefficient's KL moves fastest).
+            # The reward model's best validation accuracy came at step 250-400 in every trial (0.78 held out). The
+            # adaptive run holds 0.02 until the KL first reaches its target, 8 nats, then adapts both ways
+            # (docs/ppo_kl_control.md); docs/preregistration.md re-chooses this grid for the frontier study.
             ppo=PPOConfig(rm_steps=400, rm_batch_size=32, rm_lr=3e-4, rm_eval_every=50, rm_patience=3,
                           ppo_steps=40, ppo_lr=5e-5, ppo_gt_lr=1e-4, init_kl_coef=0.02,
                           target_kl=8.0, kl_horizon=128, ppo_eval_every=10,
                           ppo_eval_steps=[2, 3, 4, 5, 6, 8, 10, 12, 14, 17, 20, 22, 24, 28, 32]),
-            # The study's grid gives every method 3 runs of 16 evaluations: betas 0.05, 0.1, 1; PPO and PPO-GT at
-            # the adaptive target 8 and the fixed coefficients 0.01 and 0.3 (seed 0: 0.01 passes 12 nats at
-            # iteration 28, 0.3 ends below 2; the frontier issue re-chooses this grid). --max_kl 14.4, the largest
-            # band's upper edge, stops a run past what the study reads. The KL budgets (--matched_kls) are the
-            # secondary reading. 1,024 held-out prompts per seed for the reported numbers; each evaluation during
-            # training on 256 of the 512 validation prompts, for the time budget (docs/grid_history.md).
+            # 3 runs of 16 evaluations per method and seed (betas 0.05, 0.1, 1; PPO and PPO-GT adaptive 8, fixed
+            # 0.01 and 0.3), stopped past --max_kl 14.4, the largest band's upper edge; --matched_kls a secondary
+            # reading; 1,024 held-out prompts per seed (the sealed draw), 256 of 512 validation prompts per evaluation.
             eval=EvalConfig(n_eval_prompts=1024, sealed_prompts=True, n_val_prompts=256, eval_batch_size=256,
                             matched_kls=[1.0, 2.0, 4.0, 6.0], sweep_betas=[0.05, 0.1, 1.0],
                             sweep_kl_coefs=[0.01, 0.3], max_kl=14.4),

@@ -161,7 +161,7 @@ def train(cfg, data, ctx: RunContext, name: str = "ppo_toxic_reduced_model", eva
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr, eps=1e-5, weight_decay=pc.ppo_weight_decay)
     policy, optimizer = acc.prepare(policy, optimizer)
     ref = ResponseLogProbs(ctx.ref_model)
-    kl_ctl = kl_controller(pc.init_kl_coef, pc.target_kl, pc.kl_horizon, pc.kl_hold, pc.kl_damping)
+    kl_ctl = kl_controller(pc.kl_start, pc.target_kl, pc.kl_horizon, pc.kl_hold, pc.kl_damping)
     # PPO's training time starts with its reward model's, the stage DPO does without (0 s when reused).
     rm_train_s = rm_report["train_s"] if rm_report else 0.0
     run.begin(policy, {"kl_ctl": kl_ctl}, setup_s=rm_train_s)

@@ -54,11 +54,15 @@ def run_settings(config: dict, method: str | None = None) -> dict:
             out["dpo"] = pairs
         if out.get("ppo", {}).get("target_kl") is None:
             out["ppo"] = {k: v for k, v in out.get("ppo", {}).items() if k not in ADAPTIVE_ONLY}
-        # the rate it trains at (PPOConfig.lr), whichever field holds it: PPO does not read PPO-GT's rate
+        # the rate it trains at (PPOConfig.lr) and the coefficient it starts at (PPOConfig.kl_start), whichever
+        # field holds them: PPO does not read PPO-GT's
         ppo = out.get("ppo", {})
-        gt_lr = ppo.pop("ppo_gt_lr", None)
-        if method == "ppo_gt" and gt_lr is not None and ppo.get("ppo_reward") == "judge":
-            ppo["ppo_lr"] = gt_lr
+        gt_lr, gt_start = ppo.pop("ppo_gt_lr", None), ppo.pop("ppo_gt_init_kl_coef", None)
+        if method == "ppo_gt" and ppo.get("ppo_reward") == "judge":
+            if gt_lr is not None:
+                ppo["ppo_lr"] = gt_lr
+            if gt_start is not None and ppo.get("target_kl") is not None:
+                ppo["init_kl_coef"] = gt_start
     return out
 
 

@@ -44,10 +44,11 @@ def run_name(seed: int, kind: str, value: float) -> str:
 
 def overrides(kind: str, value: float, init: float | None = None) -> dict:
     """A fixed coefficient ``value``, or the adaptive controller at target ``value`` starting from ``init`` (None:
-    the config's ``--init_kl_coef``)."""
+    the config's ``--init_kl_coef``, PPO-GT's ``--ppo_gt_init_kl_coef`` where set)."""
     if kind == "kl_coef":
         return {"ppo": {"target_kl": None, "init_kl_coef": value}}
-    return {"ppo": {"target_kl": value, **({} if init is None else {"init_kl_coef": init})}}
+    start = {} if init is None else {"init_kl_coef": init, "ppo_gt_init_kl_coef": init}  # PPO-GT's start too
+    return {"ppo": {"target_kl": value, **start}}
 
 
 def report(out_dir: Path, seeds: list[int], coefs: list[float], targets: list[float]) -> dict:
@@ -147,7 +148,8 @@ def main() -> int:
     ap.add_argument("--coefs", type=float, nargs="*", default=[0.05, 0.2, 1.0, 5.0])
     ap.add_argument("--targets", type=float, nargs="*", default=[2.0, 6.0])
     ap.add_argument("--target_inits", type=float, nargs="*", default=[],
-                    help="the adaptive runs' starting coefficients, one per target (default: --init_kl_coef)")
+                    help="the adaptive runs' starting coefficients, one per target (default: --init_kl_coef; "
+                         "PPO-GT's --ppo_gt_init_kl_coef where set)")
     ap.add_argument("--ppo_gt", action="store_true",
                     help="PPO-GT (PPO on the judge's logit, whose scale is another) instead of PPO on the reward model")
     grid.add_arguments(ap)

@@ -56,7 +56,8 @@ def test_a_run_depends_on_its_own_method_settings_only():
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "ppo") == [
         "ppo.kl_horizon: 128 -> 64"]
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict(), "dpo") == []
-    assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == ["dpo.beta: 0.1 -> 0.5"]
+    assert settings_diff(adaptive, base.replace(dpo={"beta": 0.5}).to_dict(), "dpo") == [
+        f"dpo.beta: {base.dpo.beta} -> 0.5"]
     assert settings_diff(adaptive, base.replace(ppo={"kl_horizon": 64}).to_dict()) != []  # no method: all of them
     # a run saved before the evaluation schedule existed evaluated every --*_eval_every: unset is the same
     plain = base.replace(dpo={"dpo_eval_steps": []})  # every --dpo_eval_every (the offline preset has a schedule)
@@ -75,6 +76,20 @@ def test_a_run_depends_on_its_own_method_settings_only():
     assert settings_diff(gt.to_dict(), gt.replace(ppo={"ppo_gt_lr": fixed.ppo.ppo_lr}).to_dict(), "ppo_gt") == []
     assert settings_diff(gt.to_dict(), gt.replace(ppo={"ppo_gt_lr": 3e-4}).to_dict(), "ppo_gt") == [
         f"ppo.ppo_lr: {fixed.ppo.ppo_lr} -> 0.0003"]
+    # PPO-GT's own adaptive start: read by PPO-GT's adaptive runs (as the coefficient they start at), never by PPO's
+    # nor by a fixed coefficient (the same for both methods); a run saved before the field existed compares by the
+    # coefficient it started at
+    adaptive_gt = base.replace(ppo={"ppo_reward": "judge", "ppo_gt_init_kl_coef": 0.02, "init_kl_coef": 0.01})
+    assert adaptive_gt.ppo.kl_start == 0.02 and base.replace(ppo={"ppo_gt_init_kl_coef": 0.02}).ppo.kl_start == \
+        base.ppo.init_kl_coef
+    assert adaptive_gt.replace(ppo={"target_kl": None}).ppo.kl_start == 0.01  # fixed: init_kl_coef
+    assert adaptive_gt.replace(ppo={"ppo_gt_init_kl_coef": None}).ppo.kl_start == 0.01  # unset: PPO's start
+    before = adaptive_gt.replace(ppo={"init_kl_coef": 0.02}).to_dict()
+    before["ppo"].pop("ppo_gt_init_kl_coef")
+    assert settings_diff(before, adaptive_gt.to_dict(), "ppo_gt") == []
+    assert settings_diff(adaptive_gt.replace(ppo={"ppo_gt_init_kl_coef": 0.03}).to_dict(), adaptive_gt.to_dict(),
+                         "ppo_gt") == ["ppo.init_kl_coef: 0.03 -> 0.02"]
+    assert settings_diff(base.to_dict(), base.replace(ppo={"ppo_gt_init_kl_coef": 0.03}).to_dict(), "ppo") == []
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -395,8 +410,8 @@ def test_every_preset_runs_the_same_ppo_only_sizes_and_coefficients_differ():
                  "vf_clip_coef", "vf_coef")
     sizes_and_coefficients = {"rm_steps", "rm_batch_size", "rm_lr", "rm_eval_every", "rm_patience", "ppo_steps",
                               "ppo_batch_size", "ppo_mini_batch_size", "ppo_epochs", "ppo_lr", "ppo_gt_lr",
-                              "init_kl_coef", "target_kl", "kl_horizon", "ppo_eval_every", "ppo_eval_steps",
-                              "ppo_reward"}
+                              "init_kl_coef", "ppo_gt_init_kl_coef", "target_kl", "kl_horizon", "ppo_eval_every",
+                              "ppo_eval_steps", "ppo_reward"}
     fields = set(PPOConfig.__dataclass_fields__)
     assert fields <= set(algorithm) | sizes_and_coefficients | {"rm_weight_decay"}, fields  # a new field is placed
     for field in algorithm:

@@ -44,3 +44,34 @@ def test_with_a_zero_reward_ppo_stays_bit_identical_to_the_reference(tiny_lm, ti
         assert moved == []
     else:  # the old optimiser: the test above could fail
         assert moved
+
+
+@pytest.mark.parametrize("ppo_reward, target_kl, start", [("judge", 6.0, 0.3), ("model", 6.0, 0.1),
+                                                          ("judge", None, 0.1)])
+def test_ppo_gt_starts_its_adaptive_coefficient_at_its_own_start(tiny_lm, tiny_tokenizer, tmp_path, monkeypatch,
+                                                                 ppo_reward, target_kl, start):
+    """--ppo_gt_init_kl_coef is the adaptive start of PPO on the judge's reward (whose scale is not the reward
+    model's); PPO on the reward model, and any fixed coefficient, start at --init_kl_coef (the trainer's logged
+    coefficient at its first iteration)."""
+    from runtime.run_log import read_metrics
+
+    base = tmp_path / "base"
+    tiny_lm.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    prompts = [tiny_tokenizer.encode(f"a film number {i} was")[:4] for i in range(8)]
+    data = types.SimpleNamespace(train_pairs=[{"prompt": p} for p in prompts], train_prompts=prompts)
+    one = (lambda ps, rs: torch.ones(len(ps)), None)
+    monkeypatch.setattr(train_ppo, "reward_function", lambda cfg, data, ctx: one)
+    cfg = PRESETS["smoke"].replace(
+        model={"policy_model": str(base), "build_offline_models": False, "dtype": "fp32"},
+        data={"response_tokens": 4, "max_length": 12},
+        ppo={"ppo_steps": 1, "ppo_batch_size": 8, "ppo_mini_batch_size": 8, "ppo_epochs": 1, "ppo_reward": ppo_reward,
+             "target_kl": target_kl, "init_kl_coef": 0.1, "ppo_gt_init_kl_coef": 0.3},
+        run={"output_dir": str(tmp_path / "out"), "save_every": 100})
+    ctx = RunContext(tokenizer=tiny_tokenizer, ref_model=load_causal_lm(str(base)), device=torch.device("cpu"),
+                     acc=make_accelerator(torch.device("cpu")), batch_size=8)
+    out = train_ppo.train(cfg, data, ctx, name="start", evaluate=False)
+    rows = read_metrics(tmp_path / "out" / "start" / "metrics.jsonl") or read_metrics(
+        tmp_path / "out" / "runs" / "start" / "metrics.jsonl")
+    coefs = [r["objective/kl_coef"] for r in rows if "objective/kl_coef" in r]
+    assert out["policy"] is not None and coefs and coefs[0] == pytest.approx(start)
