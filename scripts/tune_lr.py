@@ -150,7 +150,8 @@ def main() -> int:
                                run_lengths={"dpo_steps": cfg.dpo.dpo_steps, "dpo_eval_every": cfg.dpo.dpo_eval_every,
                                             "dpo_eval_steps": cfg.dpo.dpo_eval_steps,
                                             "ppo_steps": cfg.ppo.ppo_steps, "ppo_eval_every": cfg.ppo.ppo_eval_every,
-                                            "ppo_eval_steps": cfg.ppo.ppo_eval_steps})
+                                            "ppo_eval_steps": cfg.ppo.ppo_eval_steps},
+                               config={k: v for k, v in cfg.to_dict().items() if k in ("data", "dpo", "ppo", "eval")})
 
 
 if __name__ == "__main__":
