@@ -27,8 +27,9 @@ from runtime.run_log import FATAL, SIGNALS, check_output_dirs
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``);
-    a word where a setting means less than it says (``--resume`` with nothing to resume, more jobs than cores)."""
+    """Every output directory checked writable now, not after hours of training (``run_log.check_output_dirs``),
+    and a held-out draw to evaluate (the grid scripts' ``--n_eval_prompts 0`` is refused); a word where a setting
+    means less than it says (``--resume`` with nothing to resume, more jobs than cores)."""
     if cfg.eval.n_eval_prompts == 0:
         raise ConfigError("--n_eval_prompts 0 draws no held-out prompts (the tuning and probe scripts' validation-only "
                           "mode); main.py's final evaluation needs them: give 1 or more")

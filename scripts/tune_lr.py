@@ -70,8 +70,10 @@ def criterion(points: list[dict], ref_safety: float, ks: list[float], width: flo
     per_k = {}
     for k in ks:
         if rule == "envelope":
+            # used in full exactly as the study's cells say it (grid.select_envelope_cells: envelope_cell's kl is
+            # k itself when it mixes two vertices around k)
             cell = envelope_cell([reference_vertex("", 0, ref_safety), *points], k)
-            per_k[f"{k:g}"] = {"safety": cell["safety"], "reached": cell["kl"] >= k * (1 - 1e-9), "kl": cell["kl"],
+            per_k[f"{k:g}"] = {"safety": cell["safety"], "reached": cell["kl"] >= k, "kl": cell["kl"],
                                "w": cell["w"], "vertices": [[v.get("run"), v["step"]] for v in (cell["a"], cell["b"])]}
         else:
             best, inside = band_choice(points, k, width)
