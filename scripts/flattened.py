@@ -5,7 +5,10 @@
 Prints a markdown table, one row per setting (method and beta / KL coefficient / target), one column per
 seed: the run's validation KL at its last evaluation, then "flat" when it changed by less than 10% over the
 run's last fifth (``grid.kl_flattened``, recorded in results.json ``runs[...].kl_flattened``) or "moving"
-when not, with the change in percent. Read from results.json and the runs' metrics.jsonl; nothing is written.
+when not, with the change in percent. Then, per method and seed, how many runs passed the study's top KL (its
+largest budget or band, 12 nats at the offline preset) at any validation evaluation: the preregistered grid asks
+for two per method and seed (docs/preregistration.md). Read from results.json and the runs' metrics.jsonl;
+nothing is written.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ def main() -> int:
         return 2
     path = Path(sys.argv[1])
     try:
-        runs = read_results(path).get("runs", [])
+        results = read_results(path)
     except ValueError as e:
         print(e)
         return 2
+    runs = results.get("runs", [])
     if not runs:
         print(f"{path}: no 'runs' section: not a study's results.json")
         return 2
     seeds = sorted({r["seed"] for r in runs})
-    table, n_flat = {}, 0
+    protocol = results.get("protocol", {})
+    top = max(protocol["envelope"]["budgets"] if "envelope" in protocol else protocol.get("bands", {}).get(
+        "targets", [float("nan")]))
+    table, n_flat, passed = {}, 0, {}
     for r in runs:
         metrics = Path(r["metrics"])
         if not metrics.is_file():
@@ -48,6 +55,9 @@ def main() -> int:
             print(f"{r['name']}: kl_flattened in results.json ({r.get('kl_flattened')}) disagrees with its metrics")
             return 1
         n_flat += bool(flat)
+        kls = [row["eval/kl_to_ref"] for row in rows if "eval/kl_to_ref" in row]
+        count = passed.setdefault(METHOD_LABELS[r["method"]].split(" (")[0], {})
+        count[r["seed"]] = count.get(r["seed"], 0) + (max(kls, default=0.0) >= top)
         if span is None:
             text = "-"
         else:
@@ -62,6 +72,8 @@ def main() -> int:
               " | ".join(by_seed.get(s, "") for s in seeds) + " |")
     print(f"\n{n_flat} of {len(runs)} runs flat (validation KL at the last evaluation, nats; its change over the "
           f"run's last fifth)")
+    print(f"runs past {top:g} nats at any validation evaluation, per seed {'/'.join(map(str, seeds))}: " +
+          "; ".join(f"{m} {'/'.join(str(c.get(s, 0)) for s in seeds)}" for m, c in passed.items()))
     return 0
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from runtime.run_log import read_metrics
+from study.grid import METHOD_LABELS
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "pairs_per_s"}
@@ -751,6 +752,24 @@ def test_study_scripts_recompute_the_intervals_and_the_flattened_table(smoke_stu
     assert f"{n_flat} of {len(res['runs'])} runs flat" in proc.stdout
     table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("| "))
     assert table.count(" flat (") + table.count(" moving (") == len(res["runs"])  # one entry per run
+    # the runs past the top budget, counted here from each run's own metrics: at the study's top budget, and at
+    # one that some runs pass and others do not (the median of the runs' largest validation KLs)
+    seeds = sorted({r["seed"] for r in res["runs"]})
+    largest = {r["name"]: max(row.get("eval/kl_to_ref", 0.0) for row in read_metrics(ROOT / r["metrics"]))
+               for r in res["runs"]}
+    middle = float(np.median(list(largest.values())))
+    res["protocol"]["envelope"]["budgets"] = [middle]
+    (tmp_path / "middle.json").write_text(json.dumps(res))
+    for top, results in ((max(json.loads(path.read_text())["protocol"]["envelope"]["budgets"]), path),
+                         (middle, tmp_path / "middle.json")):
+        past = {}
+        for r in res["runs"]:
+            past.setdefault(r["method"], dict.fromkeys(seeds, 0))[r["seed"]] += largest[r["name"]] >= top
+        said = next(line for line in script("flattened.py", results).stdout.splitlines()
+                    if line.startswith(f"runs past {top:g} nats"))
+        assert said.endswith("; ".join(f"{METHOD_LABELS[m].split(' (')[0]} {'/'.join(str(n[s]) for s in seeds)}"
+                                       for m, n in past.items())), said
+    assert 0 < sum(v >= middle for v in largest.values()) < len(largest)  # the second check has both kinds
 
 
 def test_the_ppo_kl_and_tuning_scripts_train_their_grids_and_reuse_finished_runs(smoke_run, tmp_path):
