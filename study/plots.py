@@ -342,7 +342,9 @@ def plot_pareto(ax, results: dict) -> None:
         seeds = sorted({p["seed"] for p in mine})
         envelopes = {sd: upper_envelope([(p["kl"], p["safety"]) for p in mine if p["seed"] == sd]) for sd in seeds}
         runs = len({p["label"] for p in mine})
-        settings = f"{runs} setting{'s' if runs > 1 else ''}"
+        # "runs", not "settings": the study's two settings are its pair sources, a method's runs its beta or KL
+        # coefficients
+        settings = f"{runs} run{'s' if runs > 1 else ''}{' per seed' if len(seeds) > 1 else ''}"
         if np.median([len(e) for e in envelopes.values()]) < FEW_POINTS:
             # a frontier of a few points: those points, each seed's, never a line through them
             for i, env in enumerate(envelopes.values()):
