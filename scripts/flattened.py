@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.run_log import read_metrics, read_results  # noqa: E402
-from study.grid import METHOD_LABELS, kl_flattened, kl_over_last_fifth  # noqa: E402
+from study.grid import METHOD_SHORT, kl_flattened, kl_over_last_fifth  # noqa: E402
 
 
 def main() -> int:
@@ -40,8 +40,10 @@ def main() -> int:
         return 2
     seeds = sorted({r["seed"] for r in runs})
     protocol = results.get("protocol", {})
-    top = max(protocol["envelope"]["budgets"] if "envelope" in protocol else protocol.get("bands", {}).get(
-        "targets", [float("nan")]))
+    # the study's top KL: its largest budget (the envelope's), or band in a study without the envelope; none in a
+    # results.json without the protocol, and then no line about it
+    top = max(protocol.get("envelope", {}).get("budgets") or protocol.get("bands", {}).get("targets") or [],
+              default=None)
     table, n_flat, passed = {}, 0, {}
     for r in runs:
         metrics = Path(r["metrics"])
@@ -56,8 +58,8 @@ def main() -> int:
             return 1
         n_flat += bool(flat)
         kls = [row["eval/kl_to_ref"] for row in rows if "eval/kl_to_ref" in row]
-        count = passed.setdefault(METHOD_LABELS[r["method"]].split(" (")[0], {})
-        count[r["seed"]] = count.get(r["seed"], 0) + (max(kls, default=0.0) >= top)
+        count = passed.setdefault(METHOD_SHORT[r["method"]], {})
+        count[r["seed"]] = count.get(r["seed"], 0) + (top is not None and max(kls, default=0.0) >= top)
         if span is None:
             text = "-"
         else:
@@ -68,12 +70,13 @@ def main() -> int:
     print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---" * (len(seeds) + 1) + "|")
     for (method, label), by_seed in table.items():
-        print(f"| {METHOD_LABELS[method].split(' (')[0]} {label} | " +
+        print(f"| {METHOD_SHORT[method]} {label} | " +
               " | ".join(by_seed.get(s, "") for s in seeds) + " |")
     print(f"\n{n_flat} of {len(runs)} runs flat (validation KL at the last evaluation, nats; its change over the "
           f"run's last fifth)")
-    print(f"runs past {top:g} nats at any validation evaluation, per seed {'/'.join(map(str, seeds))}: " +
-          "; ".join(f"{m} {'/'.join(str(c.get(s, 0)) for s in seeds)}" for m, c in passed.items()))
+    if top is not None:
+        print(f"runs past {top:g} nats at any validation evaluation, per seed {'/'.join(map(str, seeds))}: " +
+              "; ".join(f"{m} {'/'.join(str(c.get(s, 0)) for s in seeds)}" for m, c in passed.items()))
     return 0
 
 

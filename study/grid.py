@@ -25,6 +25,7 @@ from runtime.settings import settings_diff
 
 METHODS = ("dpo", "ppo", "ppo_gt")
 METHOD_LABELS = {"dpo": "DPO", "ppo": "PPO (learned reward)", "ppo_gt": "PPO-GT (judge reward)"}
+METHOD_SHORT = {m: label.split(" (")[0] for m, label in METHOD_LABELS.items()}  # "PPO" for tables and ticks
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def check_coverage(cfg) -> None:
                           f"nats, up to {top:g}) is reached: raise it to {top:g} or more, or leave it out")
     cov = coverage(cfg)
     if len(set(cov.values())) > 1:
-        said = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {n} runs x {e} evaluations" for m, (n, e) in cov.items())
+        said = ", ".join(f"{METHOD_SHORT[m]} {n} runs x {e} evaluations" for m, (n, e) in cov.items())
         raise ConfigError(f"--sweep compares methods at equal coverage, but the grid gives {said}; make them equal "
                           f"(--sweep_betas / --sweep_kl_coefs for runs, --dpo_eval_every / --ppo_eval_every or "
                           f"--dpo_eval_steps / --ppo_eval_steps for evaluations)")

@@ -10,7 +10,7 @@ import numpy as np
 
 from config import ConfigError
 from runtime.run_log import read_metrics, read_results
-from study.grid import METHOD_LABELS, METHODS, envelope_curves, family_key, upper_envelope
+from study.grid import METHOD_LABELS, METHOD_SHORT, METHODS, envelope_curves, family_key, upper_envelope
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "ppo_gt": "#2ca02c"}
 LABELS = {"reference": "reference", **METHOD_LABELS}
@@ -20,7 +20,7 @@ KL_MIN_SPAN = 0.5  # nats
 
 def _short(method: str) -> str:
     """``PPO`` for ``PPO (learned reward)``: tick labels and example tables."""
-    return LABELS[method].split(" (")[0]
+    return METHOD_SHORT.get(method, LABELS[method])
 
 
 def _label(method: str, setting: str | None = None) -> str:

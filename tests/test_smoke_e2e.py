@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from runtime.run_log import read_metrics
-from study.grid import METHOD_LABELS
+from study.grid import METHOD_SHORT
 
 DPO_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "pairs_per_s"}
@@ -767,7 +767,7 @@ def test_study_scripts_recompute_the_intervals_and_the_flattened_table(smoke_stu
             past.setdefault(r["method"], dict.fromkeys(seeds, 0))[r["seed"]] += largest[r["name"]] >= top
         said = next(line for line in script("flattened.py", results).stdout.splitlines()
                     if line.startswith(f"runs past {top:g} nats"))
-        assert said.endswith("; ".join(f"{METHOD_LABELS[m].split(' (')[0]} {'/'.join(str(n[s]) for s in seeds)}"
+        assert said.endswith("; ".join(f"{METHOD_SHORT[m]} {'/'.join(str(n[s]) for s in seeds)}"
                                        for m, n in past.items())), said
     assert 0 < sum(v >= middle for v in largest.values()) < len(largest)  # the second check has both kinds
 
