@@ -1,7 +1,7 @@
 """The study's equal-KL comparisons, recomputed from what results.json stores, and Holm's correction over the
 family of both settings.
 
-    uv run scripts/study_family.py docs/frontier_review_pairs/results.json docs/frontier_generated_pairs/results.json
+    uv run scripts/study_family.py docs/envelope_review_pairs/results.json docs/envelope_generated_pairs/results.json
     uv run scripts/study_family.py ... --write      # also store the family's Holm-adjusted p-values in each file
     uv run scripts/study_family.py ... --tables     # also print each setting's equal-KL tables with the Holm marks
 
