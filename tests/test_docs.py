@@ -32,12 +32,15 @@ def test_readme_is_short_with_the_quick_start_and_the_headline_first():
         assert len(page.read_text().splitlines()) <= 600, page.name
 
 
-def _comparison_tables(text: str) -> list[list[str]]:
-    """Every markdown table of paired comparisons (header ``| comparison | band ...``, the bands' reading, or
-    ``| comparison | k ...``, the envelope's), as lists of rows."""
+COMPARISONS = ("| comparison | band", "| comparison | k |")
+
+
+def _comparison_tables(text: str, heads: tuple[str, ...] = COMPARISONS) -> list[list[str]]:
+    """The markdown tables whose header starts with one of ``heads``, as lists of rows; by default the paired
+    comparisons (``| comparison | band ...``, the bands' reading, or ``| comparison | k ...``, the envelope's)."""
     tables, current = [], None
     for line in text.splitlines():
-        if line.startswith(("| comparison | band", "| comparison | k |")):
+        if line.startswith(heads):
             current = [line]
             tables.append(current)
         elif current is not None and line.startswith("|"):
@@ -47,24 +50,55 @@ def _comparison_tables(text: str) -> list[list[str]]:
     return tables
 
 
-def test_readme_result_tables_are_what_the_family_script_prints():
-    """README's Key results tables are the output of the command printed above them: a change to either results
-    file, to the analysis or to README that makes them differ fails here."""
-    import re
+# the family script's tables: the comparisons, and each method's cells (the envelope's per k, the bands' per band)
+RESULT_TABLES = (*COMPARISONS, "| method | k = ", "| method | 1 ± ")
+
+
+def _family_commands(text: str) -> list[tuple[list[str], str]]:
+    """Each ``uv run scripts/study_family.py A B --tables`` in a page (a line may continue with a backslash):
+    its two files and the page's text from it to the next such command, where its tables are."""
+    found = list(re.finditer(r"uv run scripts/study_family\.py ((?:[^\n\\]|\\\n)*?)--tables", text))
+    return [(m.group(1).replace("\\\n", " ").split(), text[m.end():nxt.start() if nxt else len(text)])
+            for m, nxt in zip(found, [*found[1:], None])]
+
+
+def _family_output(files: list[str]) -> str:
     import subprocess
     import sys
 
-    readme = (ROOT / "README.md").read_text()
-    # the files of the family command README prints beside its tables (a line may continue with a backslash)
-    command = re.search(r"uv run scripts/study_family\.py ((?:[^\n\\]|\\\n)*?)--tables", readme).group(1)
-    files = command.replace("\\\n", " ").split()
     assert len(files) == 2 and all((ROOT / f).exists() for f in files), files
     proc = subprocess.run([sys.executable, "scripts/study_family.py", *files, "--tables"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "all equal" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    printed = _comparison_tables(proc.stdout)
+    return proc.stdout
+
+
+def test_readme_result_tables_are_what_the_family_script_prints():
+    """README's Key results tables are the output of the command printed above them: a change to either results
+    file, to the analysis or to README that makes them differ fails here."""
+    readme = (ROOT / "README.md").read_text()
+    commands = _family_commands(readme)
+    assert len(commands) == 1, [files for files, _ in commands]
+    files, after = commands[0]
+    printed = _comparison_tables(_family_output(files))
     assert len(printed) == 2 and all(len(t) == 17 for t in printed)  # 2 settings x (header, rule, 15 comparisons)
     assert _comparison_tables(readme) == printed
+    assert _comparison_tables(after) == printed  # below the command that prints them
+
+
+def test_the_studies_page_tables_are_what_the_family_script_prints():
+    """docs/studies.md's result tables (the preregistered study's cells per method, the band study's comparisons
+    and cells) each come from the output of the family command printed above them, as README's do;
+    none stands without one."""
+    page = (ROOT / "docs" / "studies.md").read_text()
+    commands = _family_commands(page)
+    assert len(commands) >= 2  # the preregistered study's and the band study's
+    for files, after in commands:
+        shown = _comparison_tables(after, RESULT_TABLES)
+        printed = _comparison_tables(_family_output(files), RESULT_TABLES)
+        assert shown and all(table in printed for table in shown), files
+    assert sum(len(_comparison_tables(after, RESULT_TABLES)) for _, after in commands) == len(
+        _comparison_tables(page, RESULT_TABLES))
 
 
 def test_no_committed_text_holds_an_absolute_path():
