@@ -1,5 +1,6 @@
 """README and docs/: every relative link resolves, and the pages stay short enough to read."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_readme_is_short_with_the_quick_start_and_the_headline_first():
 COMPARISONS = ("| comparison | band", "| comparison | k |")
 
 
-def _comparison_tables(text: str, heads: tuple[str, ...] = COMPARISONS) -> list[list[str]]:
+def _tables(text: str, heads: tuple[str, ...] = COMPARISONS) -> list[list[str]]:
     """The markdown tables whose header starts with one of ``heads``, as lists of rows; by default the paired
     comparisons (``| comparison | band ...``, the bands' reading, or ``| comparison | k ...``, the envelope's)."""
     tables, current = [], None
@@ -62,7 +63,10 @@ def _family_commands(text: str) -> list[tuple[list[str], str]]:
             for m, nxt in zip(found, [*found[1:], None])]
 
 
-def _family_output(files: list[str]) -> str:
+@functools.lru_cache
+def _family_output(files: tuple[str, ...]) -> str:
+    """The family script's printed output for these files; run once per pair (README and docs/studies.md both
+    print the preregistered study's command)."""
     import subprocess
     import sys
 
@@ -80,10 +84,10 @@ def test_readme_result_tables_are_what_the_family_script_prints():
     commands = _family_commands(readme)
     assert len(commands) == 1, [files for files, _ in commands]
     files, after = commands[0]
-    printed = _comparison_tables(_family_output(files))
+    printed = _tables(_family_output(tuple(files)))
     assert len(printed) == 2 and all(len(t) == 17 for t in printed)  # 2 settings x (header, rule, 15 comparisons)
-    assert _comparison_tables(readme) == printed
-    assert _comparison_tables(after) == printed  # below the command that prints them
+    assert _tables(readme) == printed
+    assert _tables(after) == printed  # below the command that prints them
 
 
 def test_the_studies_page_tables_are_what_the_family_script_prints():
@@ -94,11 +98,11 @@ def test_the_studies_page_tables_are_what_the_family_script_prints():
     commands = _family_commands(page)
     assert len(commands) >= 2  # the preregistered study's and the band study's
     for files, after in commands:
-        shown = _comparison_tables(after, RESULT_TABLES)
-        printed = _comparison_tables(_family_output(files), RESULT_TABLES)
+        shown = _tables(after, RESULT_TABLES)
+        printed = _tables(_family_output(tuple(files)), RESULT_TABLES)
         assert shown and all(table in printed for table in shown), files
-    assert sum(len(_comparison_tables(after, RESULT_TABLES)) for _, after in commands) == len(
-        _comparison_tables(page, RESULT_TABLES))
+    assert sum(len(_tables(after, RESULT_TABLES)) for _, after in commands) == len(
+        _tables(page, RESULT_TABLES))
 
 
 def test_no_committed_text_holds_an_absolute_path():
